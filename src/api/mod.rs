@@ -1,0 +1,137 @@
+//! HTTP: the route table, the middleware (token, request log, body limit),
+//! and the mapping of every error to `{"detail": ...}`. Handlers parse and
+//! validate, call one service method, and map its result; they never touch
+//! SQL or processes.
+
+pub mod error;
+pub mod extract;
+pub mod metadata;
+pub mod system;
+pub mod templates;
+pub mod vms;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+
+use crate::service::Service;
+use error::ApiError;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<Service>,
+    pub token: Option<Arc<str>>,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(system::health))
+        .route("/openapi.json", get(system::openapi_json))
+        .route("/openapi.yaml", get(system::openapi_yaml))
+        .route("/docs", get(system::docs))
+        .route("/templates", get(templates::list).post(templates::create))
+        .route(
+            "/templates/{name}",
+            get(templates::get).delete(templates::delete),
+        )
+        .route("/vms", get(vms::list).post(vms::create))
+        .route("/vms/{vm_id}", get(vms::get).delete(vms::delete))
+        .route(
+            "/vms/{vm_id}/metadata",
+            get(metadata::get)
+                .put(metadata::put)
+                .delete(metadata::delete),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "Not Found")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "Method Not Allowed",
+    )
+}
+
+/// Compares in constant time so the token cannot be guessed byte by byte.
+fn same_token(given: &[u8], wanted: &[u8]) -> bool {
+    given.len() == wanted.len()
+        && given
+            .iter()
+            .zip(wanted)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn require_token(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(token) = &app.token else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if same_token(g.as_bytes(), token.as_bytes()) => next.run(req).await,
+        _ => {
+            let mut resp = axum::response::IntoResponse::into_response(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "Missing or wrong API token (Authorization: Bearer <VMAN_API_TOKEN>)",
+            ));
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            resp
+        }
+    }
+}
+
+async fn log_request(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    tracing::info!(
+        target: "vman::http",
+        "{method} {path} {} {:.1}ms",
+        resp.status().as_u16(),
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(same_token(b"abc", b"abc"));
+        assert!(!same_token(b"abd", b"abc"));
+        assert!(!same_token(b"ab", b"abc"));
+    }
+}

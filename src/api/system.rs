@@ -1,0 +1,105 @@
+//! /health, the OpenAPI document and the interactive docs.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse};
+use axum::Json;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use utoipa::{OpenApi, ToSchema};
+
+use super::AppState;
+use crate::service::Check;
+
+#[derive(Serialize, ToSchema)]
+pub struct HealthResponse {
+    /// `ok`, or `degraded` when any check fails.
+    pub status: &'static str,
+    pub service: &'static str,
+    pub version: &'static str,
+    pub checks: BTreeMap<&'static str, Check>,
+}
+
+/// Service health; 503 with the same body when degraded.
+#[utoipa::path(get, path = "/health", tag = "system",
+    responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
+pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
+    let service = app.service.clone();
+    let report = tokio::task::spawn_blocking(move || service.health()).await;
+    let Ok(report) = report else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(HealthResponse {
+                status: "degraded",
+                service: "vman",
+                version: env!("CARGO_PKG_VERSION"),
+                checks: BTreeMap::new(),
+            }),
+        );
+    };
+    let ok = report.ok();
+    (
+        if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        Json(HealthResponse {
+            status: if ok { "ok" } else { "degraded" },
+            service: "vman",
+            version: env!("CARGO_PKG_VERSION"),
+            checks: report.checks,
+        }),
+    )
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "vman",
+        description = "A VM manager for one Linux host: QEMU virtual machines over REST."
+    ),
+    paths(
+        health,
+        super::templates::create,
+        super::templates::list,
+        super::templates::get,
+        super::templates::delete,
+        super::vms::create,
+        super::vms::list,
+        super::vms::get,
+        super::vms::delete,
+        super::metadata::put,
+        super::metadata::get,
+        super::metadata::delete,
+    ),
+    components(schemas(super::error::ErrorBody))
+)]
+pub struct ApiDoc;
+
+pub async fn openapi_json() -> impl IntoResponse {
+    Json(ApiDoc::openapi())
+}
+
+pub async fn openapi_yaml() -> impl IntoResponse {
+    match ApiDoc::openapi().to_yaml() {
+        Ok(yaml) => ([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response(),
+        Err(e) => super::error::ApiError::from(crate::service::ServiceError::Internal(format!(
+            "openapi yaml: {e}"
+        )))
+        .into_response(),
+    }
+}
+
+/// Interactive docs: RapiDoc reading /openapi.json.
+pub async fn docs() -> Html<&'static str> {
+    Html(
+        r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>vman API</title>
+<script type="module" src="https://unpkg.com/rapidoc/dist/rapidoc-min.js"></script></head>
+<body><rapi-doc spec-url="/openapi.json" render-style="read" allow-try="true"
+ show-header="false"></rapi-doc>
+<noscript>The API description is at <a href="/openapi.yaml">/openapi.yaml</a>.</noscript>
+</body></html>"#,
+    )
+}

@@ -1,0 +1,165 @@
+//! /vms: wire types, parsing into `CreateVm`, and the CRUD routes.
+
+use std::collections::HashMap;
+
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{Body, PathName};
+use super::templates::TemplateResponse;
+use super::AppState;
+use crate::model::{Invalid, Name, RootDiskSource, Vm, VmState};
+use crate::service::CreateVm;
+
+/// Body of POST /vms.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct VmRequest {
+    pub template_name: String,
+    /// The VM id; a UUID v4 is generated when absent.
+    pub name: Option<String>,
+    /// Explicit root disk, used as is (extension; only inside VMAN_IMAGE_DIRS).
+    pub qcow2_path: Option<String>,
+    /// Image copied instead of the default boot disk (extension; same rule).
+    pub boot_disk: Option<String>,
+}
+
+/// Longest accepted disk path; longer is not a path anyone means.
+const MAX_PATH_LEN: usize = 4096;
+
+fn parse_path(field: &'static str, raw: Option<String>) -> Result<Option<String>, Invalid> {
+    match raw {
+        None => Ok(None),
+        Some(p) if p.is_empty() || p.len() > MAX_PATH_LEN || p.contains('\0') => {
+            Err(Invalid::new(field, "must be a non-empty file path"))
+        }
+        Some(p) => Ok(Some(p)),
+    }
+}
+
+impl VmRequest {
+    pub fn parse(self) -> Result<CreateVm, Invalid> {
+        let template_name = Name::parse("template_name", &self.template_name)?;
+        let id = self.name.map(|n| Name::parse("name", &n)).transpose()?;
+        let qcow2_path = parse_path("qcow2_path", self.qcow2_path)?;
+        let boot_disk = parse_path("boot_disk", self.boot_disk)?;
+        if qcow2_path.is_some() && boot_disk.is_some() {
+            return Err(Invalid::new(
+                "boot_disk",
+                "give either qcow2_path (used as is) or boot_disk (copied), not both",
+            ));
+        }
+        Ok(CreateVm {
+            template_name,
+            id,
+            qcow2_path,
+            boot_disk,
+        })
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RootDisk {
+    /// Where the root disk came from at the last start.
+    pub source: RootDiskSource,
+    pub path: String,
+    /// Virtual size in bytes.
+    pub virtual_size: u64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct VmResponse {
+    pub id: String,
+    pub vm_template: TemplateResponse,
+    pub state: VmState,
+    pub local_ip: Option<String>,
+    pub root_disk: Option<RootDisk>,
+    pub qcow2_path: Option<String>,
+    pub boot_disk: Option<String>,
+    pub pid: Option<i64>,
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&Vm> for VmResponse {
+    fn from(vm: &Vm) -> Self {
+        let root_disk = match (&vm.root_disk_source, &vm.root_disk_path) {
+            (Some(source), Some(path)) => Some(RootDisk {
+                source: *source,
+                path: path.clone(),
+                virtual_size: vm.root_disk_size.unwrap_or(0),
+            }),
+            _ => None,
+        };
+        Self {
+            id: vm.id.to_string(),
+            vm_template: TemplateResponse::from(&vm.template),
+            state: vm.state,
+            local_ip: vm.local_ip.clone(),
+            root_disk,
+            qcow2_path: vm.qcow2_path.clone(),
+            boot_disk: vm.boot_disk.clone(),
+            pid: vm.pid,
+            last_error: vm.last_error.clone(),
+            created_at: vm.created_at.clone(),
+            updated_at: vm.updated_at.clone(),
+        }
+    }
+}
+
+/// Create a VM (state `stopped`).
+#[utoipa::path(post, path = "/vms", request_body = VmRequest, tag = "vms",
+    responses((status = 201, body = VmResponse), (status = 400, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn create(
+    State(app): State<AppState>,
+    Body(req): Body<VmRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    let input = req.parse()?;
+    let vm = app.service.create_vm(input)?;
+    Ok((StatusCode::CREATED, Json(VmResponse::from(&vm))))
+}
+
+/// List VMs, optionally only those in one state.
+#[utoipa::path(get, path = "/vms", tag = "vms",
+    params(("state" = Option<VmState>, Query, description = "running, stopped or error")),
+    responses((status = 200, body = [VmResponse]), (status = 422, body = ErrorBody)))]
+pub async fn list(
+    State(app): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Json<Vec<VmResponse>>, ApiError> {
+    let state = query
+        .get("state")
+        .map(|s| {
+            VmState::parse(s)
+                .ok_or_else(|| ApiError::invalid("state", "must be one of running, stopped, error"))
+        })
+        .transpose()?;
+    let vms = app.service.list_vms(state)?;
+    Ok(Json(vms.iter().map(VmResponse::from).collect()))
+}
+
+/// One VM.
+#[utoipa::path(get, path = "/vms/{vm_id}", tag = "vms",
+    responses((status = 200, body = VmResponse), (status = 404, body = ErrorBody)))]
+pub async fn get(
+    State(app): State<AppState>,
+    PathName(id): PathName,
+) -> Result<Json<VmResponse>, ApiError> {
+    Ok(Json(VmResponse::from(&app.service.get_vm(&id)?)))
+}
+
+/// Delete a VM (stopping it first when it runs) and its folder.
+#[utoipa::path(delete, path = "/vms/{vm_id}", tag = "vms",
+    responses((status = 204), (status = 404, body = ErrorBody)))]
+pub async fn delete(
+    State(app): State<AppState>,
+    PathName(id): PathName,
+) -> Result<StatusCode, ApiError> {
+    app.service.delete_vm(&id)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,62 @@
+//! Builds the server from a `Config`: opens the store, wires the service and
+//! the routes, binds, and serves until SIGTERM or SIGINT.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::service::Service;
+use crate::store::Store;
+
+/// Runs the server until a shutdown signal; returns after a graceful stop.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let db = config.db_path();
+    let store =
+        Store::open(&db).with_context(|| format!("cannot open database {}", db.display()))?;
+    let service = Arc::new(Service::new(config.clone(), store));
+    let state = AppState {
+        service,
+        token: config.api_token.as_deref().map(Arc::from),
+    };
+    let addr = SocketAddr::new(config.host, config.port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(
+        "vman {} listening on http://{local} (storage {}, database {})",
+        env!("CARGO_PKG_VERSION"),
+        config.storage_path.display(),
+        db.display()
+    );
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("server failed")?;
+    tracing::info!("vman stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!("cannot watch SIGTERM: {e}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM received, shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+    }
+}

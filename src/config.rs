@@ -1,0 +1,285 @@
+//! Configuration: one `Config` struct, filled from `vman serve` flags, then
+//! `VMAN_*` environment variables, then `.env` (loaded by `main` without
+//! overriding the environment), then defaults. The doc comments become
+//! `--help`. `.env.example` lists every variable with its default.
+
+use clap::{Args, ValueEnum};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on. Beyond loopback an API token is required.
+    #[arg(long, env = "VMAN_HOST", default_value = "127.0.0.1")]
+    pub host: IpAddr,
+
+    /// TCP port to listen on (0 picks a free one; the chosen port is logged).
+    #[arg(long, env = "VMAN_PORT", default_value_t = 8000)]
+    pub port: u16,
+
+    /// Folder for VM folders, data disks, templates and the database.
+    #[arg(long, env = "VMAN_STORAGE_PATH", default_value = "/var/lib/vman")]
+    pub storage_path: PathBuf,
+
+    /// SQLite database file [default: {storage}/vman.db].
+    #[arg(long, env = "VMAN_DB_PATH")]
+    pub db_path: Option<PathBuf>,
+
+    /// qcow2 (or raw) image copied to a VM's root disk at its first start.
+    #[arg(long, env = "VMAN_DEFAULT_BOOT_DISK")]
+    pub default_boot_disk: Option<PathBuf>,
+
+    /// How the default boot disk becomes a root disk: `copy` (independent
+    /// file) or `overlay` (qcow2 linked clone; the default must stay in place).
+    #[arg(long, env = "VMAN_BOOT_DISK_MODE", value_enum, default_value_t = BootDiskMode::Copy)]
+    pub boot_disk_mode: BootDiskMode,
+
+    /// Colon-separated folders from which `qcow2_path` and `boot_disk` may be
+    /// taken [default: {storage}/templates and the default boot disk's folder].
+    #[arg(long, env = "VMAN_IMAGE_DIRS", value_delimiter = ':')]
+    pub image_dirs: Vec<PathBuf>,
+
+    /// Log level: debug, info, warning, error.
+    #[arg(long, env = "VMAN_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
+    pub log_level: LogLevel,
+
+    /// Folder of the rotated log file `vman.log`.
+    #[arg(long, env = "VMAN_LOG_DIR", default_value = "./logs")]
+    pub log_dir: PathBuf,
+
+    /// Size at which `vman.log` is rotated.
+    #[arg(long, env = "VMAN_LOG_MAX_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub log_max_bytes: u64,
+
+    /// How many rotated log files are kept.
+    #[arg(long, env = "VMAN_LOG_BACKUP_COUNT", default_value_t = 5)]
+    pub log_backup_count: u32,
+
+    /// Bearer token required on every route but /health. Mandatory when
+    /// listening beyond loopback.
+    #[arg(long, env = "VMAN_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+
+    /// Accelerator: auto (KVM when a probe guest runs, else TCG), kvm, tcg.
+    #[arg(long, env = "VMAN_ACCEL", value_enum, default_value_t = Accel::Auto)]
+    pub accel: Accel,
+
+    /// QEMU system emulator binary.
+    #[arg(long, env = "VMAN_QEMU_BINARY", default_value = "qemu-system-x86_64")]
+    pub qemu_binary: PathBuf,
+
+    /// qemu-img binary.
+    #[arg(long, env = "VMAN_QEMU_IMG", default_value = "qemu-img")]
+    pub qemu_img: PathBuf,
+
+    /// Seconds a graceful stop waits for the guest before forcing QEMU off.
+    #[arg(long, env = "VMAN_STOP_TIMEOUT", default_value_t = 30)]
+    pub stop_timeout: u64,
+
+    /// Running VMs may use up to host memory times this factor.
+    #[arg(long, env = "VMAN_MEMORY_OVERCOMMIT", default_value_t = 1.0, value_parser = parse_overcommit)]
+    pub memory_overcommit: f64,
+
+    /// Seconds between two coherence passes of the observer (1..=5).
+    #[arg(long, env = "VMAN_OBSERVER_INTERVAL", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=5))]
+    pub observer_interval: u64,
+
+    /// Bytes of serial console kept on disk per VM.
+    #[arg(long, env = "VMAN_CONSOLE_MAX_BYTES", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub console_max_bytes: u64,
+
+    /// Hot-pluggable PCIe root ports reserved per VM for data disks.
+    #[arg(long, env = "VMAN_HOTPLUG_SLOTS", default_value_t = 8, value_parser = clap::value_parser!(u8).range(0..=30))]
+    pub hotplug_slots: u8,
+
+    /// Seconds a hot-unplug waits for the guest to release the device.
+    #[arg(long, env = "VMAN_DETACH_TIMEOUT", default_value_t = 10)]
+    pub detach_timeout: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BootDiskMode {
+    Copy,
+    Overlay,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Accel {
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_filter(self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warning => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+fn parse_log_level(raw: &str) -> Result<LogLevel, String> {
+    match raw.to_ascii_lowercase().as_str() {
+        "debug" | "trace" => Ok(LogLevel::Debug),
+        "info" => Ok(LogLevel::Info),
+        "warning" | "warn" => Ok(LogLevel::Warning),
+        "error" | "critical" => Ok(LogLevel::Error),
+        _ => Err("expected one of debug, info, warning, error".into()),
+    }
+}
+
+fn parse_overcommit(raw: &str) -> Result<f64, String> {
+    match raw.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 100.0 => Ok(v),
+        _ => Err("expected a number greater than 0 (1.0 = no overcommit)".into()),
+    }
+}
+
+/// A configuration that parsed but cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("VMAN_STORAGE_PATH {0} exists and is not a directory")]
+    StorageNotDir(PathBuf),
+    #[error("cannot create VMAN_STORAGE_PATH {0}: {1}")]
+    StorageCreate(PathBuf, std::io::Error),
+    #[error(
+        "refusing to listen on {0} without VMAN_API_TOKEN: set a token or listen on a loopback address"
+    )]
+    TokenRequired(IpAddr),
+    #[error("VMAN_API_TOKEN must not be empty")]
+    EmptyToken,
+}
+
+impl Config {
+    /// Checks what clap cannot: relations between values and the file system.
+    /// Creates the storage folder when missing.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api_token.as_deref() == Some("") {
+            return Err(ConfigError::EmptyToken);
+        }
+        if !self.host.is_loopback() && self.api_token.is_none() {
+            return Err(ConfigError::TokenRequired(self.host));
+        }
+        let storage = &self.storage_path;
+        if storage.exists() && !storage.is_dir() {
+            return Err(ConfigError::StorageNotDir(storage.clone()));
+        }
+        std::fs::create_dir_all(storage)
+            .map_err(|e| ConfigError::StorageCreate(storage.clone(), e))?;
+        Ok(())
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.db_path
+            .clone()
+            .unwrap_or_else(|| self.storage_path.join("vman.db"))
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.storage_path.join("vms")
+    }
+
+    pub fn disks_dir(&self) -> PathBuf {
+        self.storage_path.join("disks")
+    }
+
+    pub fn templates_dir(&self) -> PathBuf {
+        self.storage_path.join("templates")
+    }
+
+    /// Folders that explicit disk paths must resolve into.
+    pub fn allowed_image_dirs(&self) -> Vec<PathBuf> {
+        if !self.image_dirs.is_empty() {
+            return self.image_dirs.clone();
+        }
+        let mut dirs = vec![self.templates_dir()];
+        if let Some(parent) = self.default_boot_disk.as_deref().and_then(Path::parent) {
+            if !parent.as_os_str().is_empty() {
+                dirs.push(parent.to_path_buf());
+            }
+        }
+        dirs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let mut argv = vec!["vman"];
+        argv.extend_from_slice(args);
+        Wrap::try_parse_from(argv).map(|w| w.config)
+    }
+
+    #[test]
+    fn log_levels_accept_python_names() {
+        assert_eq!(parse_log_level("WARNING"), Ok(LogLevel::Warning));
+        assert_eq!(parse_log_level("Info"), Ok(LogLevel::Info));
+        assert!(parse_log_level("loud").is_err());
+    }
+
+    #[test]
+    fn bad_port_is_refused() {
+        assert!(parse(&["--port", "eighty"]).is_err());
+        assert!(parse(&["--port", "70000"]).is_err());
+    }
+
+    #[test]
+    fn public_host_needs_token() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = dir.path().to_str().expect("utf8");
+        let c = parse(&["--host", "0.0.0.0", "--storage-path", storage]).expect("parses");
+        assert!(matches!(c.validate(), Err(ConfigError::TokenRequired(_))));
+        let c = parse(&[
+            "--host",
+            "0.0.0.0",
+            "--storage-path",
+            storage,
+            "--api-token",
+            "t",
+        ])
+        .expect("parses");
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn storage_that_is_a_file_is_refused() {
+        let file = tempfile::NamedTempFile::new().expect("tempfile");
+        let c = parse(&["--storage-path", file.path().to_str().expect("utf8")]).expect("parses");
+        assert!(matches!(c.validate(), Err(ConfigError::StorageNotDir(_))));
+    }
+
+    #[test]
+    fn image_dirs_default_to_templates_and_default_disk_folder() {
+        let c = parse(&[
+            "--storage-path",
+            "/s",
+            "--default-boot-disk",
+            "/images/base.qcow2",
+        ])
+        .expect("parses");
+        assert_eq!(
+            c.allowed_image_dirs(),
+            vec![PathBuf::from("/s/templates"), PathBuf::from("/images")]
+        );
+    }
+}

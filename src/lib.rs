@@ -1,0 +1,9 @@
+//! vman: a VM manager for one Linux host. See ARCHITECTURE.md for the map.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod logging;
+pub mod model;
+pub mod service;
+pub mod store;

@@ -1,0 +1,81 @@
+//! The `vman` binary: loads `.env`, parses arguments, sets up logging and
+//! dispatches. Everything else lives in the library.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+use vman::config::Config;
+
+#[derive(Parser)]
+#[command(name = "vman", version, about = "A VM manager for one Linux host")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the REST API server.
+    Serve(Box<Config>),
+}
+
+fn main() -> ExitCode {
+    // `.env` in the working directory; variables already set win.
+    if let Err(e) = dotenvy::dotenv() {
+        if !e.not_found() {
+            eprintln!("vman: cannot read .env: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One clear line, not clap's usage block.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("vman: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Serve(config) => serve(*config),
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    if let Err(e) = config.validate() {
+        eprintln!("vman: {e}");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = vman::logging::init(
+        config.log_level,
+        &config.log_dir,
+        config.log_max_bytes,
+        config.log_backup_count,
+    ) {
+        eprintln!(
+            "vman: cannot write logs to {}: {e}",
+            config.log_dir.display()
+        );
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vman: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(vman::app::serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("vman: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

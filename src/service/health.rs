@@ -1,0 +1,106 @@
+//! Health checks: the database answers, the storage folder is writable, and
+//! the QEMU tools are there. The QEMU tool lookups are cached: they do not
+//! change while vman runs, and /health is polled often.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use super::Service;
+
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
+pub struct Check {
+    pub ok: bool,
+    pub detail: String,
+}
+
+impl Check {
+    fn from_result(r: Result<String, String>) -> Self {
+        match r {
+            Ok(detail) => Self { ok: true, detail },
+            Err(detail) => Self { ok: false, detail },
+        }
+    }
+}
+
+/// Versions of the QEMU tools, looked up once.
+#[derive(Debug, Default)]
+pub(crate) struct Tools {
+    qemu: OnceLock<Result<String, String>>,
+    qemu_img: OnceLock<Result<String, String>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthReport {
+    pub checks: BTreeMap<&'static str, Check>,
+}
+
+impl HealthReport {
+    pub fn ok(&self) -> bool {
+        self.checks.values().all(|c| c.ok)
+    }
+}
+
+/// First line of `binary --version`, or why it could not run.
+pub(crate) fn tool_version(binary: &Path) -> Result<String, String> {
+    let out = Command::new(binary)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("{} not usable: {e}", binary.display()))?;
+    if !out.status.success() {
+        return Err(format!("{} --version failed", binary.display()));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned())
+}
+
+fn storage_writable(dir: &Path) -> Result<String, String> {
+    let probe = dir.join(format!(".health-{}", std::process::id()));
+    std::fs::write(&probe, b"ok")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map(|()| format!("{} writable", dir.display()))
+        .map_err(|e| format!("{} not writable: {e}", dir.display()))
+}
+
+impl Service {
+    pub fn health(&self) -> HealthReport {
+        let mut checks = BTreeMap::new();
+        checks.insert(
+            "database",
+            Check::from_result(
+                self.store
+                    .ping()
+                    .map(|()| "ok".to_owned())
+                    .map_err(|e| e.to_string()),
+            ),
+        );
+        checks.insert(
+            "storage",
+            Check::from_result(storage_writable(&self.config.storage_path)),
+        );
+        checks.insert(
+            "qemu",
+            Check::from_result(
+                self.tools
+                    .qemu
+                    .get_or_init(|| tool_version(&self.config.qemu_binary))
+                    .clone(),
+            ),
+        );
+        checks.insert(
+            "qemu-img",
+            Check::from_result(
+                self.tools
+                    .qemu_img
+                    .get_or_init(|| tool_version(&self.config.qemu_img))
+                    .clone(),
+            ),
+        );
+        HealthReport { checks }
+    }
+}

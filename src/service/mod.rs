@@ -1,0 +1,188 @@
+//! The rules of vman: what may happen to templates, VMs and metadata, in
+//! which order, and under which lock. The service knows neither HTTP nor SQL:
+//! it takes parsed inputs, asks the store and the operator, and answers with
+//! domain values or a `ServiceError`.
+
+mod health;
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::model::{Invalid, Metadata, MetadataPatch, Name, Template, Vm, VmState};
+use crate::store::{NewVm, Store, StoreError};
+
+pub use health::{Check, HealthReport};
+
+/// Why a request to the service could not be done. The api layer maps each
+/// variant to a status in one place (`api::error`).
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A value the caller gave is out of its allowed range or shape.
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
+    /// The named resource does not exist.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// The request is well-formed but conflicts with the current state.
+    #[error("{0}")]
+    Rejected(String),
+    /// Something failed inside vman or the host; details are logged.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => Self::NotFound("resource"),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Maps "not found" of the store to the resource the caller asked for.
+fn missing(what: &'static str) -> impl Fn(StoreError) -> ServiceError {
+    move |e| match e {
+        StoreError::NotFound => ServiceError::NotFound(what),
+        other => other.into(),
+    }
+}
+
+/// A template to create, already validated.
+#[derive(Debug, Clone)]
+pub struct CreateTemplate {
+    pub name: Name,
+    pub cpu_count: u32,
+    pub ram_mib: u64,
+    pub disk_size_gb: Option<u64>,
+}
+
+/// A VM to create, already validated.
+#[derive(Debug, Clone)]
+pub struct CreateVm {
+    pub template_name: Name,
+    pub id: Option<Name>,
+    pub qcow2_path: Option<String>,
+    pub boot_disk: Option<String>,
+}
+
+pub struct Service {
+    pub(crate) config: Arc<Config>,
+    pub(crate) store: Store,
+    tools: health::Tools,
+}
+
+impl Service {
+    pub fn new(config: Arc<Config>, store: Store) -> Self {
+        Self {
+            config,
+            store,
+            tools: health::Tools::default(),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn create_template(&self, input: CreateTemplate) -> Result<Template, ServiceError> {
+        let template = Template {
+            name: input.name,
+            cpu_count: input.cpu_count,
+            ram_mib: input.ram_mib,
+            disk_size_gb: input.disk_size_gb,
+            created_at: crate::model::now(),
+        };
+        match self.store.insert_template(&template) {
+            Ok(()) => {
+                tracing::info!("template {} created", template.name);
+                Ok(template)
+            }
+            Err(StoreError::AlreadyExists) => {
+                Err(ServiceError::Rejected("Template already exists".into()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn list_templates(&self) -> Result<Vec<Template>, ServiceError> {
+        Ok(self.store.list_templates()?)
+    }
+
+    pub fn get_template(&self, name: &Name) -> Result<Template, ServiceError> {
+        self.store.get_template(name).map_err(missing("Template"))
+    }
+
+    pub fn delete_template(&self, name: &Name) -> Result<(), ServiceError> {
+        match self.store.delete_template(name) {
+            Ok(()) => {
+                tracing::info!("template {name} deleted");
+                Ok(())
+            }
+            Err(StoreError::InUse(n)) => Err(ServiceError::Rejected(format!(
+                "Template is in use by {n} VM(s)"
+            ))),
+            Err(e) => Err(missing("Template")(e)),
+        }
+    }
+
+    pub fn create_vm(&self, input: CreateVm) -> Result<Vm, ServiceError> {
+        let new = NewVm {
+            id: input.id.unwrap_or_else(Name::generate),
+            template: input.template_name,
+            qcow2_path: input.qcow2_path,
+            boot_disk: input.boot_disk,
+        };
+        match self.store.insert_vm(&new) {
+            Ok(vm) => {
+                tracing::info!("vm {} created from template {}", vm.id, vm.template.name);
+                Ok(vm)
+            }
+            Err(StoreError::AlreadyExists) => Err(ServiceError::Rejected(
+                "VM with this ID already exists".into(),
+            )),
+            Err(StoreError::TemplateMissing) => {
+                Err(ServiceError::Rejected("Template not found".into()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub fn list_vms(&self, state: Option<VmState>) -> Result<Vec<Vm>, ServiceError> {
+        Ok(self.store.list_vms(state)?)
+    }
+
+    pub fn get_vm(&self, id: &Name) -> Result<Vm, ServiceError> {
+        self.store.get_vm(id).map_err(missing("VM"))
+    }
+
+    pub fn delete_vm(&self, id: &Name) -> Result<(), ServiceError> {
+        self.store.delete_vm(id).map_err(missing("VM"))?;
+        let dir = self.config.vms_dir().join(id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                "vm {id} deleted but its folder {} stays: {e}",
+                dir.display()
+            ),
+        }
+        tracing::info!("vm {id} deleted");
+        Ok(())
+    }
+
+    pub fn get_metadata(&self, id: &Name) -> Result<Metadata, ServiceError> {
+        self.store.get_metadata(id).map_err(missing("VM"))
+    }
+
+    pub fn put_metadata(&self, id: &Name, patch: MetadataPatch) -> Result<Metadata, ServiceError> {
+        self.store
+            .upsert_metadata(id, &patch)
+            .map_err(missing("VM"))?;
+        self.get_metadata(id)
+    }
+
+    pub fn delete_metadata(&self, id: &Name) -> Result<(), ServiceError> {
+        self.store.delete_metadata(id).map_err(missing("VM"))
+    }
+}

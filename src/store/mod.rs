@@ -1,0 +1,268 @@
+//! SQLite persistence. This is the only module that knows SQL.
+//!
+//! One write connection behind a mutex serialises writers (SQLite allows one
+//! at a time anyway, and waiting on a mutex is cheaper than `SQLITE_BUSY`
+//! retries); a few read connections serve readers in parallel thanks to WAL.
+//! Schema changes are the numbered files in `migrations/`, applied in order
+//! at open and tracked in `PRAGMA user_version`.
+
+mod vms;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::model::{Name, Template};
+
+pub use vms::{NewVm, VmRuntime};
+
+/// The migrations, in order. Index + 1 is the schema version they produce.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+
+const READERS: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("already exists")]
+    AlreadyExists,
+    #[error("template not found")]
+    TemplateMissing,
+    #[error("in use by {0} VM(s)")]
+    InUse(u64),
+    #[error("database schema version {found} is newer than this vman ({known})")]
+    SchemaTooNew { found: i64, known: i64 },
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub struct Store {
+    writer: Mutex<Connection>,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+fn configure(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.execute_batch(
+        "PRAGMA foreign_keys = ON;
+         PRAGMA synchronous = NORMAL;",
+    )
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let writer = Connection::open(path)?;
+        writer.pragma_update(None, "journal_mode", "WAL")?;
+        configure(&writer)?;
+        migrate(&writer)?;
+        let readers = (0..READERS)
+            .map(|_| {
+                let conn = Connection::open_with_flags(
+                    path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                configure(&conn)?;
+                Ok(Mutex::new(conn))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            readers,
+            next_reader: AtomicUsize::new(0),
+        })
+    }
+
+    /// Runs `f` on a read connection; readers never wait for writers.
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        for i in 0..self.readers.len() {
+            if let Ok(conn) = self.readers[(start + i) % self.readers.len()].try_lock() {
+                return f(&conn);
+            }
+        }
+        let conn = self.readers[start % self.readers.len()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+
+    /// Runs `f` in one immediate transaction on the write connection.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let out = f(&tx)?;
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// A trivial query, for /health.
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
+            .map(|_| ())
+    }
+
+    pub fn insert_template(&self, t: &Template) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "INSERT INTO templates (name, cpu_count, ram_mib, disk_size_gb, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(name) DO NOTHING",
+                rusqlite::params![
+                    t.name.as_str(),
+                    t.cpu_count,
+                    t.ram_mib,
+                    t.disk_size_gb,
+                    t.created_at
+                ],
+            )?;
+            if n == 0 {
+                Err(StoreError::AlreadyExists)
+            } else {
+                Ok(())
+            }
+        })
+    }
+
+    pub fn list_templates(&self) -> Result<Vec<Template>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT name, cpu_count, ram_mib, disk_size_gb, created_at FROM templates ORDER BY name",
+            )?;
+            let rows = stmt.query_map([], template_row)?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    pub fn get_template(&self, name: &Name) -> Result<Template, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(
+                "SELECT name, cpu_count, ram_mib, disk_size_gb, created_at FROM templates WHERE name = ?1",
+            )?
+            .query_row([name.as_str()], template_row)
+            .optional()?
+            .ok_or(StoreError::NotFound)
+        })
+    }
+
+    /// Deletes a template no VM uses; `InUse(n)` otherwise.
+    pub fn delete_template(&self, name: &Name) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let users: u64 = tx.query_row(
+                "SELECT COUNT(*) FROM vms WHERE template_name = ?1",
+                [name.as_str()],
+                |r| r.get(0),
+            )?;
+            if users > 0 {
+                return Err(StoreError::InUse(users));
+            }
+            match tx.execute("DELETE FROM templates WHERE name = ?1", [name.as_str()])? {
+                0 => Err(StoreError::NotFound),
+                _ => Ok(()),
+            }
+        })
+    }
+}
+
+fn template_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Template> {
+    Ok(Template {
+        name: Name::from_trusted(r.get(0)?),
+        cpu_count: r.get(1)?,
+        ram_mib: r.get(2)?,
+        disk_size_gb: r.get(3)?,
+        created_at: r.get(4)?,
+    })
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > known {
+        return Err(StoreError::SchemaTooNew { found, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let version = i as i64 + 1;
+        conn.execute_batch(&format!(
+            "BEGIN IMMEDIATE; {sql}\n; PRAGMA user_version = {version}; COMMIT;"
+        ))
+        .inspect_err(|_| {
+            let _ = conn.execute_batch("ROLLBACK");
+        })?;
+        tracing::info!("database migrated to schema version {version}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpl(name: &str) -> Template {
+        Template {
+            name: Name::parse("name", name).expect("valid"),
+            cpu_count: 1,
+            ram_mib: 1024,
+            disk_size_gb: None,
+            created_at: crate::model::now(),
+        }
+    }
+
+    #[test]
+    fn migrations_are_idempotent_and_versioned() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        Store::open(&path).expect("first open");
+        let store = Store::open(&path).expect("second open");
+        store.insert_template(&tmpl("a")).expect("insert");
+        let conn = Connection::open(&path).expect("open");
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .expect("version");
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        conn.pragma_update(None, "user_version", 99).expect("bump");
+        assert!(matches!(
+            Store::open(&path),
+            Err(StoreError::SchemaTooNew { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn template_in_use_is_not_deleted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("open");
+        store.insert_template(&tmpl("small")).expect("insert");
+        assert!(matches!(
+            store.insert_template(&tmpl("small")),
+            Err(StoreError::AlreadyExists)
+        ));
+        let vm = NewVm {
+            id: Name::parse("id", "vm1").expect("valid"),
+            template: Name::parse("t", "small").expect("valid"),
+            qcow2_path: None,
+            boot_disk: None,
+        };
+        store.insert_vm(&vm).expect("vm");
+        assert!(matches!(
+            store.delete_template(&vm.template),
+            Err(StoreError::InUse(1))
+        ));
+        store.delete_vm(&vm.id).expect("delete vm");
+        store
+            .delete_template(&vm.template)
+            .expect("delete template");
+        assert!(matches!(
+            store.get_template(&vm.template),
+            Err(StoreError::NotFound)
+        ));
+    }
+}

@@ -1,0 +1,259 @@
+//! VM rows and their metadata.
+
+use rusqlite::OptionalExtension;
+
+use super::{template_row, Store, StoreError};
+use crate::model::{Metadata, MetadataPatch, Name, RootDiskSource, Vm, VmState};
+
+/// What POST /vms records.
+#[derive(Debug, Clone)]
+pub struct NewVm {
+    pub id: Name,
+    pub template: Name,
+    pub qcow2_path: Option<String>,
+    pub boot_disk: Option<String>,
+}
+
+/// The fields the operator and the observer change while a VM lives.
+#[derive(Debug, Clone, Default)]
+pub struct VmRuntime {
+    pub state: Option<VmState>,
+    /// `Some(None)` clears the pid.
+    pub pid: Option<Option<i64>>,
+    /// `Some(None)` clears the error.
+    pub last_error: Option<Option<String>>,
+    pub root_disk: Option<(RootDiskSource, String, u64)>,
+}
+
+const VM_SELECT: &str = "SELECT v.id, v.state, v.local_ip, v.qcow2_path, v.boot_disk,
+        v.root_disk_source, v.root_disk_path, v.root_disk_size, v.pid, v.last_error,
+        v.created_at, v.updated_at,
+        t.name, t.cpu_count, t.ram_mib, t.disk_size_gb, t.created_at
+    FROM vms v JOIN templates t ON t.name = v.template_name";
+
+fn vm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Vm> {
+    let state: String = r.get(1)?;
+    let source: Option<String> = r.get(5)?;
+    Ok(Vm {
+        id: Name::from_trusted(r.get(0)?),
+        state: VmState::parse(&state).unwrap_or(VmState::Error),
+        local_ip: r.get(2)?,
+        qcow2_path: r.get(3)?,
+        boot_disk: r.get(4)?,
+        root_disk_source: source.as_deref().and_then(RootDiskSource::parse),
+        root_disk_path: r.get(6)?,
+        root_disk_size: r.get(7)?,
+        pid: r.get(8)?,
+        last_error: r.get(9)?,
+        created_at: r.get(10)?,
+        updated_at: r.get(11)?,
+        template: template_row_at(r, 12)?,
+    })
+}
+
+fn template_row_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<crate::model::Template> {
+    Ok(crate::model::Template {
+        name: Name::from_trusted(r.get(at)?),
+        cpu_count: r.get(at + 1)?,
+        ram_mib: r.get(at + 2)?,
+        disk_size_gb: r.get(at + 3)?,
+        created_at: r.get(at + 4)?,
+    })
+}
+
+impl Store {
+    /// Records a new stopped VM. `AlreadyExists` when the id is taken,
+    /// `TemplateMissing` when the template is not there (checked in the same
+    /// transaction, so a concurrent template delete cannot slip between).
+    pub fn insert_vm(&self, new: &NewVm) -> Result<Vm, StoreError> {
+        self.write(|tx| {
+            let template = tx
+                .query_row(
+                    "SELECT name, cpu_count, ram_mib, disk_size_gb, created_at FROM templates WHERE name = ?1",
+                    [new.template.as_str()],
+                    template_row,
+                )
+                .optional()?
+                .ok_or(StoreError::TemplateMissing)?;
+            let now = crate::model::now();
+            let n = tx.execute(
+                "INSERT INTO vms (id, template_name, state, qcow2_path, boot_disk, created_at, updated_at)
+                 VALUES (?1, ?2, 'stopped', ?3, ?4, ?5, ?5) ON CONFLICT(id) DO NOTHING",
+                rusqlite::params![new.id.as_str(), new.template.as_str(), new.qcow2_path, new.boot_disk, now],
+            )?;
+            if n == 0 {
+                return Err(StoreError::AlreadyExists);
+            }
+            Ok(Vm {
+                id: new.id.clone(),
+                template,
+                state: VmState::Stopped,
+                local_ip: None,
+                qcow2_path: new.qcow2_path.clone(),
+                boot_disk: new.boot_disk.clone(),
+                root_disk_source: None,
+                root_disk_path: None,
+                root_disk_size: None,
+                pid: None,
+                last_error: None,
+                created_at: now.clone(),
+                updated_at: now,
+            })
+        })
+    }
+
+    pub fn get_vm(&self, id: &Name) -> Result<Vm, StoreError> {
+        self.read(|c| {
+            c.prepare_cached(&format!("{VM_SELECT} WHERE v.id = ?1"))?
+                .query_row([id.as_str()], vm_row)
+                .optional()?
+                .ok_or(StoreError::NotFound)
+        })
+    }
+
+    pub fn list_vms(&self, state: Option<VmState>) -> Result<Vec<Vm>, StoreError> {
+        self.read(|c| {
+            let rows = match state {
+                Some(s) => c
+                    .prepare_cached(&format!(
+                        "{VM_SELECT} WHERE v.state = ?1 ORDER BY v.created_at, v.id"
+                    ))?
+                    .query_map([s.as_str()], vm_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => c
+                    .prepare_cached(&format!("{VM_SELECT} ORDER BY v.created_at, v.id"))?
+                    .query_map([], vm_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            Ok(rows)
+        })
+    }
+
+    pub fn delete_vm(&self, id: &Name) -> Result<(), StoreError> {
+        self.write(
+            |tx| match tx.execute("DELETE FROM vms WHERE id = ?1", [id.as_str()])? {
+                0 => Err(StoreError::NotFound),
+                _ => Ok(()),
+            },
+        )
+    }
+
+    /// Applies a runtime change and returns the VM as it now is.
+    pub fn update_vm(&self, id: &Name, change: &VmRuntime) -> Result<Vm, StoreError> {
+        self.write(|tx| {
+            let now = crate::model::now();
+            let n = tx.execute(
+                "UPDATE vms SET updated_at = ?2 WHERE id = ?1",
+                rusqlite::params![id.as_str(), now],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            if let Some(state) = change.state {
+                tx.execute(
+                    "UPDATE vms SET state = ?2 WHERE id = ?1",
+                    rusqlite::params![id.as_str(), state.as_str()],
+                )?;
+            }
+            if let Some(pid) = change.pid {
+                tx.execute("UPDATE vms SET pid = ?2 WHERE id = ?1", rusqlite::params![id.as_str(), pid])?;
+            }
+            if let Some(err) = &change.last_error {
+                tx.execute(
+                    "UPDATE vms SET last_error = ?2 WHERE id = ?1",
+                    rusqlite::params![id.as_str(), err],
+                )?;
+            }
+            if let Some((source, path, size)) = &change.root_disk {
+                tx.execute(
+                    "UPDATE vms SET root_disk_source = ?2, root_disk_path = ?3, root_disk_size = ?4 WHERE id = ?1",
+                    rusqlite::params![id.as_str(), source.as_str(), path, size],
+                )?;
+            }
+            tx.query_row(&format!("{VM_SELECT} WHERE v.id = ?1"), [id.as_str()], vm_row)
+                .map_err(StoreError::from)
+        })
+    }
+
+    /// The VM's metadata; `NotFound` when the VM does not exist.
+    pub fn get_metadata(&self, id: &Name) -> Result<Metadata, StoreError> {
+        self.read(|c| {
+            let exists: bool = c
+                .prepare_cached("SELECT 1 FROM vms WHERE id = ?1")?
+                .exists([id.as_str()])?;
+            if !exists {
+                return Err(StoreError::NotFound);
+            }
+            let row = c
+                .prepare_cached(
+                    "SELECT hostname, user_data, ssh_keys, created_at, updated_at FROM vm_metadata WHERE vm_id = ?1",
+                )?
+                .query_row([id.as_str()], |r| {
+                    Ok((
+                        r.get::<_, Option<String>>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                    ))
+                })
+                .optional()?;
+            let Some((hostname, user_data, keys, created_at, updated_at)) = row else {
+                return Ok(Metadata::default());
+            };
+            let ssh_keys = keys
+                .map(|k| serde_json::from_str::<Vec<String>>(&k))
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(format!("ssh_keys of {id}: {e}")))?;
+            Ok(Metadata {
+                hostname,
+                user_data,
+                ssh_keys,
+                created_at,
+                updated_at,
+            })
+        })
+    }
+
+    /// Creates or updates metadata; only the fields given change.
+    pub fn upsert_metadata(&self, id: &Name, patch: &MetadataPatch) -> Result<(), StoreError> {
+        let keys = patch
+            .ssh_keys
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.write(|tx| {
+            let exists = tx.prepare("SELECT 1 FROM vms WHERE id = ?1")?.exists([id.as_str()])?;
+            if !exists {
+                return Err(StoreError::NotFound);
+            }
+            let now = crate::model::now();
+            tx.execute(
+                "INSERT INTO vm_metadata (vm_id, hostname, user_data, ssh_keys, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+                 ON CONFLICT(vm_id) DO UPDATE SET
+                    hostname = COALESCE(?2, hostname),
+                    user_data = COALESCE(?3, user_data),
+                    ssh_keys = COALESCE(?4, ssh_keys),
+                    updated_at = ?5",
+                rusqlite::params![id.as_str(), patch.hostname, patch.user_data, keys, now],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Forgets the metadata; `NotFound` only when the VM does not exist.
+    pub fn delete_metadata(&self, id: &Name) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let exists = tx
+                .prepare("SELECT 1 FROM vms WHERE id = ?1")?
+                .exists([id.as_str()])?;
+            if !exists {
+                return Err(StoreError::NotFound);
+            }
+            tx.execute("DELETE FROM vm_metadata WHERE vm_id = ?1", [id.as_str()])?;
+            Ok(())
+        })
+    }
+}
