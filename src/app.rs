@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::operator::Host;
 use crate::service::Service;
 use crate::store::Store;
 
@@ -18,7 +19,25 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let db = config.db_path();
     let store =
         Store::open(&db).with_context(|| format!("cannot open database {}", db.display()))?;
-    let service = Arc::new(Service::new(config.clone(), store));
+    let host = Host::probe(&config);
+    tracing::info!(
+        "accelerator {} ({}), QEMU sandbox {}",
+        host.accel.as_str(),
+        host.accel_reason,
+        if host.sandbox { "on" } else { "unsupported" }
+    );
+    match &config.default_boot_disk {
+        Some(d) if !d.is_file() => {
+            tracing::warn!("Default boot disk specified but not found: {}", d.display())
+        }
+        Some(d) => tracing::info!("default boot disk {}", d.display()),
+        None => tracing::info!("no default boot disk configured; new VMs get an empty disk"),
+    }
+    let service = Arc::new(Service::new(config.clone(), store, host));
+    service
+        .recover()
+        .await
+        .context("cannot recover running VMs")?;
     let state = AppState {
         service,
         token: config.api_token.as_deref().map(Arc::from),

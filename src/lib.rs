@@ -5,5 +5,6 @@ pub mod app;
 pub mod config;
 pub mod logging;
 pub mod model;
+pub mod operator;
 pub mod service;
 pub mod store;

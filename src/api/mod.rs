@@ -3,6 +3,7 @@
 //! validate, call one service method, and map its result; they never touch
 //! SQL or processes.
 
+pub mod actions;
 pub mod error;
 pub mod extract;
 pub mod metadata;
@@ -17,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 use crate::service::Service;
@@ -45,6 +46,13 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/vms", get(vms::list).post(vms::create))
         .route("/vms/{vm_id}", get(vms::get).delete(vms::delete))
+        .route("/vms/{vm_id}/actions/start", post(actions::start))
+        .route("/vms/{vm_id}/actions/stop", post(actions::stop))
+        .route("/vms/{vm_id}/actions/restart", post(actions::restart))
+        .route(
+            "/vms/{vm_id}/console",
+            get(actions::console).post(actions::console_input),
+        )
         .route(
             "/vms/{vm_id}/metadata",
             get(metadata::get)

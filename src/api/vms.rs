@@ -160,6 +160,6 @@ pub async fn delete(
     State(app): State<AppState>,
     PathName(id): PathName,
 ) -> Result<StatusCode, ApiError> {
-    app.service.delete_vm(&id)?;
+    app.service.delete_vm(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -4,11 +4,18 @@
 //! domain values or a `ServiceError`.
 
 mod health;
+mod lifecycle;
+pub mod rootdisk;
 
-use std::sync::Arc;
+pub use lifecycle::StopReport;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use crate::config::Config;
 use crate::model::{Invalid, Metadata, MetadataPatch, Name, Template, Vm, VmState};
+use crate::operator::vm::Running;
+use crate::operator::Host;
 use crate::store::{NewVm, Store, StoreError};
 
 pub use health::{Check, HealthReport};
@@ -69,15 +76,26 @@ pub struct CreateVm {
 pub struct Service {
     pub(crate) config: Arc<Config>,
     pub(crate) store: Store,
+    pub(crate) host: Host,
     tools: health::Tools,
+    /// One lock per VM: actions on one VM never race.
+    locks: Mutex<HashMap<Name, Arc<tokio::sync::Mutex<()>>>>,
+    /// QEMU processes vman manages, by VM.
+    running: Mutex<HashMap<Name, Arc<Running>>>,
+    /// Memory (MiB) of running and starting VMs, for admission.
+    memory: Mutex<HashMap<Name, u64>>,
 }
 
 impl Service {
-    pub fn new(config: Arc<Config>, store: Store) -> Self {
+    pub fn new(config: Arc<Config>, store: Store, host: Host) -> Self {
         Self {
             config,
             store,
+            host,
             tools: health::Tools::default(),
+            locks: Mutex::default(),
+            running: Mutex::default(),
+            memory: Mutex::default(),
         }
     }
 
@@ -126,12 +144,21 @@ impl Service {
         }
     }
 
+    /// Records a stopped VM. `qcow2_path` and `boot_disk` must already be
+    /// images inside the allowed folders; they are stored resolved.
     pub fn create_vm(&self, input: CreateVm) -> Result<Vm, ServiceError> {
+        let checked = |field, raw: Option<String>| {
+            raw.map(|p| {
+                rootdisk::check_user_image(&self.config, field, &p)
+                    .map(|c| c.to_string_lossy().into_owned())
+            })
+            .transpose()
+        };
         let new = NewVm {
             id: input.id.unwrap_or_else(Name::generate),
             template: input.template_name,
-            qcow2_path: input.qcow2_path,
-            boot_disk: input.boot_disk,
+            qcow2_path: checked("qcow2_path", input.qcow2_path)?,
+            boot_disk: checked("boot_disk", input.boot_disk)?,
         };
         match self.store.insert_vm(&new) {
             Ok(vm) => {
@@ -154,21 +181,6 @@ impl Service {
 
     pub fn get_vm(&self, id: &Name) -> Result<Vm, ServiceError> {
         self.store.get_vm(id).map_err(missing("VM"))
-    }
-
-    pub fn delete_vm(&self, id: &Name) -> Result<(), ServiceError> {
-        self.store.delete_vm(id).map_err(missing("VM"))?;
-        let dir = self.config.vms_dir().join(id);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(
-                "vm {id} deleted but its folder {} stays: {e}",
-                dir.display()
-            ),
-        }
-        tracing::info!("vm {id} deleted");
-        Ok(())
     }
 
     pub fn get_metadata(&self, id: &Name) -> Result<Metadata, ServiceError> {

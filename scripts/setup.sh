@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Installs what vman needs on a Debian machine (as root): QEMU with a
+# matching qemu-img, the tools scripts/build_boot_disk.sh uses, and wrk for
+# the benchmarks. Safe to run again: it only installs what is missing.
+set -euo pipefail
+
+need=()
+have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+for pkg in fdisk dosfstools mtools syslinux syslinux-common busybox-static cpio kmod \
+           wrk curl ca-certificates xz-utils; do
+    have "$pkg" || need+=("$pkg")
+done
+
+qemu_ok() {
+    command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null || return 1
+    # Same version for both, or qemu-img may not read what QEMU writes.
+    local a b
+    a=$(qemu-system-x86_64 --version | head -n1 | awk '{print $4}')
+    b=$(qemu-img --version | head -n1 | awk '{print $3}')
+    [ "$a" = "$b" ]
+}
+
+if [ "$(id -u)" -ne 0 ]; then
+    if ! qemu_ok || [ "${#need[@]}" -gt 0 ]; then
+        echo "setup: run as root to install: qemu-system-x86 qemu-utils ${need[*]}" >&2
+        exit 1
+    fi
+    exit 0
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+if ! qemu_ok || [ "${#need[@]}" -gt 0 ]; then
+    echo "setup: apt-get update"
+    apt-get update -qq
+fi
+if [ "${#need[@]}" -gt 0 ]; then
+    echo "setup: installing ${need[*]}"
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! qemu_ok; then
+    # Some images ship a newer qemu-utils than the distribution's
+    # qemu-system-x86, and the two refuse to be installed together: pin
+    # qemu-img to the emulator's version.
+    v=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+    echo "setup: installing qemu-system-x86 and qemu-utils $v"
+    apt-get install -y -qq --no-install-recommends --allow-downgrades \
+        "qemu-system-x86=$v" "qemu-utils=$v" "qemu-block-extra=$v" >/dev/null
+fi
+qemu_ok || { echo "setup: qemu-system-x86_64 and qemu-img still missing or mismatched" >&2; exit 1; }
+echo "setup: $(qemu-system-x86_64 --version | head -n1)"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up everything and runs all tests: unit tests, the API tests against
+# the real binary, the boot disk builder, and end-to-end tests that boot
+# real QEMU guests under TCG from a disk the run builds itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+export VMAN_ACCEL=tcg
+cargo build --all-targets
+cargo test --no-fail-fast -- --test-threads="${VMAN_TEST_THREADS:-4}"

@@ -1,0 +1,48 @@
+//! The LocalOperator: everything that touches QEMU and disk images on this
+//! host. It knows processes, QMP and files; it does not know HTTP or SQL.
+
+pub mod console;
+pub mod image;
+pub mod process;
+pub mod qemu;
+pub mod qmp;
+pub mod vm;
+
+use std::path::Path;
+
+use crate::config::{self, Config};
+pub use qemu::Accel;
+
+/// Facts about this host that decide how QEMU is started; probed once at
+/// start-up.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub accel: Accel,
+    pub accel_reason: String,
+    pub sandbox: bool,
+    pub mem_total_mib: u64,
+}
+
+impl Host {
+    pub fn probe(config: &Config) -> Self {
+        let (accel, accel_reason) = match config.accel {
+            config::Accel::Kvm => (Accel::Kvm, "VMAN_ACCEL=kvm".to_owned()),
+            config::Accel::Tcg => (Accel::Tcg, "VMAN_ACCEL=tcg".to_owned()),
+            config::Accel::Auto => qemu::detect_accel(),
+        };
+        Self {
+            accel,
+            accel_reason,
+            sandbox: qemu::supports_sandbox(&config.qemu_binary),
+            mem_total_mib: mem_total_mib(Path::new("/proc/meminfo")).unwrap_or(0),
+        }
+    }
+}
+
+/// `MemTotal` of /proc/meminfo in MiB.
+pub fn mem_total_mib(meminfo: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(meminfo).ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}

@@ -1,0 +1,187 @@
+//! QEMU processes: spawning them so they outlive vman, recognising them
+//! again after a restart, and waiting for their exit without polling.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+
+use tokio::io::unix::AsyncFd;
+use tokio::process::{Child, Command};
+
+/// How a QEMU process ended, as far as we can know. A process we spawned
+/// ourselves is our child and yields its status; one adopted after a vman
+/// restart is not, and only its disappearance is seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+    Unknown,
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Code(c) => write!(f, "exit code {c}"),
+            Self::Signal(s) => write!(f, "killed by signal {s}"),
+            Self::Unknown => f.write_str("exit status unknown (adopted process)"),
+        }
+    }
+}
+
+/// Starts QEMU in its own process group (a Ctrl-C to vman does not reach
+/// it), with stdout and stderr appended to `log`. It is not killed when vman
+/// exits.
+pub fn spawn(binary: &Path, args: &[std::ffi::OsString], log: &Path) -> io::Result<Child> {
+    let out = OpenOptions::new().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    Command::new(binary)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .process_group(0)
+        .kill_on_drop(false)
+        .spawn()
+}
+
+/// Something whose exit can be awaited: our child, or an adopted pid.
+pub enum Watch {
+    Child(Child),
+    Pidfd(AsyncFd<OwnedFd>),
+}
+
+impl Watch {
+    /// Opens a pidfd on `pid`; fails when the process is already gone.
+    pub fn adopt(pid: i32) -> io::Result<Self> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the syscall returned a fresh fd that nothing else owns.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: the AsyncFd owns the OwnedFd, so the fd stays open (and is
+        // not reused) for as long as it is registered.
+        let fd = unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE)? };
+        Ok(Self::Pidfd(fd))
+    }
+
+    /// Resolves when the process has exited (a pidfd turns readable at once).
+    pub async fn wait(self) -> ExitStatus {
+        match self {
+            Self::Child(mut child) => match child.wait().await {
+                Ok(status) => match (status.code(), status.signal()) {
+                    (Some(c), _) => ExitStatus::Code(c),
+                    (None, Some(s)) => ExitStatus::Signal(s),
+                    _ => ExitStatus::Unknown,
+                },
+                Err(_) => ExitStatus::Unknown,
+            },
+            Self::Pidfd(fd) => {
+                let _ = fd.readable().await;
+                let _ = fd.get_ref().as_raw_fd();
+                ExitStatus::Unknown
+            }
+        }
+    }
+}
+
+/// The command line of a live process, split at NULs.
+pub fn cmdline(pid: i32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    if raw.is_empty() {
+        return None; // a zombie or a kernel thread
+    }
+    Some(
+        raw.split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .map(|s| String::from_utf8_lossy(s).into_owned())
+            .collect(),
+    )
+}
+
+/// True when `pid` runs a QEMU whose QMP socket is `qmp` — the check that
+/// keeps a reused pid from being mistaken for our VM.
+pub fn is_our_qemu(pid: i32, qmp: &Path) -> bool {
+    let Some(args) = cmdline(pid) else {
+        return false;
+    };
+    let wanted = format!(
+        "unix:{},server=on,wait=off",
+        qmp.to_string_lossy().replace(',', ",,")
+    );
+    args.windows(2).any(|w| w[0] == "-qmp" && w[1] == wanted)
+}
+
+/// Reads a pid file written by QEMU.
+pub fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|p| *p > 1)
+}
+
+pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
+    // SAFETY: kill(2) has no memory effects.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Every process whose command line mentions `needle` (used by the observer
+/// to find QEMU processes running from our storage).
+pub fn find_by_arg(needle: &str) -> Vec<(i32, Vec<String>)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| Some((pid, cmdline(pid)?)))
+        .filter(|(_, args)| args.iter().any(|a| a.contains(needle)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pidfd_sees_an_exit_and_a_reused_pid_is_not_ours() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn");
+        let pid = child.id() as i32;
+        assert!(!is_our_qemu(pid, Path::new("/x/qmp.sock")));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !cmdline(pid).is_some_and(|c| c[0].ends_with("sleep")) {
+            assert!(std::time::Instant::now() < deadline, "no cmdline for {pid}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let watch = Watch::adopt(pid).expect("pidfd");
+        kill(pid, libc::SIGKILL).expect("kill");
+        let _ = child.wait();
+        assert_eq!(watch.wait().await, ExitStatus::Unknown);
+        assert!(Watch::adopt(pid).is_err() || cmdline(pid).is_none());
+    }
+
+    #[tokio::test]
+    async fn child_exit_status_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("log");
+        let child = spawn(
+            Path::new("sh"),
+            &["-c".into(), "echo hi; exit 3".into()],
+            &log,
+        )
+        .expect("spawn");
+        assert_eq!(Watch::Child(child).wait().await, ExitStatus::Code(3));
+        assert_eq!(std::fs::read_to_string(&log).expect("log"), "hi\n");
+    }
+}

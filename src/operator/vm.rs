@@ -1,0 +1,290 @@
+//! One running QEMU: launching it until QMP answers, adopting it after a vman
+//! restart, stopping it (ACPI, then `quit`, then SIGKILL), and learning how
+//! it ended. The exit task of each VM is the only place that notices an exit;
+//! everybody else waits on its `watch` channel.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::console::Console;
+use super::process::{self, ExitStatus, Watch};
+use super::qemu::{self, LaunchSpec, VmPaths};
+use super::qmp::Qmp;
+
+/// How long QEMU may take to open its QMP socket after being spawned.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot run {binary}: {source}")]
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
+    #[error("QEMU failed to start: {0}")]
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("no pid file")]
+    NoPidFile,
+    #[error("pid {0} is not this VM's QEMU (stale pid file)")]
+    NotOurs(i32),
+    #[error("QEMU pid {0} is gone")]
+    Gone(i32),
+    #[error("QEMU pid {pid} does not answer on QMP: {reason}")]
+    NoQmp { pid: i32, reason: String },
+}
+
+/// How a QEMU process ended.
+#[derive(Debug, Clone)]
+pub struct ExitInfo {
+    pub status: ExitStatus,
+    /// QEMU reported a SHUTDOWN caused by the guest (power-off from inside,
+    /// or its answer to the ACPI button).
+    pub guest_poweroff: bool,
+    /// vman had asked for the stop.
+    pub requested: bool,
+}
+
+impl ExitInfo {
+    /// A clean end: asked for, or the guest powered itself off.
+    pub fn clean(&self) -> bool {
+        self.requested
+            || (self.guest_poweroff
+                && matches!(self.status, ExitStatus::Code(0) | ExitStatus::Unknown))
+    }
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMethod {
+    /// The guest powered off after the ACPI power button.
+    Acpi,
+    /// QEMU quit on QMP `quit`.
+    Quit,
+    /// QEMU was killed with SIGKILL.
+    Killed,
+    /// QEMU was already gone.
+    AlreadyExited,
+}
+
+/// A live QEMU that vman manages.
+pub struct Running {
+    pub pid: i32,
+    pub qmp: Arc<Qmp>,
+    pub console: Option<Arc<Console>>,
+    pub paths: VmPaths,
+    exit: watch::Receiver<Option<ExitInfo>>,
+    stop_requested: Arc<AtomicBool>,
+}
+
+impl Running {
+    /// Waits for the process to end (at once when it already has).
+    pub async fn wait_exit(&self) -> ExitInfo {
+        let mut rx = self.exit.clone();
+        let seen = rx.wait_for(Option::is_some).await.map(|info| info.clone());
+        match seen {
+            Ok(Some(info)) => info,
+            Ok(None) | Err(_) => ExitInfo {
+                status: ExitStatus::Unknown,
+                guest_poweroff: false,
+                requested: self.stop_requested.load(Ordering::SeqCst),
+            },
+        }
+    }
+
+    pub fn has_exited(&self) -> bool {
+        self.exit.borrow().is_some()
+    }
+
+    async fn wait_exit_for(&self, limit: Duration) -> bool {
+        tokio::time::timeout(limit, self.wait_exit()).await.is_ok()
+    }
+
+    /// Stops QEMU: ACPI power button (unless `force`), up to `timeout`; then
+    /// QMP `quit`; then SIGKILL. Never takes much longer than `timeout` + 2 s.
+    pub async fn stop(&self, force: bool, timeout: Duration) -> StopMethod {
+        self.stop_requested.store(true, Ordering::SeqCst);
+        if self.has_exited() {
+            return StopMethod::AlreadyExited;
+        }
+        if !force {
+            let pressed = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.qmp.execute("system_powerdown", None),
+            )
+            .await;
+            if matches!(pressed, Ok(Ok(_))) && self.wait_exit_for(timeout).await {
+                return StopMethod::Acpi;
+            }
+        }
+        let _ =
+            tokio::time::timeout(Duration::from_millis(500), self.qmp.execute("quit", None)).await;
+        if self.wait_exit_for(Duration::from_millis(700)).await {
+            return StopMethod::Quit;
+        }
+        if let Err(e) = process::kill(self.pid, libc::SIGKILL) {
+            tracing::warn!("kill -9 {}: {e}", self.pid);
+        }
+        if !self.wait_exit_for(Duration::from_millis(700)).await {
+            tracing::error!("QEMU pid {} still there after SIGKILL", self.pid);
+        }
+        StopMethod::Killed
+    }
+}
+
+/// Removes the pid file and sockets of a QEMU that is gone.
+pub fn remove_runtime_files(paths: &VmPaths) {
+    for f in paths.runtime_files() {
+        if let Err(e) = std::fs::remove_file(f) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove {}: {e}", f.display());
+            }
+        }
+    }
+}
+
+/// What QEMU wrote to its log since `offset`, trimmed to the useful end.
+fn log_since(log: &Path, offset: u64) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(log) {
+        if f.seek(SeekFrom::Start(offset)).is_ok() {
+            let _ = f.take(64 * 1024).read_to_string(&mut text);
+        }
+    }
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(10)..].join("\n")
+}
+
+/// Starts QEMU and returns once QMP answered. On failure nothing is left:
+/// no process, no pid file, no socket.
+pub async fn launch(
+    binary: &Path,
+    spec: &LaunchSpec,
+    console_max: u64,
+) -> Result<Arc<Running>, LaunchError> {
+    let paths = &spec.paths;
+    remove_runtime_files(paths);
+    let log_offset = std::fs::metadata(&paths.log).map(|m| m.len()).unwrap_or(0);
+    let args = qemu::argv(spec);
+    let mut child =
+        process::spawn(binary, &args, &paths.log).map_err(|source| LaunchError::Spawn {
+            binary: binary.display().to_string(),
+            source,
+        })?;
+    let pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let started = Instant::now();
+    let qmp = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            remove_runtime_files(paths);
+            let why = log_since(&paths.log, log_offset);
+            return Err(LaunchError::Failed(if why.is_empty() {
+                format!("QEMU exited at once ({status})")
+            } else {
+                why
+            }));
+        }
+        if let Ok(qmp) = Qmp::connect(&paths.qmp).await {
+            break qmp;
+        }
+        if started.elapsed() > LAUNCH_TIMEOUT {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            remove_runtime_files(paths);
+            return Err(LaunchError::Failed(format!(
+                "QEMU did not answer on QMP within {}s; {}",
+                LAUNCH_TIMEOUT.as_secs(),
+                log_since(&paths.log, log_offset)
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let console = match Console::attach(&paths.console_sock, &paths.console, console_max).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!("vm {}: console not attached: {e}", spec.vm_id);
+            None
+        }
+    };
+    Ok(watch_exit(
+        pid,
+        Watch::Child(child),
+        Arc::new(qmp),
+        console,
+        paths.clone(),
+    ))
+}
+
+/// Takes over a QEMU left running by an earlier vman. The pid file alone is
+/// not trusted: the process must have this VM's QMP socket on its command
+/// line and answer on it.
+pub async fn adopt(paths: &VmPaths, console_max: u64) -> Result<Arc<Running>, AdoptError> {
+    let pid = process::read_pid(&paths.pid).ok_or(AdoptError::NoPidFile)?;
+    if process::cmdline(pid).is_none() {
+        return Err(AdoptError::Gone(pid));
+    }
+    if !process::is_our_qemu(pid, &paths.qmp) {
+        return Err(AdoptError::NotOurs(pid));
+    }
+    let watch = Watch::adopt(pid).map_err(|_| AdoptError::Gone(pid))?;
+    let qmp = Qmp::connect(&paths.qmp)
+        .await
+        .map_err(|e| AdoptError::NoQmp {
+            pid,
+            reason: e.to_string(),
+        })?;
+    let console = Console::attach(&paths.console_sock, &paths.console, console_max)
+        .await
+        .ok();
+    Ok(watch_exit(
+        pid,
+        watch,
+        Arc::new(qmp),
+        console,
+        paths.clone(),
+    ))
+}
+
+/// Spawns the exit task: it waits for the process, lets QMP deliver the
+/// last events, removes the runtime files and publishes the `ExitInfo`.
+fn watch_exit(
+    pid: i32,
+    watch: Watch,
+    qmp: Arc<Qmp>,
+    console: Option<Arc<Console>>,
+    paths: VmPaths,
+) -> Arc<Running> {
+    let (tx, rx) = watch::channel(None);
+    let stop_requested = Arc::new(AtomicBool::new(false));
+    let running = Arc::new(Running {
+        pid,
+        qmp: qmp.clone(),
+        console,
+        paths: paths.clone(),
+        exit: rx,
+        stop_requested: stop_requested.clone(),
+    });
+    tokio::spawn(async move {
+        let status = watch.wait().await;
+        // The SHUTDOWN event was sent before the exit; read it to the end.
+        let _ = tokio::time::timeout(Duration::from_millis(500), qmp.closed()).await;
+        let guest_poweroff = qmp
+            .last_shutdown()
+            .is_some_and(|d| d["guest"].as_bool() == Some(true));
+        remove_runtime_files(&paths);
+        let _ = tx.send(Some(ExitInfo {
+            status,
+            guest_poweroff,
+            requested: stop_requested.load(Ordering::SeqCst),
+        }));
+    });
+    running
+}

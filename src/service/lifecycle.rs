@@ -1,0 +1,391 @@
+//! Starting, stopping, restarting and deleting VMs, and taking over QEMU
+//! processes after a vman restart.
+//!
+//! Who writes a VM's state: `start` writes `running` (or `error` when QEMU
+//! would not start); `stop`/`delete` write `stopped` once the process is
+//! gone; the exit task writes `stopped`/`error` for an exit nobody asked for.
+//! All of them hold the VM's lock and check that the `Running` they act on
+//! is still the registered one, so a late writer never overwrites a newer
+//! state.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{missing, Service, ServiceError};
+use crate::model::{Name, RootDiskSource, VmEvent, VmState};
+use crate::operator::console;
+use crate::operator::qemu::{LaunchSpec, VmPaths};
+use crate::operator::vm::{self, ExitInfo, Running, StopMethod};
+use crate::store::VmRuntime;
+
+/// What a stop did.
+#[derive(Debug, Clone, Copy)]
+pub struct StopReport {
+    pub method: StopMethod,
+    pub elapsed: Duration,
+}
+
+impl Service {
+    pub(crate) fn paths(&self, id: &Name) -> VmPaths {
+        VmPaths::new(&self.config.vms_dir(), id.as_str())
+    }
+
+    /// The lock that serialises actions on one VM.
+    async fn lock_vm(&self, id: &Name) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(id.clone()).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+
+    fn registered(&self, id: &Name) -> Option<Arc<Running>> {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn unregister(&self, id: &Name, run: &Arc<Running>) -> bool {
+        let mut map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(id) {
+            Some(r) if Arc::ptr_eq(r, run) => {
+                map.remove(id);
+                self.release_memory(id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Reserves the VM's memory, or refuses when running VMs would exceed
+    /// host memory × `VMAN_MEMORY_OVERCOMMIT`.
+    fn reserve_memory(&self, id: &Name, mib: u64) -> Result<(), ServiceError> {
+        let limit = (self.host.mem_total_mib as f64 * self.config.memory_overcommit) as u64;
+        let mut reserved = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        let used: u64 = reserved.values().sum();
+        if self.host.mem_total_mib > 0 && used + mib > limit {
+            return Err(ServiceError::Rejected(format!(
+                "Not enough memory: VM {id} needs {mib} MiB but {used} MiB of the {limit} MiB \
+                 allowed (host {} MiB x VMAN_MEMORY_OVERCOMMIT {}) are used by running VMs",
+                self.host.mem_total_mib, self.config.memory_overcommit
+            )));
+        }
+        reserved.insert(id.clone(), mib);
+        Ok(())
+    }
+
+    fn release_memory(&self, id: &Name) {
+        self.memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+    }
+
+    pub async fn start_vm(self: &Arc<Self>, id: &Name) -> Result<(), ServiceError> {
+        let _guard = self.lock_vm(id).await;
+        self.start_locked(id).await
+    }
+
+    async fn start_locked(self: &Arc<Self>, id: &Name) -> Result<(), ServiceError> {
+        let vm = self.store.get_vm(id).map_err(missing("VM"))?;
+        if self.registered(id).is_some_and(|r| !r.has_exited()) {
+            return Err(ServiceError::Rejected("VM is already running".into()));
+        }
+        if vm.state.next(VmEvent::Started).is_none() {
+            return Err(ServiceError::Rejected("VM is already running".into()));
+        }
+        self.reserve_memory(id, vm.template.ram_mib)?;
+        match self.launch(&vm).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.release_memory(id);
+                let reason = e.to_string();
+                tracing::warn!("vm {id}: start failed: {reason}");
+                let _ = self.store.update_vm(
+                    id,
+                    &VmRuntime {
+                        state: Some(VmState::Error),
+                        pid: Some(None),
+                        last_error: Some(Some(reason)),
+                        ..Default::default()
+                    },
+                );
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch(self: &Arc<Self>, vm: &crate::model::Vm) -> Result<(), ServiceError> {
+        let paths = self.paths(&vm.id);
+        let root = {
+            let config = self.config.clone();
+            let vm = vm.clone();
+            let paths = paths.clone();
+            tokio::task::spawn_blocking(move || super::rootdisk::choose(&config, &vm, &paths))
+                .await
+                .map_err(|e| ServiceError::Internal(format!("root disk task: {e}")))??
+        };
+        let hostname = self
+            .store
+            .get_metadata(&vm.id)
+            .ok()
+            .and_then(|m| m.hostname)
+            .unwrap_or_else(|| vm.id.to_string());
+        let spec = LaunchSpec {
+            vm_id: vm.id.to_string(),
+            hostname,
+            paths: paths.clone(),
+            cpus: vm.template.cpu_count,
+            ram_mib: vm.template.ram_mib,
+            accel: self.host.accel,
+            root_disk: root.path.clone(),
+            root_format: root.format,
+            hotplug_slots: self.config.hotplug_slots,
+            sandbox: self.host.sandbox,
+            data_disks: Vec::new(),
+        };
+        let run = vm::launch(
+            &self.config.qemu_binary,
+            &spec,
+            self.config.console_max_bytes,
+        )
+        .await
+        .map_err(|e| ServiceError::Rejected(e.to_string()))?;
+        let updated = self.store.update_vm(
+            &vm.id,
+            &VmRuntime {
+                state: Some(VmState::Running),
+                pid: Some(Some(i64::from(run.pid))),
+                last_error: Some(None),
+                root_disk: Some((
+                    root.source,
+                    root.path.to_string_lossy().into_owned(),
+                    root.virtual_size,
+                )),
+            },
+        );
+        if let Err(e) = updated {
+            // Without a record of it, the QEMU must not stay.
+            run.stop(true, Duration::ZERO).await;
+            return Err(e.into());
+        }
+        tracing::info!(
+            "vm {} started: pid {}, accel {}, root disk {} ({})",
+            vm.id,
+            run.pid,
+            self.host.accel.as_str(),
+            root.path.display(),
+            root.source.as_str()
+        );
+        self.register(vm.id.clone(), run);
+        Ok(())
+    }
+
+    /// Records a live QEMU and spawns the task that notices its exit.
+    pub(crate) fn register(self: &Arc<Self>, id: Name, run: Arc<Running>) {
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), run.clone());
+        let service = self.clone();
+        tokio::spawn(async move {
+            let info = run.wait_exit().await;
+            if info.requested {
+                return; // stop/delete writes the state itself
+            }
+            let _guard = service.lock_vm(&id).await;
+            if !service.unregister(&id, &run) {
+                return;
+            }
+            service.record_unexpected_exit(&id, &run, &info);
+        });
+    }
+
+    fn record_unexpected_exit(&self, id: &Name, run: &Running, info: &ExitInfo) {
+        let (state, error) = if info.clean() {
+            tracing::info!("vm {id}: guest powered off ({})", info.status);
+            (VmState::Stopped, None)
+        } else {
+            let tail = console::last_lines(&run.paths.console, 5);
+            let mut msg = format!("QEMU exited unexpectedly ({})", info.status);
+            if !tail.is_empty() {
+                msg.push_str("; last console lines:\n");
+                msg.push_str(&tail);
+            }
+            tracing::warn!("vm {id}: {}", msg.lines().next().unwrap_or(""));
+            (VmState::Error, Some(msg))
+        };
+        if let Err(e) = self.store.update_vm(
+            id,
+            &VmRuntime {
+                state: Some(state),
+                pid: Some(None),
+                last_error: Some(error),
+                ..Default::default()
+            },
+        ) {
+            tracing::error!("vm {id}: cannot record its exit: {e}");
+        }
+    }
+
+    pub async fn stop_vm(&self, id: &Name, force: bool) -> Result<StopReport, ServiceError> {
+        let _guard = self.lock_vm(id).await;
+        self.stop_locked(id, force).await
+    }
+
+    async fn stop_locked(&self, id: &Name, force: bool) -> Result<StopReport, ServiceError> {
+        let vm = self.store.get_vm(id).map_err(missing("VM"))?;
+        let run = self.registered(id);
+        let Some(run) = run.filter(|_| vm.state == VmState::Running) else {
+            return Err(ServiceError::Rejected("VM is not running".into()));
+        };
+        let started = std::time::Instant::now();
+        let method = run
+            .stop(force, Duration::from_secs(self.config.stop_timeout))
+            .await;
+        let elapsed = started.elapsed();
+        self.unregister(id, &run);
+        self.store.update_vm(
+            id,
+            &VmRuntime {
+                state: Some(VmState::Stopped),
+                pid: Some(None),
+                last_error: Some(None),
+                ..Default::default()
+            },
+        )?;
+        tracing::info!(
+            "vm {id} stopped by {method:?} in {:.0} ms",
+            elapsed.as_secs_f64() * 1000.0
+        );
+        Ok(StopReport { method, elapsed })
+    }
+
+    /// Stop (when running) then start, under one lock.
+    pub async fn restart_vm(self: &Arc<Self>, id: &Name, force: bool) -> Result<(), ServiceError> {
+        let _guard = self.lock_vm(id).await;
+        let vm = self.store.get_vm(id).map_err(missing("VM"))?;
+        if vm.state == VmState::Running {
+            self.stop_locked(id, force).await?;
+        }
+        self.start_locked(id).await
+    }
+
+    /// Deletes a VM: force-stops it when it runs, then removes its record
+    /// and its folder.
+    pub async fn delete_vm(&self, id: &Name) -> Result<(), ServiceError> {
+        let _guard = self.lock_vm(id).await;
+        self.store.get_vm(id).map_err(missing("VM"))?;
+        if let Some(run) = self.registered(id) {
+            run.stop(true, Duration::ZERO).await;
+            self.unregister(id, &run);
+        }
+        self.store.delete_vm(id).map_err(missing("VM"))?;
+        let dir = self.paths(id).dir;
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(
+                "vm {id} deleted but its folder {} stays: {e}",
+                dir.display()
+            ),
+        }
+        tracing::info!("vm {id} deleted");
+        Ok(())
+    }
+
+    /// At start-up: take over every QEMU still running from our storage and
+    /// mark VMs whose QEMU died while vman was down.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), ServiceError> {
+        for vm in self.store.list_vms(None)? {
+            let paths = self.paths(&vm.id);
+            match vm::adopt(&paths, self.config.console_max_bytes).await {
+                Ok(run) => {
+                    tracing::info!("vm {}: adopted running QEMU pid {}", vm.id, run.pid);
+                    self.memory
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(vm.id.clone(), vm.template.ram_mib);
+                    if vm.state != VmState::Running || vm.pid != Some(i64::from(run.pid)) {
+                        self.store.update_vm(
+                            &vm.id,
+                            &VmRuntime {
+                                state: Some(VmState::Running),
+                                pid: Some(Some(i64::from(run.pid))),
+                                last_error: Some(None),
+                                ..Default::default()
+                            },
+                        )?;
+                    }
+                    self.register(vm.id.clone(), run);
+                }
+                Err(e) if vm.state == VmState::Running => {
+                    let tail = console::last_lines(&paths.console, 5);
+                    let mut msg = format!("QEMU was gone when vman started ({e})");
+                    if !tail.is_empty() {
+                        msg.push_str("; last console lines:\n");
+                        msg.push_str(&tail);
+                    }
+                    tracing::warn!("vm {}: {}", vm.id, msg.lines().next().unwrap_or(""));
+                    vm::remove_runtime_files(&paths);
+                    self.store.update_vm(
+                        &vm.id,
+                        &VmRuntime {
+                            state: Some(VmState::Error),
+                            pid: Some(None),
+                            last_error: Some(Some(msg)),
+                            ..Default::default()
+                        },
+                    )?;
+                }
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The console tail and the file's size.
+    pub fn console(&self, id: &Name) -> Result<(Vec<u8>, u64), ServiceError> {
+        self.store.get_vm(id).map_err(missing("VM"))?;
+        let path = self.paths(id).console;
+        let size = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let tail = console::read_tail(&path, console::TAIL_BYTES)
+            .map_err(|e| ServiceError::Internal(format!("read {}: {e}", path.display())))?;
+        Ok((tail, size))
+    }
+
+    /// Types `data` into the VM's serial console.
+    pub async fn console_input(&self, id: &Name, data: &[u8]) -> Result<(), ServiceError> {
+        self.store.get_vm(id).map_err(missing("VM"))?;
+        let run = self
+            .registered(id)
+            .filter(|r| !r.has_exited())
+            .ok_or_else(|| ServiceError::Rejected("VM is not running".into()))?;
+        let console = run
+            .console
+            .as_ref()
+            .ok_or_else(|| ServiceError::Rejected("VM console is not connected".into()))?;
+        console
+            .write(data)
+            .await
+            .map_err(|e| ServiceError::Rejected(format!("cannot write to the console: {e}")))
+    }
+
+    /// Memory reserved by running VMs, in MiB.
+    pub fn memory_in_use(&self) -> u64 {
+        self.memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum()
+    }
+}
+
+impl RootDiskSource {
+    /// True when the root disk was made by vman (not given by the user).
+    pub fn owned_by_vman(self) -> bool {
+        !matches!(self, RootDiskSource::Explicit)
+    }
+}

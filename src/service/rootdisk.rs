@@ -1,0 +1,141 @@
+//! Which root disk a VM boots, in the order of shared/api.md:
+//! 1. its explicit `qcow2_path`, used as is;
+//! 2. an existing `vms/{id}/root.qcow2`, used as is;
+//! 3. its own `boot_disk`, else `VMAN_DEFAULT_BOOT_DISK` when the file
+//!    exists, copied (or overlaid) into `root.qcow2`;
+//! 4. a new empty 10 GB qcow2.
+//!
+//! Runs on a blocking thread: copies and `qemu-img` take time.
+
+use std::path::{Path, PathBuf};
+
+use super::ServiceError;
+use crate::config::{BootDiskMode, Config};
+use crate::model::{RootDiskSource, Vm};
+use crate::operator::image::{self, ImageError, ImageFormat, Provision};
+use crate::operator::qemu::VmPaths;
+
+/// Size of the root disk made when there is nothing to copy.
+pub const EMPTY_ROOT_BYTES: u64 = 10 * 1000 * 1000 * 1000;
+
+const GB: u64 = 1000 * 1000 * 1000;
+
+#[derive(Debug, Clone)]
+pub struct RootDisk {
+    pub source: RootDiskSource,
+    pub path: PathBuf,
+    pub format: ImageFormat,
+    pub virtual_size: u64,
+}
+
+fn refused(e: ImageError) -> ServiceError {
+    ServiceError::Rejected(e.to_string())
+}
+
+/// Checks a user-given image path (`qcow2_path`, `boot_disk`): inside the
+/// allowed folders after resolving symlinks, and a qcow2 or raw image.
+/// Returns the canonical path.
+pub fn check_user_image(config: &Config, field: &str, raw: &str) -> Result<PathBuf, ServiceError> {
+    let path = image::resolve_allowed(Path::new(raw), &config.allowed_image_dirs())
+        .map_err(|e| ServiceError::Rejected(format!("{field}: {e}")))?;
+    image::info(&config.qemu_img, &path)
+        .map_err(|e| ServiceError::Rejected(format!("{field}: {e}")))?;
+    Ok(path)
+}
+
+pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, ServiceError> {
+    let qemu_img = &config.qemu_img;
+    if let Some(explicit) = &vm.qcow2_path {
+        let path = image::resolve_allowed(Path::new(explicit), &config.allowed_image_dirs())
+            .map_err(|e| ServiceError::Rejected(format!("qcow2_path: {e}")))?;
+        let info = image::info(qemu_img, &path).map_err(refused)?;
+        return Ok(RootDisk {
+            source: RootDiskSource::Explicit,
+            path,
+            format: info.format,
+            virtual_size: info.virtual_size,
+        });
+    }
+    if paths.root.exists() {
+        let info = image::info(qemu_img, &paths.root).map_err(refused)?;
+        return Ok(RootDisk {
+            source: RootDiskSource::Existing,
+            path: paths.root.clone(),
+            format: info.format,
+            virtual_size: info.virtual_size,
+        });
+    }
+    let grow_to = vm.template.disk_size_gb.map(|gb| gb * GB);
+    let source = match (&vm.boot_disk, &config.default_boot_disk) {
+        (Some(own), _) => Some((
+            RootDiskSource::BootDisk,
+            image::resolve_allowed(Path::new(own), &config.allowed_image_dirs())
+                .map_err(|e| ServiceError::Rejected(format!("boot_disk: {e}")))?,
+        )),
+        (None, Some(default)) if default.is_file() => {
+            Some((RootDiskSource::Default, default.clone()))
+        }
+        (None, Some(default)) => {
+            tracing::warn!(
+                "Default boot disk specified but not found: {}",
+                default.display()
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    std::fs::create_dir_all(&paths.dir).map_err(|e| {
+        ServiceError::Internal(format!("cannot create {}: {e}", paths.dir.display()))
+    })?;
+    let Some((kind, source)) = source else {
+        let size = grow_to.unwrap_or(0).max(EMPTY_ROOT_BYTES);
+        image::create_empty(qemu_img, &paths.root, size).map_err(refused)?;
+        tracing::info!(
+            "vm {}: no boot disk to copy; created an empty {} GB root disk {}",
+            vm.id,
+            size / GB,
+            paths.root.display()
+        );
+        return Ok(RootDisk {
+            source: RootDiskSource::Empty,
+            path: paths.root.clone(),
+            format: ImageFormat::Qcow2,
+            virtual_size: size,
+        });
+    };
+    let info = image::info(qemu_img, &source).map_err(refused)?;
+    let overlay = config.boot_disk_mode == BootDiskMode::Overlay;
+    let mode = if overlay {
+        Provision::Overlay
+    } else {
+        Provision::Copy
+    };
+    let report =
+        image::provision(qemu_img, &source, &info, &paths.root, mode, grow_to).map_err(|e| {
+            ServiceError::Rejected(format!(
+                "cannot prepare the root disk from {}: {e}",
+                source.display()
+            ))
+        })?;
+    tracing::info!(
+        "vm {}: {} boot disk {} {} to {} ({} bytes by {} in {:.1} ms)",
+        vm.id,
+        if kind == RootDiskSource::Default {
+            "default"
+        } else {
+            "per-VM"
+        },
+        source.display(),
+        if overlay { "overlaid" } else { "copied" },
+        paths.root.display(),
+        report.bytes,
+        report.method,
+        report.elapsed.as_secs_f64() * 1000.0
+    );
+    Ok(RootDisk {
+        source: kind,
+        path: paths.root.clone(),
+        format: report.info.format,
+        virtual_size: report.info.virtual_size,
+    })
+}
