@@ -529,7 +529,9 @@ EOF
     # host keys are generated on first boot, never shared between VMs
     cat >"$mnt/etc/systemd/system/ssh.service.d/hostkeys.conf" <<'EOF'
 [Service]
+ExecStartPre=
 ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/usr/sbin/sshd -t
 EOF
     rm -f "$mnt"/etc/ssh/ssh_host_*
     chroot "$mnt" passwd -d root >/dev/null
