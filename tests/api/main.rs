@@ -1,0 +1,53 @@
+//! End-to-end tests of the REST API: each test starts the real `vman` binary
+//! on an ephemeral port with its own temporary storage.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod auth;
+mod concurrency;
+mod config;
+mod metadata;
+mod persistence;
+mod system;
+mod templates;
+mod vms;
+
+use common::Server;
+use serde_json::{json, Value};
+
+/// Creates a template and asserts the 201.
+#[track_caller]
+pub fn make_template(s: &Server, name: &str, cpu: u64, ram_gib: u64) -> Value {
+    let (status, body) = s.post_json(
+        "/templates",
+        &json!({"name": name, "cpu_count": cpu, "ram_amount": ram_gib}),
+    );
+    assert_eq!(status, 201, "create template {name}: {body}");
+    body
+}
+
+/// Creates a VM (named, or with a generated id when `name` is None).
+#[track_caller]
+pub fn make_vm(s: &Server, template: &str, name: Option<&str>) -> Value {
+    let body = match name {
+        Some(n) => json!({"template_name": template, "name": n}),
+        None => json!({"template_name": template}),
+    };
+    let (status, vm) = s.post_json("/vms", &body);
+    assert_eq!(status, 201, "create vm {name:?}: {vm}");
+    vm
+}
+
+/// The sorted `key` values of a JSON array.
+#[track_caller]
+pub fn names(list: &Value, key: &str) -> Vec<String> {
+    let mut out: Vec<String> = list
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {list}"))
+        .iter()
+        .map(|v| v[key].as_str().expect("string key").to_owned())
+        .collect();
+    out.sort();
+    out
+}
