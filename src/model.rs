@@ -216,7 +216,7 @@ pub struct Template {
 
 /// Where a VM's root disk came from at its last start (see shared/api.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum RootDiskSource {
     Explicit,
     Existing,

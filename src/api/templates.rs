@@ -40,7 +40,7 @@ pub struct TemplateResponse {
 
 impl From<&Template> for TemplateResponse {
     fn from(t: &Template) -> Self {
-        let ram_amount = if t.ram_mib % 1024 == 0 {
+        let ram_amount = if t.ram_mib.is_multiple_of(1024) {
             serde_json::Number::from(t.ram_mib / 1024)
         } else {
             serde_json::Number::from_f64(t.ram_mib as f64 / 1024.0)

@@ -34,7 +34,11 @@ impl std::fmt::Display for ExitStatus {
 /// it), with stdout and stderr appended to `log`. It is not killed when vman
 /// exits.
 pub fn spawn(binary: &Path, args: &[std::ffi::OsString], log: &Path) -> io::Result<Child> {
-    let out = OpenOptions::new().create(true).append(true).open(log)?;
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", log.display())))?;
     let err = out.try_clone()?;
     Command::new(binary)
         .args(args)

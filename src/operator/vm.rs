@@ -19,11 +19,19 @@ use super::qmp::Qmp;
 /// How long QEMU may take to open its QMP socket after being spawned.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often a graceful stop presses the power button again.
+const POWER_BUTTON_REPEAT: Duration = Duration::from_secs(3);
+
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     #[error("cannot run {binary}: {source}")]
     Spawn {
         binary: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create the VM folder {path}: {source}")]
+    Folder {
+        path: String,
         source: std::io::Error,
     },
     #[error("QEMU failed to start: {0}")]
@@ -109,6 +117,30 @@ impl Running {
         tokio::time::timeout(limit, self.wait_exit()).await.is_ok()
     }
 
+    /// Presses the ACPI power button and waits up to `timeout` for the guest
+    /// to power off. The button is pressed again every few seconds: a guest
+    /// still booting has no handler yet and drops the first press.
+    async fn press_power_button(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let pressed = tokio::time::timeout(
+                Duration::from_secs(1),
+                self.qmp.execute("system_powerdown", None),
+            )
+            .await;
+            if !matches!(pressed, Ok(Ok(_))) {
+                return self.has_exited();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if self.wait_exit_for(left.min(POWER_BUTTON_REPEAT)).await {
+                return true;
+            }
+        }
+    }
+
     /// Stops QEMU: ACPI power button (unless `force`), up to `timeout`; then
     /// QMP `quit`; then SIGKILL. Never takes much longer than `timeout` + 2 s.
     pub async fn stop(&self, force: bool, timeout: Duration) -> StopMethod {
@@ -116,15 +148,8 @@ impl Running {
         if self.has_exited() {
             return StopMethod::AlreadyExited;
         }
-        if !force {
-            let pressed = tokio::time::timeout(
-                Duration::from_secs(1),
-                self.qmp.execute("system_powerdown", None),
-            )
-            .await;
-            if matches!(pressed, Ok(Ok(_))) && self.wait_exit_for(timeout).await {
-                return StopMethod::Acpi;
-            }
+        if !force && self.press_power_button(timeout).await {
+            return StopMethod::Acpi;
         }
         let _ =
             tokio::time::timeout(Duration::from_millis(500), self.qmp.execute("quit", None)).await;
@@ -172,6 +197,10 @@ pub async fn launch(
     console_max: u64,
 ) -> Result<Arc<Running>, LaunchError> {
     let paths = &spec.paths;
+    std::fs::create_dir_all(&paths.dir).map_err(|source| LaunchError::Folder {
+        path: paths.dir.display().to_string(),
+        source,
+    })?;
     remove_runtime_files(paths);
     let log_offset = std::fs::metadata(&paths.log).map(|m| m.len()).unwrap_or(0);
     let args = qemu::argv(spec);

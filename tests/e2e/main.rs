@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `vman` binary starts real QEMU guests under
+//! TCG from the `tiny` boot disk this run builds with
+//! `scripts/build_boot_disk.sh`. They wait for what the guest itself prints
+//! on its serial console, never for a fixed time.
+
+mod harness;
+mod lifecycle;
+mod rootdisk;
