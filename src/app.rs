@@ -38,6 +38,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .recover()
         .await
         .context("cannot recover running VMs")?;
+    let interval = std::time::Duration::from_secs(config.observer_interval);
+    tokio::spawn(crate::observer::run(service.clone(), interval));
     let state = AppState {
         service,
         token: config.api_token.as_deref().map(Arc::from),

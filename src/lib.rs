@@ -5,6 +5,7 @@ pub mod app;
 pub mod config;
 pub mod logging;
 pub mod model;
+pub mod observer;
 pub mod operator;
 pub mod service;
 pub mod store;

@@ -37,13 +37,31 @@ fn main() -> ExitCode {
             // One clear line, not clap's usage block.
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("vman: {}", first.trim_start_matches("error: "));
+            eprintln!(
+                "vman: {}",
+                name_env_var(first.trim_start_matches("error: "))
+            );
             return ExitCode::from(2);
         }
     };
     match cli.command {
         Command::Serve(config) => serve(*config),
     }
+}
+
+/// Clap names the flag (`'--port <PORT>'`); most users set the variable,
+/// so name both (`--port / VMAN_PORT`).
+fn name_env_var(message: &str) -> String {
+    let Some(start) = message.find("'--") else {
+        return message.to_owned();
+    };
+    let rest = &message[start + 3..];
+    let Some(end) = rest.find('\'') else {
+        return message.to_owned();
+    };
+    let flag = rest[..end].split_whitespace().next().unwrap_or("");
+    let var = format!("VMAN_{}", flag.to_ascii_uppercase().replace('-', "_"));
+    format!("{}--{flag} / {var}{}", &message[..start], &rest[end + 1..])
 }
 
 fn serve(config: Config) -> ExitCode {

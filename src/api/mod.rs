@@ -36,6 +36,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(system::health))
+        .route("/observer/status", get(system::observer_status))
         .route("/openapi.json", get(system::openapi_json))
         .route("/openapi.yaml", get(system::openapi_yaml))
         .route("/docs", get(system::docs))

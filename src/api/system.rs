@@ -53,6 +53,37 @@ pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
     )
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct ObserverStatus {
+    /// `running` once the first pass is done, `starting` before.
+    pub status: &'static str,
+    /// Seconds between passes.
+    pub check_interval: u64,
+    pub passes: u64,
+    pub last_check_at: Option<String>,
+    pub last_issues_count: usize,
+    pub last_issues: Vec<crate::observer::Issue>,
+}
+
+/// What the last coherence pass found.
+#[utoipa::path(get, path = "/observer/status", tag = "system",
+    responses((status = 200, body = ObserverStatus)))]
+pub async fn observer_status(State(app): State<AppState>) -> Json<ObserverStatus> {
+    let report = app.service.observer_report();
+    Json(ObserverStatus {
+        status: if report.passes > 0 {
+            "running"
+        } else {
+            "starting"
+        },
+        check_interval: app.service.config().observer_interval,
+        passes: report.passes,
+        last_check_at: report.last_check_at,
+        last_issues_count: report.issues.len(),
+        last_issues: report.issues,
+    })
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -61,6 +92,7 @@ pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
     ),
     paths(
         health,
+        observer_status,
         super::templates::create,
         super::templates::list,
         super::templates::get,

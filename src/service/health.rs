@@ -101,6 +101,42 @@ impl Service {
                     .clone(),
             ),
         );
+        checks.insert(
+            "accelerator",
+            Check {
+                ok: true,
+                detail: format!("{} ({})", self.host.accel.as_str(), self.host.accel_reason),
+            },
+        );
+        checks.insert("observer", self.observer_check());
         HealthReport { checks }
+    }
+
+    /// The observer is healthy when its last pass is recent.
+    fn observer_check(&self) -> Check {
+        let report = self.observer_report();
+        let interval = self.config.observer_interval;
+        let fresh = report.last_check_at.as_deref().and_then(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .ok()
+                .map(|at| chrono::Utc::now().signed_duration_since(at))
+        });
+        match fresh {
+            Some(age) if age.num_seconds() <= 3 * interval as i64 + 1 => Check {
+                ok: true,
+                detail: format!(
+                    "running: pass every {interval}s, {} issue(s) last pass",
+                    report.issues.len()
+                ),
+            },
+            Some(age) => Check {
+                ok: false,
+                detail: format!("no pass for {}s", age.num_seconds()),
+            },
+            None => Check {
+                ok: true,
+                detail: "starting".into(),
+            },
+        }
     }
 }

@@ -31,7 +31,7 @@ impl Service {
     }
 
     /// The lock that serialises actions on one VM.
-    async fn lock_vm(&self, id: &Name) -> tokio::sync::OwnedMutexGuard<()> {
+    pub(crate) async fn lock_vm(&self, id: &Name) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
             let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             locks.entry(id.clone()).or_default().clone()
@@ -39,7 +39,7 @@ impl Service {
         lock.lock_owned().await
     }
 
-    fn registered(&self, id: &Name) -> Option<Arc<Running>> {
+    pub(crate) fn registered(&self, id: &Name) -> Option<Arc<Running>> {
         self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())

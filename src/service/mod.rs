@@ -5,6 +5,7 @@
 
 mod health;
 mod lifecycle;
+mod observe;
 pub mod rootdisk;
 
 pub use lifecycle::StopReport;
@@ -84,6 +85,8 @@ pub struct Service {
     running: Mutex<HashMap<Name, Arc<Running>>>,
     /// Memory (MiB) of running and starting VMs, for admission.
     memory: Mutex<HashMap<Name, u64>>,
+    /// The observer's last findings.
+    observer: Mutex<crate::observer::Report>,
 }
 
 impl Service {
@@ -96,6 +99,7 @@ impl Service {
             locks: Mutex::default(),
             running: Mutex::default(),
             memory: Mutex::default(),
+            observer: Mutex::default(),
         }
     }
 

@@ -272,7 +272,6 @@ impl Vman {
     }
 
     /// Waits until the VM's state is `state`; returns the VM.
-    #[allow(dead_code)]
     pub fn wait_state(&self, id: &str, state: &str, deadline: Duration) -> Value {
         let start = Instant::now();
         loop {

@@ -1,0 +1,83 @@
+//! What the observer needs from the service: who is live, the one repair it
+//! may make, and where its findings are kept for /observer/status and
+//! /health.
+
+use std::sync::Arc;
+
+use super::Service;
+use crate::model::{Name, VmState};
+use crate::observer::{Issue, Report};
+use crate::operator::qemu::VmPaths;
+use crate::store::VmRuntime;
+
+impl Service {
+    pub fn vm_paths(&self, id: &Name) -> VmPaths {
+        self.paths(id)
+    }
+
+    /// A QEMU that vman manages runs for this VM.
+    pub fn is_live(&self, id: &Name) -> bool {
+        self.registered(id).is_some_and(|r| !r.has_exited())
+    }
+
+    /// `pid` is the QEMU vman manages for the VM named `owner`.
+    pub fn is_live_pid(&self, owner: &str, pid: i32) -> bool {
+        Name::parse("id", owner)
+            .ok()
+            .and_then(|id| self.registered(&id))
+            .is_some_and(|r| r.pid == pid && !r.has_exited())
+    }
+
+    /// Marks a VM recorded `running` whose QEMU is gone as `error`. Checked
+    /// again under the VM's lock, so a start or stop in progress is never
+    /// overruled.
+    pub async fn repair_stale_running(self: &Arc<Self>, id: &Name) -> bool {
+        let _guard = self.lock_vm(id).await;
+        let Ok(vm) = self.store.get_vm(id) else {
+            return false;
+        };
+        if vm.state != VmState::Running || self.is_live(id) {
+            return false;
+        }
+        let repaired = self.store.update_vm(
+            id,
+            &VmRuntime {
+                state: Some(VmState::Error),
+                pid: Some(None),
+                last_error: Some(Some("QEMU process was gone (found by the observer)".into())),
+                ..Default::default()
+            },
+        );
+        match repaired {
+            Ok(_) => {
+                tracing::warn!(
+                    "observer: vm {id} was recorded running without a QEMU; marked error"
+                );
+                true
+            }
+            Err(e) => {
+                tracing::error!("observer: cannot repair vm {id}: {e}");
+                false
+            }
+        }
+    }
+
+    pub fn record_observation(&self, issues: Vec<Issue>) {
+        let mut report = self.observer.lock().unwrap_or_else(|p| p.into_inner());
+        report.passes += 1;
+        report.last_check_at = Some(crate::model::now());
+        report.issues = issues;
+    }
+
+    pub fn observer_report(&self) -> Report {
+        self.observer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Findings about data disks (files without records and the reverse).
+    pub async fn disk_observations(&self) -> Vec<Issue> {
+        Vec::new()
+    }
+}
