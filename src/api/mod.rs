@@ -31,6 +31,7 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub struct AppState {
     pub service: Arc<Service>,
     pub token: Option<Arc<str>>,
+    pub vm_list: Arc<vms::ListCache>,
 }
 
 pub fn router(state: AppState) -> Router {

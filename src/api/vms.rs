@@ -2,9 +2,10 @@
 
 use std::collections::HashMap;
 
+use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -124,6 +125,26 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(VmResponse::from(&vm))))
 }
 
+/// Serialised answers of GET /vms by state filter, with the data generation
+/// they were made from. Dashboards poll this list; while nothing changes,
+/// the answer is the same bytes.
+#[derive(Default)]
+pub struct ListCache(std::sync::Mutex<HashMap<Option<VmState>, (u64, Bytes)>>);
+
+impl ListCache {
+    fn get(&self, state: Option<VmState>, generation: u64) -> Option<Bytes> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&state)
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, b)| b.clone())
+    }
+
+    fn put(&self, state: Option<VmState>, generation: u64, body: Bytes) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(state, (generation, body));
+    }
+}
+
 /// List VMs, optionally only those in one state.
 #[utoipa::path(get, path = "/vms", tag = "vms",
     params(("state" = Option<VmState>, Query, description = "running, stopped or error")),
@@ -131,7 +152,7 @@ pub async fn create(
 pub async fn list(
     State(app): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
-) -> Result<Json<Vec<VmResponse>>, ApiError> {
+) -> Result<Response, ApiError> {
     let state = query
         .get("state")
         .map(|s| {
@@ -139,8 +160,21 @@ pub async fn list(
                 .ok_or_else(|| ApiError::invalid("state", "must be one of running, stopped, error"))
         })
         .transpose()?;
-    let vms = app.service.list_vms(state)?;
-    Ok(Json(vms.iter().map(VmResponse::from).collect()))
+    // Read the generation first: the list is then at least that new.
+    let generation = app.service.data_generation();
+    let body = match app.vm_list.get(state, generation) {
+        Some(body) => body,
+        None => {
+            let vms = app.service.list_vms(state)?;
+            let wire: Vec<VmResponse> = vms.iter().map(VmResponse::from).collect();
+            let body = Bytes::from(serde_json::to_vec(&wire).map_err(|e| {
+                ApiError::from(crate::service::ServiceError::Internal(e.to_string()))
+            })?);
+            app.vm_list.put(state, generation, body.clone());
+            body
+        }
+    };
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// One VM.

@@ -179,6 +179,11 @@ impl Service {
         }
     }
 
+    /// Changes whenever stored data changes; lets callers cache answers.
+    pub fn data_generation(&self) -> u64 {
+        self.store.generation()
+    }
+
     pub fn list_vms(&self, state: Option<VmState>) -> Result<Vec<Vm>, ServiceError> {
         Ok(self.store.list_vms(state)?)
     }
