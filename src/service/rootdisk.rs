@@ -38,9 +38,30 @@ fn refused(e: ImageError) -> ServiceError {
 pub fn check_user_image(config: &Config, field: &str, raw: &str) -> Result<PathBuf, ServiceError> {
     let path = image::resolve_allowed(Path::new(raw), &config.allowed_image_dirs())
         .map_err(|e| ServiceError::Rejected(format!("{field}: {e}")))?;
-    image::info(&config.qemu_img, &path)
+    let info = image::info(&config.qemu_img, &path)
+        .map_err(|e| ServiceError::Rejected(format!("{field}: {e}")))?;
+    check_backing(config, &path, &info)
         .map_err(|e| ServiceError::Rejected(format!("{field}: {e}")))?;
     Ok(path)
+}
+
+/// A qcow2 may name a backing file, which QEMU then opens too. A disk used
+/// as is (explicit or existing) could have been rewritten by its guest to
+/// point at any host file, so its backing file must also lie inside the
+/// allowed image folders.
+fn check_backing(config: &Config, path: &Path, info: &image::ImageInfo) -> Result<(), String> {
+    let Some(backing) = &info.backing_file else {
+        return Ok(());
+    };
+    let backing = Path::new(backing);
+    let absolute = if backing.is_absolute() {
+        backing.to_path_buf()
+    } else {
+        path.parent().unwrap_or(Path::new("/")).join(backing)
+    };
+    image::resolve_allowed(&absolute, &config.allowed_image_dirs())
+        .map(|_| ())
+        .map_err(|e| format!("{} has a backing file that is refused: {e}", path.display()))
 }
 
 pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, ServiceError> {
@@ -49,6 +70,7 @@ pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, Ser
         let path = image::resolve_allowed(Path::new(explicit), &config.allowed_image_dirs())
             .map_err(|e| ServiceError::Rejected(format!("qcow2_path: {e}")))?;
         let info = image::info(qemu_img, &path).map_err(refused)?;
+        check_backing(config, &path, &info).map_err(ServiceError::Rejected)?;
         return Ok(RootDisk {
             source: RootDiskSource::Explicit,
             path,
@@ -58,6 +80,7 @@ pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, Ser
     }
     if paths.root.exists() {
         let info = image::info(qemu_img, &paths.root).map_err(refused)?;
+        check_backing(config, &paths.root, &info).map_err(ServiceError::Rejected)?;
         return Ok(RootDisk {
             source: RootDiskSource::Existing,
             path: paths.root.clone(),

@@ -296,3 +296,88 @@ fn a_full_disk_during_the_copy_is_a_clear_400() {
     );
     assert!(qemu_processes(&vman.storage).is_empty());
 }
+
+/// A qcow2 whose backing file points outside the image folders would make
+/// QEMU open that file: refused for explicit and existing disks alike.
+#[test]
+fn backing_files_outside_the_image_folders_are_refused() {
+    let vman = Vman::builder().with_tiny_default().start();
+    vman.template("tiny", 256);
+    let sneaky = templates(&vman).join("sneaky.qcow2");
+    let made = Command::new("qemu-img")
+        .args([
+            "create",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            "-u",
+            "-b",
+            "/etc/passwd",
+        ])
+        .arg(&sneaky)
+        .arg("64M")
+        .status()
+        .expect("qemu-img");
+    assert!(made.success());
+    let (s, b) =
+        vman.create_vm(json!({"template_name": "tiny", "name": "s1", "qcow2_path": sneaky}));
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("backing file")),
+        "{b}"
+    );
+    new_vm(&vman, json!({"template_name": "tiny", "name": "s2"}));
+    fs::create_dir_all(vman.vm_dir("s2")).expect("dir");
+    fs::copy(&sneaky, vman.vm_dir("s2").join("root.qcow2")).expect("copy");
+    let (s, b) = vman.start_vm("s2");
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("backing file")),
+        "{b}"
+    );
+    assert!(qemu_processes(&vman.storage).is_empty());
+}
+
+/// `VMAN_BOOT_DISK_MODE=overlay`: a linked clone backed by the default, and
+/// the template's `disk_size_gb` grows the root disk.
+#[test]
+fn overlay_mode_and_disk_size_gb() {
+    let vman = Vman::builder()
+        .with_tiny_default()
+        .env("VMAN_BOOT_DISK_MODE", "overlay")
+        .start();
+    let (s, b) = vman.post(
+        "/templates",
+        json!({"name": "grown", "cpu_count": 1, "ram_mib": 256, "disk_size_gb": 2}),
+    );
+    assert_eq!(s, 201, "{b}");
+    new_vm(&vman, json!({"template_name": "grown", "name": "ov"}));
+    let (s, b) = vman.start_vm("ov");
+    assert_eq!(s, 202, "{b}");
+    let vm = vman.vm("ov");
+    assert_eq!(vm["root_disk"]["source"], "default");
+    assert_eq!(vm["root_disk"]["virtual_size"], 2_000_000_000u64);
+    let out = Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(vman.vm_dir("ov").join("root.qcow2"))
+        .output()
+        .expect("qemu-img info");
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        info["backing-filename"].as_str(),
+        Some(
+            tiny_image()
+                .canonicalize()
+                .expect("canonical")
+                .to_str()
+                .expect("utf8")
+        ),
+        "{info}"
+    );
+    vman.wait_console("ov", "boot ok hostname=ov", 1);
+}
