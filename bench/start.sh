@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Start latency: POST /vms/{id}/actions/start -> 202 with an existing root
-# disk, against the floor of bare qemu-system-x86_64 started with the very
-# same arguments (read from the QEMU vman launched) until its QMP greeting.
-# Both measured in this run, ROUNDS times each; prints medians and the ratio
-# (target <= 1.5x). Usage: bench/start.sh [ROUNDS]
+# disk, against bare qemu-system-x86_64 started with the very same arguments
+# (read from the QEMU vman launched), measured in this run ROUNDS times each:
+#  - floor 1: until its QMP greeting (the issue's baseline; target <= 1.5x).
+#    QEMU sends the greeting from its monitor thread before the machine is
+#    built, so this floor does not include machine initialisation;
+#  - floor 2: until QMP answers a first command (`qmp_capabilities`), which
+#    QEMU does only once the machine is built: the same work vman waits for
+#    before answering 202 ("QEMU runs and QMP answered").
+# Usage: bench/start.sh [ROUNDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-15}
@@ -13,6 +18,7 @@ server=""
 cleanup() {
     [ -n "$server" ] && kill "$server" 2>/dev/null || true
     pkill -9 -f "$work/storage/vms" 2>/dev/null || true
+    [ -n "${KEEP_LOG:-}" ] && cp "$work/vman.out" "$KEEP_LOG"
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -46,7 +52,7 @@ import os, socket, subprocess, sys, time
 argv = open(sys.argv[1]).read().split("\n")[:-1]
 rounds = int(sys.argv[2])
 qmp = next(a for a in argv if a.startswith("unix:") and "qmp.sock" in a)[5:].split(",")[0]
-times = []
+greet, answer = [], []
 for _ in range(rounds):
     for f in (qmp, qmp.replace("qmp.sock", "console.sock")):
         try: os.unlink(f)
@@ -59,18 +65,24 @@ for _ in range(rounds):
             if b"QMP" in s.recv(4096): break
         except OSError:
             time.sleep(0.002)
-    times.append(time.monotonic() - t0)
+    greet.append(time.monotonic() - t0)
+    s.sendall(b'{"execute": "qmp_capabilities"}\n')
+    while b"return" not in s.recv(4096):
+        pass
+    answer.append(time.monotonic() - t0)
     s.close(); p.kill(); p.wait()
-print(" ".join(f"{t:.4f}" for t in times))
+print(" ".join(f"{t:.4f}" for t in greet) + "|" + " ".join(f"{t:.4f}" for t in answer))
 PY
 )
 python3 - "${vman_times[*]}" "$bare" <<'PY'
 import statistics, sys
 v = [float(x) for x in sys.argv[1].split()]
-b = [float(x) for x in sys.argv[2].split()]
-mv, mb = statistics.median(v), statistics.median(b)
-print(f"start latency over {len(v)} rounds (TCG, existing root disk)")
-print(f"  vman POST start -> 202 : median {mv*1000:7.1f} ms  max {max(v)*1000:7.1f} ms")
-print(f"  bare QEMU -> QMP greeting: median {mb*1000:7.1f} ms  max {max(b)*1000:7.1f} ms  (baseline)")
-print(f"  ratio vman / bare QEMU : {mv/mb:.2f}x  (target <= 1.5x)")
+g, a = ([float(x) for x in part.split()] for part in sys.argv[2].split("|"))
+mv, mg, ma = statistics.median(v), statistics.median(g), statistics.median(a)
+print(f"start latency over {len(v)} rounds (TCG, existing root disk), medians")
+print(f"  vman POST start -> 202            : {mv*1000:7.1f} ms (max {max(v)*1000:.1f})")
+print(f"  bare QEMU -> QMP greeting         : {mg*1000:7.1f} ms (max {max(g)*1000:.1f})  floor 1")
+print(f"  bare QEMU -> first QMP answer     : {ma*1000:7.1f} ms (max {max(a)*1000:.1f})  floor 2")
+print(f"  vman / floor 1 (greeting)         : {mv/mg:.2f}x (target <= 1.5x)")
+print(f"  vman / floor 2 (same work)        : {mv/ma:.2f}x")
 PY

@@ -234,7 +234,7 @@ pub async fn launch(
                 log_since(&paths.log, log_offset)
             )));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let console = match Console::attach(&paths.console_sock, &paths.console, console_max).await {
         Ok(c) => Some(c),

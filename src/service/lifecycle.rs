@@ -119,6 +119,7 @@ impl Service {
 
     async fn launch(self: &Arc<Self>, vm: &crate::model::Vm) -> Result<(), ServiceError> {
         let paths = self.paths(&vm.id);
+        let t0 = std::time::Instant::now();
         let root = {
             let config = self.config.clone();
             let vm = vm.clone();
@@ -146,6 +147,7 @@ impl Service {
             sandbox: self.host.sandbox,
             data_disks: Vec::new(),
         };
+        let t1 = t0.elapsed();
         let run = vm::launch(
             &self.config.qemu_binary,
             &spec,
@@ -172,12 +174,14 @@ impl Service {
             return Err(e.into());
         }
         tracing::info!(
-            "vm {} started: pid {}, accel {}, root disk {} ({})",
+            "vm {} started: pid {}, accel {}, root disk {} ({}); disk ready in {:.1} ms, QMP answered in {:.1} ms",
             vm.id,
             run.pid,
             self.host.accel.as_str(),
             root.path.display(),
-            root.source.as_str()
+            root.source.as_str(),
+            t1.as_secs_f64() * 1000.0,
+            (t0.elapsed() - t1).as_secs_f64() * 1000.0
         );
         self.register(vm.id.clone(), run);
         Ok(())

@@ -38,7 +38,7 @@ fn refused(e: ImageError) -> ServiceError {
 pub fn check_user_image(config: &Config, field: &str, raw: &str) -> Result<PathBuf, ServiceError> {
     let path = image::resolve_allowed(Path::new(raw), &config.allowed_image_dirs())
         .map_err(|e| ServiceError::Rejected(format!("{field}: {e}")))?;
-    let info = image::info(&config.qemu_img, &path)
+    let info = image::probe(&config.qemu_img, &path)
         .map_err(|e| ServiceError::Rejected(format!("{field}: {e}")))?;
     check_backing(config, &path, &info)
         .map_err(|e| ServiceError::Rejected(format!("{field}: {e}")))?;
@@ -69,7 +69,7 @@ pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, Ser
     if let Some(explicit) = &vm.qcow2_path {
         let path = image::resolve_allowed(Path::new(explicit), &config.allowed_image_dirs())
             .map_err(|e| ServiceError::Rejected(format!("qcow2_path: {e}")))?;
-        let info = image::info(qemu_img, &path).map_err(refused)?;
+        let info = image::probe(qemu_img, &path).map_err(refused)?;
         check_backing(config, &path, &info).map_err(ServiceError::Rejected)?;
         return Ok(RootDisk {
             source: RootDiskSource::Explicit,
@@ -79,7 +79,7 @@ pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, Ser
         });
     }
     if paths.root.exists() {
-        let info = image::info(qemu_img, &paths.root).map_err(refused)?;
+        let info = image::probe(qemu_img, &paths.root).map_err(refused)?;
         check_backing(config, &paths.root, &info).map_err(ServiceError::Rejected)?;
         return Ok(RootDisk {
             source: RootDiskSource::Existing,
