@@ -51,12 +51,13 @@ pub(crate) fn tool_version(binary: &Path) -> Result<String, String> {
     if !out.status.success() {
         return Err(format!("{} --version failed", binary.display()));
     }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    let version = String::from_utf8_lossy(&out.stdout)
         .lines()
         .next()
         .unwrap_or("")
         .trim()
-        .to_owned())
+        .to_owned();
+    Ok(format!("{}: {version}", binary.display()))
 }
 
 fn storage_writable(dir: &Path) -> Result<String, String> {
