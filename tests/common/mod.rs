@@ -21,6 +21,10 @@ use tempfile::TempDir;
 /// How long any wait may take before the harness gives up.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
+/// How long one request may take: a start copies a boot disk, a graceful
+/// stop waits for a guest that may still be booting under TCG.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// The marker the server logs on stdout once it accepts connections.
 const READY: &str = "listening on http://";
 
@@ -196,7 +200,7 @@ impl ServerBuilder {
             port,
             logs,
             client: reqwest::blocking::Client::builder()
-                .timeout(DEADLINE)
+                .timeout(REQUEST_TIMEOUT)
                 .build()
                 .expect("http client"),
         }

@@ -5,14 +5,14 @@
 //! slow, and no test asserts on speed.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::process::Command;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tempfile::TempDir;
+
+use crate::common::{Server, ServerBuilder};
 
 /// Deadline for a guest to boot or shut down under TCG.
 pub const GUEST: Duration = Duration::from_secs(180);
@@ -49,28 +49,21 @@ pub fn tiny_image() -> &'static Path {
     }
 }
 
-/// A running `vman serve` with a temporary storage folder.
+/// A running `vman serve` (the shared harness of `tests/common`) with the
+/// helpers the end-to-end tests need. Dropping it kills the guests too.
 pub struct Vman {
     pub storage: PathBuf,
-    _tmp: Arc<TempDir>,
-    env: Vec<(String, String)>,
-    child: Option<Child>,
     pub base: String,
-    logs: Arc<Mutex<Vec<String>>>,
-    client: reqwest::blocking::Client,
+    server: Server,
 }
 
 pub struct Builder {
-    env: Vec<(String, String)>,
-    tmp: Option<Arc<TempDir>>,
+    inner: ServerBuilder,
 }
 
 impl Builder {
     pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
-        self.env.push((
-            key.to_owned(),
-            value.as_ref().to_string_lossy().into_owned(),
-        ));
+        self.inner = self.inner.env(key, &value.as_ref().to_string_lossy());
         self
     }
 
@@ -81,131 +74,53 @@ impl Builder {
     }
 
     pub fn start(self) -> Vman {
-        let tmp = self.tmp.unwrap_or_else(|| {
-            Arc::new(
-                tempfile::Builder::new()
-                    .prefix("vman-e2e-")
-                    .tempdir()
-                    .expect("tempdir"),
-            )
-        });
-        let storage = tmp.path().join("storage");
-        fs::create_dir_all(storage.join("templates")).expect("storage");
-        let mut vman = Vman {
+        let server = self.inner.start();
+        let storage = server.storage_path().to_path_buf();
+        fs::create_dir_all(storage.join("templates")).expect("templates folder");
+        Vman {
+            base: server.url(""),
             storage,
-            _tmp: tmp,
-            env: self.env,
-            child: None,
-            base: String::new(),
-            logs: Arc::default(),
-            client: reqwest::blocking::Client::builder()
-                .timeout(Duration::from_secs(120))
-                .build()
-                .expect("client"),
-        };
-        vman.spawn();
-        vman
+            server,
+        }
     }
 }
 
 impl Vman {
     pub fn builder() -> Builder {
         Builder {
-            env: Vec::new(),
-            tmp: None,
+            inner: Server::builder(),
         }
-    }
-
-    fn spawn(&mut self) {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vman"));
-        cmd.args(["serve", "--host", "127.0.0.1", "--port", "0"])
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("VMAN_STORAGE_PATH", &self.storage)
-            .env("VMAN_LOG_DIR", self.storage.join("logs"))
-            .env("VMAN_ACCEL", "tcg")
-            .current_dir(&self.storage)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in &self.env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn vman");
-        let (tx, rx) = std::sync::mpsc::channel();
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let logs = self.logs.clone();
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let Some(rest) = line.split("listening on http://").nth(1) {
-                        let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_owned());
-                    }
-                    logs.lock().unwrap_or_else(|p| p.into_inner()).push(line);
-                }
-            });
-        }
-        let addr = rx.recv_timeout(SERVER).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("vman did not start:\n{}", self.logs().join("\n"))
-        });
-        self.base = format!("http://{addr}");
-        self.child = Some(child);
     }
 
     pub fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.server.logs()
     }
 
     pub fn log_count(&self, needle: &str) -> usize {
         self.logs().iter().filter(|l| l.contains(needle)).count()
     }
 
-    #[allow(dead_code)]
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().map(Child::id).expect("running")
-    }
-
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if self.server.is_running() {
+            self.server.kill9();
         }
     }
 
-    /// Starts again on the same storage and database.
+    /// A crash, then a start again on the same storage and database.
     pub fn restart(&mut self) {
         self.kill9();
-        self.spawn();
+        self.server.restart();
+        self.base = self.server.url("");
     }
 
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("{}{path}", self.base);
-        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut req = self.client.request(method, &url);
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let resp = req.send().unwrap_or_else(|e| panic!("{url}: {e}"));
-        let status = resp.status().as_u16();
-        let text = resp.text().unwrap_or_default();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
+        let reply = self.server.request(method, path, body.as_ref());
+        let body = match reply.body {
+            Value::Null if !reply.text.is_empty() => Value::String(reply.text),
+            other => other,
+        };
+        (reply.status, body)
     }
 
     pub fn get(&self, path: &str) -> Value {

@@ -22,8 +22,13 @@ fn seed_workflow_boots_the_default_disk_and_reuses_it() {
     let vman = Vman::builder().with_tiny_default().start();
     let health = vman.get("/health");
     let qemu = health["checks"]["qemu"]["detail"].as_str().unwrap_or("");
-    assert!(qemu.starts_with("qemu-system-x86_64: QEMU emulator version"), "{health}");
-    let accel = health["checks"]["accelerator"]["detail"].as_str().unwrap_or("");
+    assert!(
+        qemu.starts_with("qemu-system-x86_64: QEMU emulator version"),
+        "{health}"
+    );
+    let accel = health["checks"]["accelerator"]["detail"]
+        .as_str()
+        .unwrap_or("");
     assert!(accel.starts_with("tcg"), "{health}");
     vman.template("tiny", 256);
     // No wait for "ready": a stop pressed while the guest still boots must

@@ -3,6 +3,8 @@
 //! `scripts/build_boot_disk.sh`. They wait for what the guest itself prints
 //! on its serial console, never for a fixed time.
 
+#[path = "../common/mod.rs"]
+mod common;
 mod harness;
 mod lifecycle;
 mod rootdisk;
