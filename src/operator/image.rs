@@ -280,7 +280,9 @@ pub fn probe(qemu_img: &Path, path: &Path) -> Result<ImageInfo, ImageError> {
             })?;
         Some(String::from_utf8_lossy(&name).into_owned())
     };
-    let meta = file.metadata().map_err(io_err(format!("stat {}", path.display())))?;
+    let meta = file
+        .metadata()
+        .map_err(io_err(format!("stat {}", path.display())))?;
     Ok(ImageInfo {
         format: ImageFormat::Qcow2,
         virtual_size: be64(24),
@@ -1122,7 +1124,10 @@ mod tests {
         let ext = dir.path().join("ext.qcow2");
         let ok = Command::new("qemu-img")
             .args(["create", "-f", "qcow2", "-o"])
-            .arg(format!("data_file={}", dir.path().join("ext.data").display()))
+            .arg(format!(
+                "data_file={}",
+                dir.path().join("ext.data").display()
+            ))
             .arg(&ext)
             .arg("1M")
             .status()
