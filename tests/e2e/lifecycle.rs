@@ -238,3 +238,29 @@ fn deleting_a_running_vm_stops_it_and_removes_its_folder() {
     assert_eq!(s, 404);
     let _ = GUEST;
 }
+
+/// A root disk QEMU cannot open: 400 with QEMU's own words, no leftovers.
+#[test]
+fn a_corrupt_root_disk_gives_qemus_reason() {
+    let vman = Vman::builder().with_tiny_default().start();
+    vman.template("tiny", 256);
+    let (s, _) = vman.create_vm(json!({"template_name": "tiny", "name": "bad"}));
+    assert_eq!(s, 201);
+    let dir = vman.vm_dir("bad");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let mut garbage = b"QFI\xfb\x00\x00\x00\x03".to_vec();
+    garbage.resize(64 * 1024, 0);
+    std::fs::write(dir.join("root.qcow2"), garbage).expect("write");
+    let (s, b) = vman.start_vm("bad");
+    assert_eq!(s, 400, "{b}");
+    let detail = b["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("QEMU failed to start") && detail.contains("root"),
+        "{detail}"
+    );
+    assert!(qemu_processes(&vman.storage).is_empty());
+    for f in ["qemu.pid", "qmp.sock", "console.sock"] {
+        assert!(!dir.join(f).exists(), "{f} left behind");
+    }
+    assert_eq!(vman.vm("bad")["state"], "error");
+}
