@@ -71,14 +71,24 @@ impl From<ServiceError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let close = self.status == StatusCode::PAYLOAD_TOO_LARGE;
+        let mut resp = (
             self.status,
             Json(ErrorBody {
                 detail: self.detail,
                 code: self.code,
             }),
         )
-            .into_response()
+            .into_response();
+        if close {
+            // The rest of an oversized body may be unread: do not reuse the
+            // connection.
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        resp
     }
 }
 

@@ -18,10 +18,22 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let declared = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if let Some(len) = declared.filter(|n| *n > super::MAX_BODY_BYTES as u64) {
+            // Read what the client sends anyway (up to a cap), so it gets our
+            // answer instead of a reset connection.
+            if len <= DRAIN_LIMIT as u64 {
+                let _ = axum::body::to_bytes(req.into_body(), DRAIN_LIMIT).await;
+            }
+            return Err(too_large());
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|e| {
             let status = e.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(status, "too_large", "Request body is too large")
+                too_large()
             } else {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
@@ -32,6 +44,20 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
         })?;
         parse_json(&bytes).map(Body)
     }
+}
+
+/// Bodies up to this size are read and dropped before a 413.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too_large",
+        format!(
+            "Request body is too large (at most {} bytes)",
+            super::MAX_BODY_BYTES
+        ),
+    )
 }
 
 /// Parses JSON with the path of the failing field in the error.
