@@ -2,6 +2,7 @@
 //! host. It knows processes, QMP and files; it does not know HTTP or SQL.
 
 pub mod console;
+pub mod hotplug;
 pub mod image;
 pub mod process;
 pub mod qemu;

@@ -85,9 +85,25 @@ pub fn slot_id(n: u8) -> String {
     format!("hp{n}")
 }
 
-/// Node name and device id of a data disk in QEMU.
-pub fn disk_node(disk_id: &str) -> String {
+/// Device id of a data disk in QEMU (`/machine/peripheral/disk-<id>`); a
+/// restarted vman recognises its disks by it. QEMU ids have no length limit.
+pub fn disk_device(disk_id: &str) -> String {
     format!("disk-{disk_id}")
+}
+
+/// Block node name of a data disk's format layer. QEMU limits node names to
+/// 31 bytes, which a UUID-named disk (`disk-` + 36) would exceed, so the
+/// node is named by a 64-bit FNV-1a hash of the id: `dk-<16 hex>`.
+pub fn disk_node(disk_id: &str) -> String {
+    let hash = disk_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("dk-{hash:016x}")
+}
+
+/// Block node name of a data disk's file (protocol) layer.
+pub fn disk_file_node(disk_id: &str) -> String {
+    format!("{}-file", disk_node(disk_id))
 }
 
 /// QEMU's `-drive`/`-blockdev` values separate options with commas; a path
@@ -160,17 +176,20 @@ pub fn argv(spec: &LaunchSpec) -> Vec<OsString> {
         let node = disk_node(&d.id);
         a.push("-blockdev".into());
         a.push(format!(
-            "driver=file,filename={},node-name={node}-file",
-            escape_commas(&d.path)
+            "driver=file,filename={},node-name={},cache.direct=off",
+            escape_commas(&d.path),
+            disk_file_node(&d.id)
         ));
         a.push("-blockdev".into());
         a.push(format!(
-            "driver={},file={node}-file,node-name={node}",
-            d.format.as_str()
+            "driver={},file={},node-name={node}",
+            d.format.as_str(),
+            disk_file_node(&d.id)
         ));
         a.push("-device".into());
         a.push(format!(
-            "virtio-blk-pci,drive={node},id={node},serial={},bus={}",
+            "virtio-blk-pci,drive={node},id={},serial={},bus={}",
+            disk_device(&d.id),
             d.id,
             slot_id(d.slot)
         ));
@@ -260,9 +279,21 @@ mod tests {
         assert!(line.contains("-qmp unix:/s/vms/vm1/qmp.sock,server=on,wait=off"));
         assert!(line.contains("-pidfile /s/vms/vm1/qemu.pid"));
         assert!(line.contains("pcie-root-port,id=hp1,chassis=2,slot=2"));
-        assert!(line.contains("virtio-blk-pci,drive=disk-d1,id=disk-d1,serial=d1,bus=hp1"));
+        let node = disk_node("d1");
+        assert!(line.contains(&format!(
+            "virtio-blk-pci,drive={node},id=disk-d1,serial=d1,bus=hp1"
+        )));
         assert!(line.contains("-sandbox on"));
         assert!(!line.contains("if=ide"));
+    }
+
+    #[test]
+    fn node_names_fit_qemu_limits() {
+        let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde";
+        assert!(disk_file_node(id).len() <= 31);
+        assert_ne!(disk_node("a"), disk_node("b"));
+        assert_eq!(disk_node("a"), disk_node("a"));
+        assert!(disk_node("a").starts_with("dk-"));
     }
 
     #[test]

@@ -133,7 +133,9 @@ impl Running {
             }
         };
         // One hard deadline over all presses and waits.
-        tokio::time::timeout(timeout, presses).await.unwrap_or(false)
+        tokio::time::timeout(timeout, presses)
+            .await
+            .unwrap_or(false)
     }
 
     /// Stops QEMU: ACPI power button (unless `force`), up to `timeout`; then
