@@ -6,6 +6,7 @@
 //! Schema changes are the numbered files in `migrations/`, applied in order
 //! at open and tracked in `PRAGMA user_version`.
 
+mod disks;
 mod vms;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
@@ -15,10 +16,14 @@ use std::sync::Mutex;
 
 use crate::model::{Name, Template};
 
+pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
 pub use vms::{NewVm, VmRuntime};
 
 /// The migrations, in order. Index + 1 is the schema version they produce.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_disks.sql"),
+];
 
 const READERS: usize = 4;
 

@@ -1,0 +1,315 @@
+//! Data disk hot-plug over QMP: the command sequences that add a disk to a
+//! running QEMU, remove it, grow it, and tell what is plugged. Pure of the
+//! database: callers say which disk goes where; this module only talks QMP.
+//!
+//! A disk is three QEMU objects, named so a restarted vman recognises them
+//! (see `qemu::disk_device`/`disk_node`): a `file` block node, a format node
+//! on top of it, and a `virtio-blk-pci` device with `serial=<disk id>` on one
+//! of the `pcie-root-port`s reserved at boot (`hp<n>`). Devices on `pcie.0`
+//! itself cannot be hot-plugged on q35; root ports can.
+//!
+//! Every sequence is all-or-nothing: when a step fails, what the earlier
+//! steps added is removed again before the error is returned.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::image::ImageFormat;
+use super::qemu::{disk_device, disk_file_node, disk_node, slot_id};
+use super::qmp::{Qmp, QmpError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    /// A QMP step failed; `step` says which.
+    #[error("{step}: {source}")]
+    Qmp {
+        step: &'static str,
+        #[source]
+        source: QmpError,
+    },
+    /// The guest did not release the device in time; the unplug request
+    /// stays pending in the guest, the device and its nodes are still there.
+    #[error("the guest did not release the device within {0} s")]
+    NotReleased(u64),
+    /// QEMU answered something this module does not understand.
+    #[error("unexpected QMP answer to {step}: {detail}")]
+    Unexpected { step: &'static str, detail: String },
+}
+
+fn step(step: &'static str) -> impl FnOnce(QmpError) -> HotplugError {
+    move |source| HotplugError::Qmp { step, source }
+}
+
+/// A disk as QEMU should see it.
+#[derive(Debug, Clone)]
+pub struct Plug<'a> {
+    pub id: &'a str,
+    pub path: &'a Path,
+    pub format: ImageFormat,
+    pub slot: u8,
+}
+
+/// Adds the block nodes and the device. Returns once `device_add` has
+/// answered, i.e. the device is realized and the guest was notified. On any
+/// failure the nodes added so far are deleted again.
+pub async fn attach(qmp: &Qmp, disk: &Plug<'_>) -> Result<(), HotplugError> {
+    let file_node = disk_file_node(disk.id);
+    let node = disk_node(disk.id);
+    qmp.execute(
+        "blockdev-add",
+        Some(json!({
+            "driver": "file",
+            "filename": disk.path,
+            "node-name": file_node,
+            "cache": {"direct": false},
+        })),
+    )
+    .await
+    .map_err(step("blockdev-add (file)"))?;
+    if let Err(e) = qmp
+        .execute(
+            "blockdev-add",
+            Some(json!({
+                "driver": disk.format.as_str(),
+                "file": file_node,
+                "node-name": node,
+            })),
+        )
+        .await
+    {
+        delete_nodes(qmp, &[&file_node]).await;
+        return Err(step("blockdev-add (format)")(e));
+    }
+    let added = qmp
+        .execute(
+            "device_add",
+            Some(json!({
+                "driver": "virtio-blk-pci",
+                "drive": node,
+                "id": disk_device(disk.id),
+                "serial": disk.id,
+                "bus": slot_id(disk.slot),
+            })),
+        )
+        .await;
+    if let Err(e) = added {
+        // A device_add that timed out may still have happened: only delete
+        // the nodes when no device uses them.
+        if !device_exists(qmp, disk.id).await.unwrap_or(true) {
+            delete_nodes(qmp, &[&node, &file_node]).await;
+        }
+        return Err(step("device_add")(e));
+    }
+    Ok(())
+}
+
+/// Best-effort removal of block nodes, top first; failures are logged.
+async fn delete_nodes(qmp: &Qmp, nodes: &[&str]) {
+    for node in nodes {
+        if let Err(e) = qmp
+            .execute("blockdev-del", Some(json!({ "node-name": node })))
+            .await
+        {
+            tracing::warn!("rollback: blockdev-del {node}: {e}");
+        }
+    }
+}
+
+/// Asks the guest to release the device (`device_del`), waits up to
+/// `timeout` for QEMU's `DEVICE_DELETED`, then deletes the block nodes.
+/// `NotReleased` leaves the device, its nodes and the pending unplug request
+/// in place. A device that is already gone is not an error.
+pub async fn detach(qmp: &Qmp, disk_id: &str, timeout: Duration) -> Result<(), HotplugError> {
+    let device = disk_device(disk_id);
+    let mut events = qmp.subscribe();
+    match qmp
+        .execute("device_del", Some(json!({ "id": device })))
+        .await
+    {
+        Ok(_) => {
+            let wait = wait_deleted(qmp, &mut events, disk_id);
+            if tokio::time::timeout(timeout, wait).await.is_err() {
+                return Err(HotplugError::NotReleased(timeout.as_secs()));
+            }
+        }
+        Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {}
+        Err(e) => return Err(step("device_del")(e)),
+    }
+    remove_nodes(qmp, disk_id).await
+}
+
+/// Waits for the `DEVICE_DELETED` of the disk's device. When events were
+/// lost (a lagging receiver) or the connection closed, QEMU is asked
+/// directly whether the device still exists.
+pub async fn wait_deleted(
+    qmp: &Qmp,
+    events: &mut tokio::sync::broadcast::Receiver<super::qmp::QmpEvent>,
+    disk_id: &str,
+) {
+    let device = disk_device(disk_id);
+    loop {
+        match events.recv().await {
+            Ok(ev) => {
+                if ev.event == "DEVICE_DELETED"
+                    && ev.data.get("device").and_then(Value::as_str) == Some(device.as_str())
+                {
+                    return;
+                }
+            }
+            Err(RecvError::Lagged(_)) => {
+                if matches!(device_exists(qmp, disk_id).await, Ok(false)) {
+                    return;
+                }
+            }
+            Err(RecvError::Closed) => {
+                // QEMU is gone; so is the device. Never resolves otherwise.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// Deletes the disk's block nodes (format, then file) once no device uses
+/// them. Nodes that are not there are skipped.
+pub async fn remove_nodes(qmp: &Qmp, disk_id: &str) -> Result<(), HotplugError> {
+    let present = node_names(qmp).await?;
+    for node in [disk_node(disk_id), disk_file_node(disk_id)] {
+        if present.iter().any(|n| *n == node) {
+            qmp.execute("blockdev-del", Some(json!({ "node-name": node })))
+                .await
+                .map_err(step("blockdev-del"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Grows the disk online; the guest is told the new capacity.
+pub async fn resize(qmp: &Qmp, disk_id: &str, size: u64) -> Result<(), HotplugError> {
+    qmp.execute(
+        "block_resize",
+        Some(json!({ "node-name": disk_node(disk_id), "size": size })),
+    )
+    .await
+    .map_err(step("block_resize"))?;
+    Ok(())
+}
+
+/// True when QEMU has the disk's device.
+pub async fn device_exists(qmp: &Qmp, disk_id: &str) -> Result<bool, HotplugError> {
+    let list = qmp
+        .execute("qom-list", Some(json!({ "path": "/machine/peripheral" })))
+        .await
+        .map_err(step("qom-list"))?;
+    let device = disk_device(disk_id);
+    Ok(list
+        .as_array()
+        .is_some_and(|a| a.iter().any(|p| p["name"].as_str() == Some(&device))))
+}
+
+/// Names of all named block nodes.
+async fn node_names(qmp: &Qmp) -> Result<Vec<String>, HotplugError> {
+    let nodes = qmp
+        .execute("query-named-block-nodes", Some(json!({ "flat": true })))
+        .await
+        .map_err(step("query-named-block-nodes"))?;
+    let Some(nodes) = nodes.as_array() else {
+        return Err(HotplugError::Unexpected {
+            step: "query-named-block-nodes",
+            detail: "not a list".into(),
+        });
+    };
+    Ok(nodes
+        .iter()
+        .filter_map(|n| n["node-name"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// A data disk QEMU has plugged, as found by `plugged`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plugged {
+    /// The disk id (the device id without `disk-`).
+    pub disk_id: String,
+    /// The hot-plug root port it sits on, when it is one of ours.
+    pub slot: Option<u8>,
+    /// The file QEMU has open for it.
+    pub file: Option<String>,
+}
+
+/// Every `disk-<id>` device QEMU has, with its slot and file, from
+/// `query-block` and each device's `parent_bus`.
+pub async fn plugged(qmp: &Qmp) -> Result<Vec<Plugged>, HotplugError> {
+    let blocks = qmp
+        .execute("query-block", None)
+        .await
+        .map_err(step("query-block"))?;
+    let Some(blocks) = blocks.as_array() else {
+        return Err(HotplugError::Unexpected {
+            step: "query-block",
+            detail: "not a list".into(),
+        });
+    };
+    let mut found = Vec::new();
+    for b in blocks {
+        let Some(disk_id) = b["qdev"].as_str().and_then(device_disk_id) else {
+            continue;
+        };
+        let bus = qmp
+            .execute(
+                "qom-get",
+                Some(json!({
+                    "path": format!("/machine/peripheral/{}", disk_device(disk_id)),
+                    "property": "parent_bus",
+                })),
+            )
+            .await
+            .map_err(step("qom-get parent_bus"))?;
+        found.push(Plugged {
+            disk_id: disk_id.to_owned(),
+            slot: bus.as_str().and_then(bus_slot),
+            file: b["inserted"]["file"].as_str().map(str::to_owned),
+        });
+    }
+    Ok(found)
+}
+
+/// The disk id in a `query-block` qdev path such as
+/// `/machine/peripheral/disk-<id>/virtio-backend`.
+fn device_disk_id(qdev: &str) -> Option<&str> {
+    let rest = qdev.strip_prefix("/machine/peripheral/disk-")?;
+    let id = rest.split('/').next()?;
+    (!id.is_empty()).then_some(id)
+}
+
+/// The slot of a bus path such as `/machine/peripheral/hp3/hp3`.
+fn bus_slot(bus: &str) -> Option<u8> {
+    let port = bus
+        .strip_prefix("/machine/peripheral/")?
+        .split('/')
+        .next()?;
+    port.strip_prefix("hp")?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qom_paths_are_read() {
+        assert_eq!(
+            device_disk_id("/machine/peripheral/disk-a.b_c-1/virtio-backend"),
+            Some("a.b_c-1")
+        );
+        assert_eq!(
+            device_disk_id("/machine/peripheral/root-disk/virtio-backend"),
+            None
+        );
+        assert_eq!(device_disk_id("/machine/peripheral/disk-"), None);
+        assert_eq!(bus_slot("/machine/peripheral/hp3/hp3"), Some(3));
+        assert_eq!(bus_slot("/machine/peripheral/hp12/hp12"), Some(12));
+        assert_eq!(bus_slot("/machine/q35/pcie.0"), None);
+        assert_eq!(bus_slot("/machine/peripheral/hpx/hpx"), None);
+    }
+}
