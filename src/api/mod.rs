@@ -4,6 +4,7 @@
 //! SQL or processes.
 
 pub mod actions;
+pub mod disks;
 pub mod error;
 pub mod extract;
 pub mod metadata;
@@ -61,6 +62,11 @@ pub fn router(state: AppState) -> Router {
                 .put(metadata::put)
                 .delete(metadata::delete),
         )
+        .route("/disks", get(disks::list).post(disks::create))
+        .route("/disks/{id}", get(disks::get).delete(disks::delete))
+        .route("/disks/{id}/attach", post(disks::attach))
+        .route("/disks/{id}/detach", post(disks::detach))
+        .route("/disks/{id}/resize", post(disks::resize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -104,6 +104,13 @@ pub async fn observer_status(State(app): State<AppState>) -> Json<ObserverStatus
         super::metadata::put,
         super::metadata::get,
         super::metadata::delete,
+        super::disks::create,
+        super::disks::list,
+        super::disks::get,
+        super::disks::delete,
+        super::disks::attach,
+        super::disks::detach,
+        super::disks::resize,
     ),
     components(schemas(super::error::ErrorBody))
 )]

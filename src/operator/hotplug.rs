@@ -131,8 +131,10 @@ pub async fn detach(qmp: &Qmp, disk_id: &str, timeout: Duration) -> Result<(), H
     {
         Ok(_) => {
             let wait = wait_deleted(qmp, &mut events, disk_id);
-            if tokio::time::timeout(timeout, wait).await.is_err() {
-                return Err(HotplugError::NotReleased(timeout.as_secs()));
+            match tokio::time::timeout(timeout, wait).await {
+                Ok(true) => {}
+                Ok(false) => return Err(step("waiting for DEVICE_DELETED")(QmpError::Closed)),
+                Err(_) => return Err(HotplugError::NotReleased(timeout.as_secs())),
             }
         }
         Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {}
@@ -141,33 +143,36 @@ pub async fn detach(qmp: &Qmp, disk_id: &str, timeout: Duration) -> Result<(), H
     remove_nodes(qmp, disk_id).await
 }
 
-/// Waits for the `DEVICE_DELETED` of the disk's device. When events were
-/// lost (a lagging receiver) or the connection closed, QEMU is asked
-/// directly whether the device still exists.
+/// Waits for the `DEVICE_DELETED` of the disk's device: true once it came,
+/// false when the QMP connection closed first (QEMU is gone). When events
+/// were lost (a lagging receiver), QEMU is asked directly whether the device
+/// still exists. Subscribe before the `device_del`.
 pub async fn wait_deleted(
     qmp: &Qmp,
     events: &mut tokio::sync::broadcast::Receiver<super::qmp::QmpEvent>,
     disk_id: &str,
-) {
+) -> bool {
     let device = disk_device(disk_id);
     loop {
-        match events.recv().await {
+        let ev = tokio::select! {
+            biased;
+            ev = events.recv() => ev,
+            () = qmp.closed() => return false,
+        };
+        match ev {
             Ok(ev) => {
                 if ev.event == "DEVICE_DELETED"
                     && ev.data.get("device").and_then(Value::as_str) == Some(device.as_str())
                 {
-                    return;
+                    return true;
                 }
             }
             Err(RecvError::Lagged(_)) => {
                 if matches!(device_exists(qmp, disk_id).await, Ok(false)) {
-                    return;
+                    return true;
                 }
             }
-            Err(RecvError::Closed) => {
-                // QEMU is gone; so is the device. Never resolves otherwise.
-                std::future::pending::<()>().await;
-            }
+            Err(RecvError::Closed) => return false,
         }
     }
 }
@@ -207,6 +212,14 @@ pub async fn device_exists(qmp: &Qmp, disk_id: &str) -> Result<bool, HotplugErro
     Ok(list
         .as_array()
         .is_some_and(|a| a.iter().any(|p| p["name"].as_str() == Some(&device))))
+}
+
+/// True when QEMU still has a block node of the disk (with or without its
+/// device).
+pub async fn has_nodes(qmp: &Qmp, disk_id: &str) -> Result<bool, HotplugError> {
+    let present = node_names(qmp).await?;
+    let (node, file) = (disk_node(disk_id), disk_file_node(disk_id));
+    Ok(present.iter().any(|n| *n == node || *n == file))
 }
 
 /// Names of all named block nodes.

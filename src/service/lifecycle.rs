@@ -145,7 +145,7 @@ impl Service {
             root_format: root.format,
             hotplug_slots: self.config.hotplug_slots,
             sandbox: self.host.sandbox,
-            data_disks: Vec::new(),
+            data_disks: self.boot_disks(&vm.id)?,
         };
         let t1 = t0.elapsed();
         let run = vm::launch(
@@ -286,6 +286,7 @@ impl Service {
             run.stop(true, Duration::ZERO).await;
             self.unregister(id, &run);
         }
+        self.release_vm_disks(id)?;
         self.store.delete_vm(id).map_err(missing("VM"))?;
         let dir = self.paths(id).dir;
         match std::fs::remove_dir_all(&dir) {

@@ -3,11 +3,13 @@
 //! it takes parsed inputs, asks the store and the operator, and answers with
 //! domain values or a `ServiceError`.
 
+mod disks;
 mod health;
 mod lifecycle;
 mod observe;
 pub mod rootdisk;
 
+pub use disks::{CreateDisk, DiskState, DiskView};
 pub use lifecycle::StopReport;
 
 use std::collections::HashMap;

@@ -149,7 +149,9 @@ impl Store {
             }
             match get_in(tx, id)?.attachment {
                 Some((owner, _)) => Ok(DiskClaim::Attached(owner)),
-                None => Err(StoreError::Corrupt(format!("disk {id} could not be claimed"))),
+                None => Err(StoreError::Corrupt(format!(
+                    "disk {id} could not be claimed"
+                ))),
             }
         })
     }
@@ -300,7 +302,9 @@ mod tests {
         assert_eq!(store.disks_of_vm(&name("a")).expect("list").len(), 1);
         store.delete_vm(&name("a")).expect("delete vm");
         assert_eq!(store.get_disk(&name("d1")).expect("get").attachment, None);
-        assert!(!store.release_disk(&name("d1"), &name("b")).expect("release"));
+        assert!(!store
+            .release_disk(&name("d1"), &name("b"))
+            .expect("release"));
         assert!(matches!(
             store.delete_disk(&name("d1")),
             Ok(DiskDelete::Deleted(_))

@@ -5,6 +5,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod disks;
 mod harness;
 mod lifecycle;
 mod rootdisk;
