@@ -182,7 +182,7 @@ pub async fn wait_deleted(
 pub async fn remove_nodes(qmp: &Qmp, disk_id: &str) -> Result<(), HotplugError> {
     let present = node_names(qmp).await?;
     for node in [disk_node(disk_id), disk_file_node(disk_id)] {
-        if present.iter().any(|n| *n == node) {
+        if present.contains(&node) {
             qmp.execute("blockdev-del", Some(json!({ "node-name": node })))
                 .await
                 .map_err(step("blockdev-del"))?;
