@@ -38,6 +38,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .recover()
         .await
         .context("cannot recover running VMs")?;
+    service.recover_disk_attachments().await;
     let interval = std::time::Duration::from_secs(config.observer_interval);
     tokio::spawn(crate::observer::run(service.clone(), interval));
     let state = AppState {

@@ -604,7 +604,7 @@ impl Service {
     /// File-system findings for the observer (no QEMU, no lock): files in
     /// `{storage}/disks` without a record (`orphan_disk_file`) and records
     /// without a file (`missing_disk_file`).
-    pub fn disk_issues(&self) -> Vec<DiskIssue> {
+    pub(crate) fn disk_issues(&self) -> Vec<DiskIssue> {
         let mut issues = Vec::new();
         let disks = match self.store.list_disks() {
             Ok(d) => d,
@@ -649,7 +649,7 @@ impl Service {
     /// VM that its QEMU does not have (`unconfirmed_attachment`), and disks
     /// QEMU has that are not recorded there (`unrecorded_attachment`). A VM
     /// whose lock is held (an action in progress) is skipped this pass.
-    pub async fn attachment_issues(&self) -> Vec<DiskIssue> {
+    pub(crate) async fn attachment_issues(&self) -> Vec<DiskIssue> {
         let mut issues = Vec::new();
         let Ok(vms) = self.store.list_vms(Some(VmState::Running)) else {
             return issues;

@@ -76,8 +76,19 @@ impl Service {
             .clone()
     }
 
-    /// Findings about data disks (files without records and the reverse).
+    /// Findings about data disks: files without records and the reverse,
+    /// and attachments QEMU does not confirm.
     pub async fn disk_observations(&self) -> Vec<Issue> {
-        Vec::new()
+        let mut found = self.disk_issues();
+        found.extend(self.attachment_issues().await);
+        found
+            .into_iter()
+            .map(|(issue_type, resource_id, details)| Issue {
+                issue_type,
+                resource_id,
+                details,
+                repaired: false,
+            })
+            .collect()
     }
 }

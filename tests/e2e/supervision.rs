@@ -260,6 +260,25 @@ fn observer_reports_orphans_and_missing_disks_and_repairs_stale_running() {
         "{issues:?}"
     );
 
+    // Data disks: a file without a record, a record without a file.
+    fs::create_dir_all(vman.storage.join("disks")).expect("disks dir");
+    fs::write(vman.storage.join("disks/stray.qcow2"), b"").expect("stray");
+    let issues = observer_issues(&vman, "orphan_disk_file");
+    assert!(
+        issues.iter().any(|i| i["details"]
+            .as_str()
+            .is_some_and(|d| d.contains("stray.qcow2"))),
+        "{issues:?}"
+    );
+    let (s, b) = vman.post("/disks", json!({"name": "lost", "size": 1}));
+    assert_eq!(s, 201, "{b}");
+    fs::remove_file(vman.storage.join("disks/lost.qcow2")).expect("rm disk");
+    let issues = observer_issues(&vman, "missing_disk_file");
+    assert!(
+        issues.iter().any(|i| i["resource_id"] == "lost"),
+        "{issues:?}"
+    );
+
     // A VM recorded running without any QEMU: repaired.
     let db = rusqlite::Connection::open(vman.storage.join("vman.db")).expect("db");
     db.busy_timeout(Duration::from_secs(10)).expect("busy");
