@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::common::{assert_error, detail, Server};
+use crate::common::{assert_bad_body_refused, assert_error, detail, Server};
 use crate::{make_template, make_vm, names};
 
 #[test]
@@ -282,31 +282,7 @@ fn bad_bodies_are_4xx_with_detail_and_create_nothing() {
     let s = Server::start();
     let before = s.storage_entries_besides_db_and_logs();
     for (body, field) in bad_template_bodies() {
-        let r = s.raw(
-            "POST",
-            "/templates",
-            Some(body.as_bytes()),
-            &[("content-type", "application/json")],
-        );
-        assert!(
-            (400..500).contains(&r.status),
-            "{body:?} gave {} {}",
-            r.status,
-            r.text
-        );
-        let d = detail(&r.body);
-        match field {
-            Some(f) => {
-                assert_eq!(r.status, 422, "{body:?}: {}", r.text);
-                assert!(d.contains(f), "{body:?}: detail {d:?} does not name {f}");
-            }
-            None => assert!(
-                r.status == 400 || r.status == 422,
-                "{body:?}: {} {}",
-                r.status,
-                r.text
-            ),
-        }
+        assert_bad_body_refused(&s, "/templates", &body, field);
     }
     let (status, list) = s.get("/templates");
     assert_eq!((status, list), (200, json!([])), "nothing was created");

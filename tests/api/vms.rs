@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{assert_error, detail, is_uuid_v4, Server};
+use crate::common::{assert_bad_body_refused, assert_error, is_uuid_v4, Server};
 use crate::{make_template, make_vm, names};
 
 fn server_with_template() -> Server {
@@ -213,31 +213,7 @@ fn bad_bodies_are_4xx_with_detail_and_create_nothing() {
     let s = server_with_template();
     let before = s.storage_entries_besides_db_and_logs();
     for (body, field) in bad_vm_bodies() {
-        let r = s.raw(
-            "POST",
-            "/vms",
-            Some(body.as_bytes()),
-            &[("content-type", "application/json")],
-        );
-        assert!(
-            (400..500).contains(&r.status),
-            "{body:?} gave {} {}",
-            r.status,
-            r.text
-        );
-        let d = detail(&r.body);
-        match field {
-            Some(f) => {
-                assert_eq!(r.status, 422, "{body:?}: {}", r.text);
-                assert!(d.contains(f), "{body:?}: detail {d:?} does not name {f}");
-            }
-            None => assert!(
-                r.status == 400 || r.status == 422,
-                "{body:?}: {} {}",
-                r.status,
-                r.text
-            ),
-        }
+        assert_bad_body_refused(&s, "/vms", &body, field);
     }
     assert_eq!(s.get("/vms"), (200, json!([])), "nothing was created");
     assert_eq!(s.storage_entries_besides_db_and_logs(), before);

@@ -576,6 +576,37 @@ impl Drop for Server {
 /// Asserts that `body` is an error body: a JSON object with a string
 /// `detail`; returns the detail.
 #[track_caller]
+/// POSTs `body` as JSON to `path` and checks it is refused: a 4xx with a
+/// `detail`, and a 422 whose detail names `field` when one is given (a
+/// malformed body may be 400 or 422).
+pub fn assert_bad_body_refused(s: &Server, path: &str, body: &str, field: Option<&str>) {
+    let r = s.raw(
+        "POST",
+        path,
+        Some(body.as_bytes()),
+        &[("content-type", "application/json")],
+    );
+    assert!(
+        (400..500).contains(&r.status),
+        "{body:?} gave {} {}",
+        r.status,
+        r.text
+    );
+    let d = detail(&r.body);
+    match field {
+        Some(f) => {
+            assert_eq!(r.status, 422, "{body:?}: {}", r.text);
+            assert!(d.contains(f), "{body:?}: detail {d:?} does not name {f}");
+        }
+        None => assert!(
+            r.status == 400 || r.status == 422,
+            "{body:?}: {} {}",
+            r.status,
+            r.text
+        ),
+    }
+}
+
 pub fn detail(body: &Value) -> &str {
     body.get("detail")
         .and_then(Value::as_str)
