@@ -159,8 +159,12 @@ impl Service {
                     path.display()
                 )))
             }
-            Err(e @ ImageError::Spawn { .. }) => return Err(ServiceError::Rejected(e.to_string())),
-            Err(e) => return Err(ServiceError::Internal(e.to_string())),
+            // No space, no permission, no qemu-img: the caller can act on it.
+            Err(e) => {
+                return Err(ServiceError::Rejected(format!(
+                    "cannot create the disk: {e}"
+                )))
+            }
         }
         let new = NewDisk {
             id: id.clone(),

@@ -108,7 +108,10 @@ pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, Ser
         (None, None) => None,
     };
     std::fs::create_dir_all(&paths.dir).map_err(|e| {
-        ServiceError::Internal(format!("cannot create {}: {e}", paths.dir.display()))
+        ServiceError::Rejected(format!(
+            "cannot create the VM folder {}: {e}",
+            paths.dir.display()
+        ))
     })?;
     let Some((kind, source)) = source else {
         let size = grow_to.unwrap_or(0).max(EMPTY_ROOT_BYTES);
