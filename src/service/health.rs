@@ -110,6 +110,17 @@ impl Service {
             },
         );
         checks.insert("observer", self.observer_check());
+        let limit = (self.host.mem_total_mib as f64 * self.config.memory_overcommit) as u64;
+        checks.insert(
+            "memory",
+            Check {
+                ok: true,
+                detail: format!(
+                    "{} MiB of {limit} MiB reserved by running VMs",
+                    self.memory_in_use()
+                ),
+            },
+        );
         HealthReport { checks }
     }
 

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{missing, Service, ServiceError};
-use crate::model::{Name, RootDiskSource, VmEvent, VmState};
+use crate::model::{Name, VmEvent, VmState};
 use crate::operator::console;
 use crate::operator::qemu::{LaunchSpec, VmPaths};
 use crate::operator::vm::{self, ExitInfo, Running, StopMethod};
@@ -385,12 +385,5 @@ impl Service {
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .sum()
-    }
-}
-
-impl RootDiskSource {
-    /// True when the root disk was made by vman (not given by the user).
-    pub fn owned_by_vman(self) -> bool {
-        !matches!(self, RootDiskSource::Explicit)
     }
 }

@@ -42,6 +42,11 @@ fn seed_workflow_boots_the_default_disk_and_reuses_it() {
     assert_eq!(vm["root_disk"]["path"], root.to_str().expect("utf8"));
     assert_eq!(vman.log_count("copied to"), 1);
 
+    let memory = vman.get("/health")["checks"]["memory"]["detail"].clone();
+    assert!(
+        memory.as_str().is_some_and(|m| m.starts_with("256 MiB of")),
+        "{memory}"
+    );
     let (s, b) = vman.post("/vms/web-1/actions/stop", json!({}));
     assert_eq!((s, b["status"].as_str()), (202, Some("stopped")), "{b}");
     assert_eq!(
