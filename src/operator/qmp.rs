@@ -146,10 +146,6 @@ impl Qmp {
         lock(&self.shared).last_shutdown.clone()
     }
 
-    pub fn is_closed(&self) -> bool {
-        lock(&self.shared).closed
-    }
-
     /// Resolves once QEMU has closed the connection and every event it sent
     /// before has been read.
     pub async fn closed(&self) {
