@@ -10,4 +10,12 @@ export VMAN_ACCEL=tcg
 # TCG) is built and booted too; VMAN_TEST_DEBIAN=0 skips it.
 export VMAN_TEST_DEBIAN="${VMAN_TEST_DEBIAN:-1}"
 cargo build --all-targets
-cargo test --no-fail-fast -- --test-threads="${VMAN_TEST_THREADS:-4}"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --no-fail-fast -- --test-threads="${VMAN_TEST_THREADS:-4}" 2>&1 | tee "$log" || status=$?
+# One closing line over every test binary (cargo prints one per binary,
+# the last of which is the doc tests').
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "all: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
