@@ -9,6 +9,7 @@ mod concurrency;
 mod config;
 mod metadata;
 mod persistence;
+mod robustness;
 mod system;
 mod templates;
 mod vms;
