@@ -45,23 +45,51 @@ pub fn check_user_image(config: &Config, field: &str, raw: &str) -> Result<PathB
     Ok(path)
 }
 
-/// A qcow2 may name a backing file, which QEMU then opens too. A disk used
-/// as is (explicit or existing) could have been rewritten by its guest to
-/// point at any host file, so its backing file must also lie inside the
-/// allowed image folders.
+/// Longest backing chain followed; deeper is refused rather than trusted.
+const MAX_BACKING_DEPTH: usize = 16;
+
+/// A qcow2 may name a backing file, which QEMU then opens too, and so on
+/// down the chain. A disk used as is (explicit or existing) could have been
+/// rewritten by its guest to point at any host file, so every file of the
+/// chain must lie inside the allowed image folders.
 fn check_backing(config: &Config, path: &Path, info: &image::ImageInfo) -> Result<(), String> {
-    let Some(backing) = &info.backing_file else {
-        return Ok(());
-    };
-    let backing = Path::new(backing);
-    let absolute = if backing.is_absolute() {
-        backing.to_path_buf()
-    } else {
-        path.parent().unwrap_or(Path::new("/")).join(backing)
-    };
-    image::resolve_allowed(&absolute, &config.allowed_image_dirs())
-        .map(|_| ())
-        .map_err(|e| format!("{} has a backing file that is refused: {e}", path.display()))
+    let mut current = path.to_path_buf();
+    let mut next = info.backing_file.clone();
+    for _ in 0..MAX_BACKING_DEPTH {
+        let Some(backing) = next else {
+            return Ok(());
+        };
+        let backing = Path::new(&backing);
+        let absolute = if backing.is_absolute() {
+            backing.to_path_buf()
+        } else {
+            current.parent().unwrap_or(Path::new("/")).join(backing)
+        };
+        // The default boot disk itself is always a fine backing file: overlay
+        // mode makes root disks backed by it, wherever VMAN_IMAGE_DIRS points.
+        let is_default = config
+            .default_boot_disk
+            .as_deref()
+            .and_then(|d| d.canonicalize().ok())
+            .is_some_and(|d| absolute.canonicalize().ok() == Some(d.clone()));
+        let allowed = if is_default {
+            absolute
+                .canonicalize()
+                .map_err(|e| format!("{}: {e}", absolute.display()))?
+        } else {
+            image::resolve_allowed(&absolute, &config.allowed_image_dirs()).map_err(|e| {
+                format!("{} has a backing file that is refused: {e}", path.display())
+            })?
+        };
+        next = image::probe(&config.qemu_img, &allowed)
+            .map_err(|e| format!("{} has a backing file that is refused: {e}", path.display()))?
+            .backing_file;
+        current = allowed;
+    }
+    Err(format!(
+        "{} has a backing chain deeper than {MAX_BACKING_DEPTH} files",
+        path.display()
+    ))
 }
 
 pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, ServiceError> {

@@ -329,6 +329,24 @@ fn backing_files_outside_the_image_folders_are_refused() {
             .is_some_and(|d| d.contains("backing file")),
         "{b}"
     );
+    // Deeper in the chain: top -> mid (allowed) -> /etc/passwd (not).
+    let top = templates(&vman).join("top.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-f", "qcow2", "-F", "qcow2", "-u", "-b"])
+        .arg(&sneaky)
+        .arg(&top)
+        .arg("64M")
+        .status()
+        .expect("qemu-img");
+    assert!(made.success());
+    let (s, b) = vman.create_vm(json!({"template_name": "tiny", "name": "s3", "qcow2_path": top}));
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("backing file")),
+        "{b}"
+    );
     new_vm(&vman, json!({"template_name": "tiny", "name": "s2"}));
     fs::create_dir_all(vman.vm_dir("s2")).expect("dir");
     fs::copy(&sneaky, vman.vm_dir("s2").join("root.qcow2")).expect("copy");
@@ -380,4 +398,12 @@ fn overlay_mode_and_disk_size_gb() {
         "{info}"
     );
     vman.wait_console("ov", "boot ok hostname=ov", 1);
+    // The second start uses the overlay as an existing disk: its backing
+    // file, the default, passes the backing chain check.
+    let (s, _) = vman.post("/vms/ov/actions/stop", json!({"force": true}));
+    assert_eq!(s, 202);
+    let (s, b) = vman.start_vm("ov");
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(vman.vm("ov")["root_disk"]["source"], "existing");
+    vman.wait_console("ov", "boot ok hostname=ov", 2);
 }
