@@ -78,7 +78,7 @@ pub async fn pass(service: &Arc<Service>) -> Vec<Issue> {
     let known: HashSet<String> = vms.iter().map(|v| v.id.to_string()).collect();
     for vm in &vms {
         let live = service.is_live(&vm.id);
-        let paths = service.vm_paths(&vm.id);
+        let paths = service.paths(&vm.id);
         match (vm.state, live) {
             (VmState::Running, false) => {
                 let mut issue = Issue::new(

@@ -110,7 +110,7 @@ impl Service {
             },
         );
         checks.insert("observer", self.observer_check());
-        let limit = (self.host.mem_total_mib as f64 * self.config.memory_overcommit) as u64;
+        let limit = self.memory_limit_mib();
         checks.insert(
             "memory",
             Check {

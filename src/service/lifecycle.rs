@@ -62,7 +62,7 @@ impl Service {
     /// Reserves the VM's memory, or refuses when running VMs would exceed
     /// host memory × `VMAN_MEMORY_OVERCOMMIT`.
     fn reserve_memory(&self, id: &Name, mib: u64) -> Result<(), ServiceError> {
-        let limit = (self.host.mem_total_mib as f64 * self.config.memory_overcommit) as u64;
+        let limit = self.memory_limit_mib();
         let mut reserved = self.memory.lock().unwrap_or_else(|p| p.into_inner());
         let used: u64 = reserved.values().sum();
         if self.host.mem_total_mib > 0 && used + mib > limit {
@@ -212,12 +212,10 @@ impl Service {
             tracing::info!("vm {id}: guest powered off ({})", info.status);
             (VmState::Stopped, None)
         } else {
-            let tail = console::last_lines(&run.paths.console, 5);
-            let mut msg = format!("QEMU exited unexpectedly ({})", info.status);
-            if !tail.is_empty() {
-                msg.push_str("; last console lines:\n");
-                msg.push_str(&tail);
-            }
+            let msg = with_console_tail(
+                format!("QEMU exited unexpectedly ({})", info.status),
+                &run.paths,
+            );
             tracing::warn!("vm {id}: {}", msg.lines().next().unwrap_or(""));
             (VmState::Error, Some(msg))
         };
@@ -327,12 +325,8 @@ impl Service {
                     self.register(vm.id.clone(), run);
                 }
                 Err(e) if vm.state == VmState::Running => {
-                    let tail = console::last_lines(&paths.console, 5);
-                    let mut msg = format!("QEMU was gone when vman started ({e})");
-                    if !tail.is_empty() {
-                        msg.push_str("; last console lines:\n");
-                        msg.push_str(&tail);
-                    }
+                    let msg =
+                        with_console_tail(format!("QEMU was gone when vman started ({e})"), &paths);
                     tracing::warn!("vm {}: {}", vm.id, msg.lines().next().unwrap_or(""));
                     vm::remove_runtime_files(&paths);
                     self.store.update_vm(
@@ -378,6 +372,11 @@ impl Service {
             .map_err(|e| ServiceError::Rejected(format!("cannot write to the console: {e}")))
     }
 
+    /// Host memory × `VMAN_MEMORY_OVERCOMMIT`, in MiB.
+    pub(crate) fn memory_limit_mib(&self) -> u64 {
+        (self.host.mem_total_mib as f64 * self.config.memory_overcommit) as u64
+    }
+
     /// Memory reserved by running VMs, in MiB.
     pub fn memory_in_use(&self) -> u64 {
         self.memory
@@ -386,4 +385,15 @@ impl Service {
             .values()
             .sum()
     }
+}
+
+/// `msg` followed by the last console lines of the VM, so the user sees why
+/// without hunting for files.
+fn with_console_tail(mut msg: String, paths: &VmPaths) -> String {
+    let tail = console::last_lines(&paths.console, 5);
+    if !tail.is_empty() {
+        msg.push_str("; last console lines:\n");
+        msg.push_str(&tail);
+    }
+    msg
 }

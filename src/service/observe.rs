@@ -7,14 +7,9 @@ use std::sync::Arc;
 use super::Service;
 use crate::model::{Name, VmState};
 use crate::observer::{Issue, Report};
-use crate::operator::qemu::VmPaths;
 use crate::store::VmRuntime;
 
 impl Service {
-    pub fn vm_paths(&self, id: &Name) -> VmPaths {
-        self.paths(id)
-    }
-
     /// A QEMU that vman manages runs for this VM.
     pub fn is_live(&self, id: &Name) -> bool {
         self.registered(id).is_some_and(|r| !r.has_exited())

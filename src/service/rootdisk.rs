@@ -33,16 +33,23 @@ fn refused(e: ImageError) -> ServiceError {
 }
 
 /// Checks a user-given image path (`qcow2_path`, `boot_disk`): inside the
-/// allowed folders after resolving symlinks, and a qcow2 or raw image.
-/// Returns the canonical path.
+/// allowed folders after resolving symlinks, a qcow2 or raw image, and a
+/// backing chain inside the allowed folders too. Returns the canonical path.
 pub fn check_user_image(config: &Config, field: &str, raw: &str) -> Result<PathBuf, ServiceError> {
+    user_image(config, field, raw).map(|(path, _)| path)
+}
+
+fn user_image(
+    config: &Config,
+    field: &str,
+    raw: &str,
+) -> Result<(PathBuf, image::ImageInfo), ServiceError> {
+    let rejected = |e: &dyn std::fmt::Display| ServiceError::Rejected(format!("{field}: {e}"));
     let path = image::resolve_allowed(Path::new(raw), &config.allowed_image_dirs())
-        .map_err(|e| ServiceError::Rejected(format!("{field}: {e}")))?;
-    let info = image::probe(&config.qemu_img, &path)
-        .map_err(|e| ServiceError::Rejected(format!("{field}: {e}")))?;
-    check_backing(config, &path, &info)
-        .map_err(|e| ServiceError::Rejected(format!("{field}: {e}")))?;
-    Ok(path)
+        .map_err(|e| rejected(&e))?;
+    let info = image::probe(&config.qemu_img, &path).map_err(|e| rejected(&e))?;
+    check_backing(config, &path, &info).map_err(|e| rejected(&e))?;
+    Ok((path, info))
 }
 
 /// Longest backing chain followed; deeper is refused rather than trusted.
@@ -67,15 +74,14 @@ fn check_backing(config: &Config, path: &Path, info: &image::ImageInfo) -> Resul
         };
         // The default boot disk itself is always a fine backing file: overlay
         // mode makes root disks backed by it, wherever VMAN_IMAGE_DIRS points.
+        let canonical = absolute.canonicalize().ok();
         let is_default = config
             .default_boot_disk
             .as_deref()
             .and_then(|d| d.canonicalize().ok())
-            .is_some_and(|d| absolute.canonicalize().ok() == Some(d.clone()));
-        let allowed = if is_default {
-            absolute
-                .canonicalize()
-                .map_err(|e| format!("{}: {e}", absolute.display()))?
+            .is_some_and(|d| canonical.as_ref() == Some(&d));
+        let allowed = if let Some(default) = canonical.filter(|_| is_default) {
+            default
         } else {
             image::resolve_allowed(&absolute, &config.allowed_image_dirs()).map_err(|e| {
                 format!("{} has a backing file that is refused: {e}", path.display())
@@ -95,10 +101,7 @@ fn check_backing(config: &Config, path: &Path, info: &image::ImageInfo) -> Resul
 pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, ServiceError> {
     let qemu_img = &config.qemu_img;
     if let Some(explicit) = &vm.qcow2_path {
-        let path = image::resolve_allowed(Path::new(explicit), &config.allowed_image_dirs())
-            .map_err(|e| ServiceError::Rejected(format!("qcow2_path: {e}")))?;
-        let info = image::probe(qemu_img, &path).map_err(refused)?;
-        check_backing(config, &path, &info).map_err(ServiceError::Rejected)?;
+        let (path, info) = user_image(config, "qcow2_path", explicit)?;
         return Ok(RootDisk {
             source: RootDiskSource::Explicit,
             path,
