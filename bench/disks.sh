@@ -13,29 +13,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-10}
-cargo build --release -q
-work=$(mktemp -d /tmp/vman-bench-disks.XXXXXX)
-server=""
-api=""
-cleanup() {
-    if [ -n "$api" ]; then
-        # Only the QEMU this run started, by its pid.
-        pid=$(curl -sf "$api/vms/b1" 2>/dev/null | python3 -c 'import json,sys; p=json.load(sys.stdin).get("pid"); print(p or "")' 2>/dev/null || true)
-        [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true
-    fi
-    if [ -n "$server" ]; then kill -9 "$server" 2>/dev/null; wait "$server" 2>/dev/null; fi || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-image="$work/tiny.qcow2"
-./scripts/build_boot_disk.sh --flavor tiny --output "$image" >/dev/null
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-api="http://127.0.0.1:$port"
-VMAN_STORAGE_PATH="$work/storage" VMAN_LOG_DIR="$work/logs" VMAN_ACCEL=tcg \
-VMAN_DEFAULT_BOOT_DISK="$image" VMAN_PORT=$port \
-    ./target/release/vman serve >>"$work/vman.out" 2>&1 &
-server=$!
-for _ in $(seq 100); do curl -sf "$api/health" >/dev/null && break; sleep 0.05; done
+. bench/lib.sh
+bench_init disks
+bench_serve
 
 python3 - "$api" "$ROUNDS" <<'PY'
 import json, statistics, sys, time, urllib.request

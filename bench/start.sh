@@ -12,25 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-15}
-cargo build --release -q
-work=$(mktemp -d /tmp/vman-bench-start.XXXXXX)
-server=""
-cleanup() {
-    [ -n "$server" ] && kill "$server" 2>/dev/null || true
-    pkill -9 -f "$work/storage/vms" 2>/dev/null || true
-    [ -n "${KEEP_LOG:-}" ] && cp "$work/vman.out" "$KEEP_LOG"
-    rm -rf "$work"
-}
-trap cleanup EXIT
-image="$work/tiny.qcow2"
-./scripts/build_boot_disk.sh --flavor tiny --output "$image" >/dev/null
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-VMAN_STORAGE_PATH="$work/storage" VMAN_LOG_DIR="$work/logs" VMAN_ACCEL=tcg \
-VMAN_DEFAULT_BOOT_DISK="$image" VMAN_PORT=$port \
-    ./target/release/vman serve >"$work/vman.out" 2>&1 &
-server=$!
-api="http://127.0.0.1:$port"
-for _ in $(seq 100); do curl -sf "$api/health" >/dev/null && break; sleep 0.1; done
+. bench/lib.sh
+bench_init start
+bench_serve
 curl -sf -X POST "$api/templates" -d '{"name":"b","cpu_count":1,"ram_mib":256}' >/dev/null
 curl -sf -X POST "$api/vms" -d '{"template_name":"b","name":"bench"}' >/dev/null
 # First start copies the default; the rounds below reuse the root disk.

@@ -9,27 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRIES=${1:-20}
-cargo build --release -q
-work=$(mktemp -d /tmp/vman-bench-sup.XXXXXX)
-server=""
-cleanup() {
-    [ -n "$server" ] && kill -9 "$server" 2>/dev/null || true
-    pkill -9 -f "$work/storage/vms" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-image="$work/tiny.qcow2"
-./scripts/build_boot_disk.sh --flavor tiny --output "$image" >/dev/null
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-api="http://127.0.0.1:$port"
-serve() {
-    VMAN_STORAGE_PATH="$work/storage" VMAN_LOG_DIR="$work/logs" VMAN_ACCEL=tcg \
-    VMAN_DEFAULT_BOOT_DISK="$image" VMAN_PORT=$port \
-        ./target/release/vman serve >>"$work/vman.out" 2>&1 &
-    server=$!
-}
-serve
-for _ in $(seq 100); do curl -sf "$api/health" >/dev/null && break; sleep 0.05; done
+. bench/lib.sh
+bench_init sup
+bench_serve
 curl -sf -X POST "$api/templates" -d '{"name":"b","cpu_count":1,"ram_mib":128}' >/dev/null
 
 python3 - "$api" "$TRIES" <<'PY'
@@ -67,8 +49,7 @@ PY
 
 kill -9 "$server"; wait "$server" 2>/dev/null || true
 t0=$(date +%s%N)
-serve
-until curl -sf "$api/health" >/dev/null; do sleep 0.005; done
+bench_serve
 t1=$(date +%s%N)
 running=$(curl -sf "$api/vms?state=running" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')
 adopted=$(grep -c "adopted running QEMU" "$work/vman.out" || true)
