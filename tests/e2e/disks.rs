@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -68,18 +68,7 @@ fn run(vman: &Vman, id: &str, command: &str, tag: &str) -> String {
 }
 
 fn wait_disk(vman: &Vman, disk: &str, state: &str) -> Value {
-    let start = Instant::now();
-    loop {
-        let d = vman.get(&format!("/disks/{disk}"));
-        if d["state"] == state {
-            return d;
-        }
-        assert!(
-            start.elapsed() < GUEST,
-            "disk {disk} not {state} after {GUEST:?}: {d}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    vman.wait_state_of(&format!("/disks/{disk}"), state, GUEST)
 }
 
 #[test]

@@ -188,15 +188,20 @@ impl Vman {
 
     /// Waits until the VM's state is `state`; returns the VM.
     pub fn wait_state(&self, id: &str, state: &str, deadline: Duration) -> Value {
+        self.wait_state_of(&format!("/vms/{id}"), state, deadline)
+    }
+
+    /// Waits until GET `path` shows `"state": state`; returns the object.
+    pub fn wait_state_of(&self, path: &str, state: &str, deadline: Duration) -> Value {
         let start = Instant::now();
         loop {
-            let vm = self.vm(id);
-            if vm["state"] == state {
-                return vm;
+            let obj = self.get(path);
+            if obj["state"] == state {
+                return obj;
             }
             assert!(
                 start.elapsed() < deadline,
-                "{id} not {state} after {deadline:?}: {vm}"
+                "{path} not {state} after {deadline:?}: {obj}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
