@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{parse_json, Body, PathName};
@@ -151,4 +152,13 @@ pub async fn console_input(
         .console_input(&id, input.data.as_bytes())
         .await?;
     Ok(Json(ActionResponse { status: "sent" }))
+}
+
+/// This module's routes with their documentation.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(start))
+        .routes(routes!(stop))
+        .routes(routes!(restart))
+        .routes(routes!(console, console_input))
 }

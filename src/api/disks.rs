@@ -7,6 +7,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Body, PathName};
@@ -219,6 +220,16 @@ pub async fn resize(
     let size = parse_size(req.size)?;
     let disk = app.service.resize_disk(&id, size).await?;
     Ok(Json(DiskResponse::from(&disk)))
+}
+
+/// This module's routes with their documentation.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(get, delete))
+        .routes(routes!(attach))
+        .routes(routes!(detach))
+        .routes(routes!(resize))
 }
 
 #[cfg(test)]

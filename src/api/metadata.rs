@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Body, PathName};
@@ -140,6 +141,11 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     app.service.delete_metadata(&id)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// This module's routes with their documentation.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(get, put, delete))
 }
 
 #[cfg(test)]

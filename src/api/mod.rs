@@ -19,8 +19,9 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::service::Service;
 use error::ApiError;
@@ -35,38 +36,23 @@ pub struct AppState {
     pub vm_list: Arc<vms::ListCache>,
 }
 
+/// Every served route with its documentation, one list per module: a route
+/// cannot be served without being in `/openapi.json`, nor documented
+/// without being served.
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(system::ApiDoc::openapi())
+        .merge(system::router())
+        .merge(templates::router())
+        .merge(vms::router())
+        .merge(actions::router())
+        .merge(metadata::router())
+        .merge(disks::router())
+}
+
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(system::health))
-        .route("/observer/status", get(system::observer_status))
-        .route("/openapi.json", get(system::openapi_json))
-        .route("/openapi.yaml", get(system::openapi_yaml))
-        .route("/docs", get(system::docs))
-        .route("/templates", get(templates::list).post(templates::create))
-        .route(
-            "/templates/{name}",
-            get(templates::get).delete(templates::delete),
-        )
-        .route("/vms", get(vms::list).post(vms::create))
-        .route("/vms/{vm_id}", get(vms::get).delete(vms::delete))
-        .route("/vms/{vm_id}/actions/start", post(actions::start))
-        .route("/vms/{vm_id}/actions/stop", post(actions::stop))
-        .route("/vms/{vm_id}/actions/restart", post(actions::restart))
-        .route(
-            "/vms/{vm_id}/console",
-            get(actions::console).post(actions::console_input),
-        )
-        .route(
-            "/vms/{vm_id}/metadata",
-            get(metadata::get)
-                .put(metadata::put)
-                .delete(metadata::delete),
-        )
-        .route("/disks", get(disks::list).post(disks::create))
-        .route("/disks/{id}", get(disks::get).delete(disks::delete))
-        .route("/disks/{id}/attach", post(disks::attach))
-        .route("/disks/{id}/detach", post(disks::detach))
-        .route("/disks/{id}/resize", post(disks::resize))
+    let (routes, doc) = routes().split_for_parts();
+    routes
+        .layer(Extension(system::Document::new(&doc)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

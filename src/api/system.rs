@@ -1,12 +1,15 @@
 //! /health, the OpenAPI document and the interactive docs.
 
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{Html, IntoResponse};
+use axum::Extension;
 use axum::Json;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use utoipa::{OpenApi, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::AppState;
 use crate::service::Check;
@@ -84,53 +87,64 @@ pub async fn observer_status(State(app): State<AppState>) -> Json<ObserverStatus
     })
 }
 
+/// The document's head and shared schemas; each module's `router()` adds
+/// its paths.
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "vman",
         description = "A VM manager for one Linux host: QEMU virtual machines over REST."
     ),
-    paths(
-        health,
-        observer_status,
-        super::templates::create,
-        super::templates::list,
-        super::templates::get,
-        super::templates::delete,
-        super::vms::create,
-        super::vms::list,
-        super::vms::get,
-        super::vms::delete,
-        super::metadata::put,
-        super::metadata::get,
-        super::metadata::delete,
-        super::disks::create,
-        super::disks::list,
-        super::disks::get,
-        super::disks::delete,
-        super::disks::attach,
-        super::disks::detach,
-        super::disks::resize,
-    ),
     components(schemas(super::error::ErrorBody))
 )]
 pub struct ApiDoc;
 
-pub async fn openapi_json() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+/// The served document, serialised once from what `api::routes` built.
+#[derive(Clone)]
+pub struct Document {
+    json: Result<Bytes, String>,
+    yaml: Result<Bytes, String>,
 }
 
-pub async fn openapi_yaml() -> impl IntoResponse {
-    match ApiDoc::openapi().to_yaml() {
-        Ok(yaml) => ([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response(),
-        Err(e) => super::error::ApiError::from(crate::service::ServiceError::Internal(format!(
-            "openapi yaml: {e}"
-        )))
-        .into_response(),
+impl Document {
+    pub fn new(doc: &utoipa::openapi::OpenApi) -> Self {
+        Self {
+            json: doc.to_json().map(Bytes::from).map_err(|e| e.to_string()),
+            yaml: doc.to_yaml().map(Bytes::from).map_err(|e| e.to_string()),
+        }
     }
 }
 
+/// This OpenAPI document, as JSON.
+#[utoipa::path(get, path = "/openapi.json", tag = "system",
+    responses((status = 200, description = "The OpenAPI 3 document of every route", content_type = "application/json")))]
+pub async fn openapi_json(Extension(doc): Extension<Document>) -> impl IntoResponse {
+    match doc.json {
+        Ok(json) => ([(header::CONTENT_TYPE, "application/json")], json).into_response(),
+        Err(e) => unserialisable("json", &e),
+    }
+}
+
+/// This OpenAPI document, as YAML.
+#[utoipa::path(get, path = "/openapi.yaml", tag = "system",
+    responses((status = 200, description = "The OpenAPI 3 document of every route", content_type = "application/yaml")))]
+pub async fn openapi_yaml(Extension(doc): Extension<Document>) -> impl IntoResponse {
+    match doc.yaml {
+        Ok(yaml) => ([(header::CONTENT_TYPE, "application/yaml")], yaml).into_response(),
+        Err(e) => unserialisable("yaml", &e),
+    }
+}
+
+fn unserialisable(what: &str, e: &str) -> axum::response::Response {
+    super::error::ApiError::from(crate::service::ServiceError::Internal(format!(
+        "openapi {what}: {e}"
+    )))
+    .into_response()
+}
+
 /// Interactive docs: RapiDoc reading /openapi.json.
+#[utoipa::path(get, path = "/docs", tag = "system",
+    responses((status = 200, description = "An HTML page", content_type = "text/html")))]
 pub async fn docs() -> Html<&'static str> {
     Html(
         r#"<!doctype html>
@@ -141,4 +155,14 @@ pub async fn docs() -> Html<&'static str> {
 <noscript>The API description is at <a href="/openapi.yaml">/openapi.yaml</a>.</noscript>
 </body></html>"#,
     )
+}
+
+/// This module's routes with their documentation.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(observer_status))
+        .routes(routes!(openapi_json))
+        .routes(routes!(openapi_yaml))
+        .routes(routes!(docs))
 }

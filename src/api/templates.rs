@@ -6,6 +6,7 @@ use axum::response::IntoResponse;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{Body, PathName};
@@ -159,6 +160,13 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     app.service.delete_template(&name)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// This module's routes with their documentation.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list, create))
+        .routes(routes!(get, delete))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ mod config;
 mod metadata;
 mod persistence;
 mod robustness;
+mod routes;
 mod system;
 mod templates;
 mod vms;
