@@ -145,10 +145,7 @@ pub async fn create(
 #[utoipa::path(get, path = "/disks", tag = "disks",
     responses((status = 200, body = [DiskResponse])))]
 pub async fn list(State(app): State<AppState>) -> Result<Json<Vec<DiskResponse>>, ApiError> {
-    let service = app.service.clone();
-    let all = tokio::task::spawn_blocking(move || service.list_disks())
-        .await
-        .map_err(|e| ServiceError::Internal(format!("list disks task: {e}")))??;
+    let all = app.service.list_disks().await?;
     Ok(Json(all.iter().map(DiskResponse::from).collect()))
 }
 
@@ -159,7 +156,7 @@ pub async fn get(
     State(app): State<AppState>,
     PathName(id): PathName,
 ) -> Result<Json<DiskResponse>, ApiError> {
-    Ok(Json(DiskResponse::from(&app.service.get_disk(&id)?)))
+    Ok(Json(DiskResponse::from(&app.service.get_disk(&id).await?)))
 }
 
 /// Delete a data disk that is not attached, and its file.

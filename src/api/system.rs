@@ -27,19 +27,7 @@ pub struct HealthResponse {
 #[utoipa::path(get, path = "/health", tag = "system",
     responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
 pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
-    let service = app.service.clone();
-    let report = tokio::task::spawn_blocking(move || service.health()).await;
-    let Ok(report) = report else {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(HealthResponse {
-                status: "degraded",
-                service: "vman",
-                version: env!("CARGO_PKG_VERSION"),
-                checks: BTreeMap::new(),
-            }),
-        );
-    };
+    let report = app.service.check_health().await;
     let ok = report.ok();
     (
         if ok {

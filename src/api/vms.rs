@@ -122,7 +122,7 @@ pub async fn create(
     Body(req): Body<VmRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let input = req.parse()?;
-    let vm = app.service.create_vm(input)?;
+    let vm = app.service.create_vm(input).await?;
     Ok((StatusCode::CREATED, Json(VmResponse::from(&vm))))
 }
 

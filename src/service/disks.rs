@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::blocking::blocking;
 use super::{missing, Service, ServiceError};
 use crate::model::{Name, VmState};
 use crate::operator::hotplug::{self, HotplugError, Plug};
@@ -91,33 +92,60 @@ fn hotplug_rejected(what: &str, e: HotplugError) -> ServiceError {
     ServiceError::Rejected(format!("{what}: {e}"))
 }
 
+/// The disk as the API shows it: the record plus a probe of its file.
+fn view_of(qemu_img: &Path, disk: Disk) -> DiskView {
+    let probed = image::probe(qemu_img, Path::new(&disk.path));
+    let (state, virtual_size, allocated_size, error) = match probed {
+        Ok(info) => (
+            if disk.attachment.is_some() {
+                DiskState::Attached
+            } else {
+                DiskState::Available
+            },
+            Some(info.virtual_size),
+            info.actual_size,
+            None,
+        ),
+        Err(e) => (DiskState::Error, None, None, Some(e.to_string())),
+    };
+    DiskView {
+        disk,
+        state,
+        virtual_size,
+        allocated_size,
+        error,
+    }
+}
+
+/// Whether the disk's file is still there and still an image of its format.
+fn check_file_of(qemu_img: &Path, disk: &Disk) -> Result<(), ServiceError> {
+    match image::probe(qemu_img, Path::new(&disk.path)) {
+        Ok(info) if info.format == disk.format => Ok(()),
+        Ok(info) => Err(ServiceError::Rejected(format!(
+            "Disk {} file {} is now a {} image, not {}",
+            disk.id, disk.path, info.format, disk.format
+        ))),
+        Err(ImageError::NotFound { .. }) => Err(ServiceError::Rejected(format!(
+            "Disk {} file {} has vanished",
+            disk.id, disk.path
+        ))),
+        Err(e) => Err(ServiceError::Rejected(format!(
+            "Disk {} file cannot be used: {e}",
+            disk.id
+        ))),
+    }
+}
+
 impl Service {
     fn disk_path(&self, id: &Name) -> PathBuf {
         self.config.disks_dir().join(format!("{id}.qcow2"))
     }
 
-    fn view(&self, disk: Disk) -> DiskView {
-        let probed = image::probe(&self.config.qemu_img, Path::new(&disk.path));
-        let (state, virtual_size, allocated_size, error) = match probed {
-            Ok(info) => (
-                if disk.attachment.is_some() {
-                    DiskState::Attached
-                } else {
-                    DiskState::Available
-                },
-                Some(info.virtual_size),
-                info.actual_size,
-                None,
-            ),
-            Err(e) => (DiskState::Error, None, None, Some(e.to_string())),
-        };
-        DiskView {
-            disk,
-            state,
-            virtual_size,
-            allocated_size,
-            error,
-        }
+    /// The disk with what its file says; the probe (which may run
+    /// `qemu-img`) runs on a blocking thread.
+    async fn view(&self, disk: Disk) -> Result<DiskView, ServiceError> {
+        let qemu_img = self.config.qemu_img.clone();
+        blocking("disk probe", move || view_of(&qemu_img, disk)).await
     }
 
     /// A live QEMU of this VM, when there is one. Call under the VM lock.
@@ -141,15 +169,14 @@ impl Service {
             path.clone(),
         );
         let size = input.size_gb * GB;
-        let created = tokio::task::spawn_blocking(move || {
+        let created = blocking("disk create", move || {
             std::fs::create_dir_all(&dir).map_err(|source| ImageError::Io {
                 what: format!("create {}", dir.display()),
                 source,
             })?;
             image::create_empty(&qemu_img, &dest, size)
         })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("disk create task: {e}")))?;
+        .await?;
         match created {
             Ok(()) => {}
             Err(ImageError::Exists { path }) => {
@@ -180,7 +207,7 @@ impl Service {
                     input.size_gb,
                     path.display()
                 );
-                Ok(self.view(disk))
+                self.view(disk).await
             }
             Err(e) => {
                 // The file is ours (create_empty never replaces one).
@@ -193,17 +220,18 @@ impl Service {
         }
     }
 
-    pub fn list_disks(&self) -> Result<Vec<DiskView>, ServiceError> {
-        Ok(self
-            .store
-            .list_disks()?
-            .into_iter()
-            .map(|d| self.view(d))
-            .collect())
+    /// Every disk; the probes of their files run on one blocking thread.
+    pub async fn list_disks(&self) -> Result<Vec<DiskView>, ServiceError> {
+        let disks = self.store.list_disks()?;
+        let qemu_img = self.config.qemu_img.clone();
+        blocking("disk probe", move || {
+            disks.into_iter().map(|d| view_of(&qemu_img, d)).collect()
+        })
+        .await
     }
 
-    pub fn get_disk(&self, id: &Name) -> Result<DiskView, ServiceError> {
-        Ok(self.view(self.store.get_disk(id).map_err(store_err)?))
+    pub async fn get_disk(&self, id: &Name) -> Result<DiskView, ServiceError> {
+        self.view(self.store.get_disk(id).map_err(store_err)?).await
     }
 
     /// Deletes an unattached disk: its record, then its file.
@@ -242,25 +270,12 @@ impl Service {
         })
     }
 
-    /// Checks that the disk's file is still there and still an image.
-    fn check_file(&self, disk: &Disk) -> Result<(), ServiceError> {
-        match image::probe(&self.config.qemu_img, Path::new(&disk.path)) {
-            Ok(info) if info.format == disk.format => Ok(()),
-            Ok(info) => Err(ServiceError::Rejected(format!(
-                "Disk {} file {} is now a {} image, not {}",
-                disk.id, disk.path, info.format, disk.format
-            ))),
-            Err(ImageError::NotFound { .. }) => Err(ServiceError::Rejected(format!(
-                "Disk {} file {} has vanished",
-                disk.id, disk.path
-            ))),
-            Err(e) => Err(ServiceError::Rejected(format!(
-                "Disk {} file cannot be used: {e}",
-                disk.id
-            ))),
-        }
+    /// Checks that the disk's file is still there and still an image, on a
+    /// blocking thread (the probe may run `qemu-img`).
+    async fn check_file(&self, disk: &Disk) -> Result<(), ServiceError> {
+        let (qemu_img, disk) = (self.config.qemu_img.clone(), disk.clone());
+        blocking("disk probe", move || check_file_of(&qemu_img, &disk)).await?
     }
-
     /// Attaches a disk to a VM: hot-plugged when the VM runs (answered once
     /// QEMU has realized the device), recorded for the next start otherwise.
     pub async fn attach_disk(&self, id: &Name, vm_id: &Name) -> Result<DiskView, ServiceError> {
@@ -272,7 +287,7 @@ impl Service {
                 "Disk is already attached to VM {owner}"
             )));
         }
-        self.check_file(&disk)?;
+        self.check_file(&disk).await?;
         let slot = self.free_slot(vm_id)?;
         match self.store.claim_disk(id, vm_id, slot) {
             Ok(DiskClaim::Claimed) => {}
@@ -313,7 +328,7 @@ impl Service {
         } else {
             tracing::info!("disk {id} attached to stopped vm {vm_id} (hp{slot} at next start)");
         }
-        self.get_disk(id)
+        self.get_disk(id).await
     }
 
     /// Detaches a disk: unplugged from a running VM (once the guest released
@@ -359,7 +374,7 @@ impl Service {
                 tracing::info!("disk {id} detached from stopped vm {vm_id}");
             }
             self.store.release_disk(id, &vm_id)?;
-            return self.get_disk(id);
+            return self.get_disk(id).await;
         }
         Err(ServiceError::Rejected(
             "Disk is being moved by another request; try again".into(),
@@ -419,9 +434,9 @@ impl Service {
             )));
         }
         if size_gb == disk.size_gb {
-            return self.get_disk(id);
+            return self.get_disk(id).await;
         }
-        self.check_file(&disk)?;
+        self.check_file(&disk).await?;
         let bytes = size_gb * GB;
         let run = disk.attachment.as_ref().and_then(|(vm, _)| self.live(vm));
         if let Some(run) = run {
@@ -431,16 +446,15 @@ impl Service {
         } else {
             let (qemu_img, path, format) =
                 (self.config.qemu_img.clone(), disk.path.clone(), disk.format);
-            tokio::task::spawn_blocking(move || {
+            blocking("disk resize", move || {
                 image::grow(&qemu_img, Path::new(&path), format, bytes)
             })
-            .await
-            .map_err(|e| ServiceError::Internal(format!("disk resize task: {e}")))?
+            .await?
             .map_err(|e| ServiceError::Rejected(format!("Cannot grow the disk: {e}")))?;
         }
         self.store.set_disk_size(id, size_gb)?;
         tracing::info!("disk {id} grown to {size_gb} GB");
-        self.get_disk(id)
+        self.get_disk(id).await
     }
 
     /// The data disks a VM boots with (cold attach), for `launch`. A disk on
@@ -452,7 +466,7 @@ impl Service {
         let mut moved = Vec::new();
         let mut out = Vec::with_capacity(disks.len());
         for d in &disks {
-            self.check_file(d).map_err(|e| {
+            check_file_of(&self.config.qemu_img, d).map_err(|e| {
                 ServiceError::Rejected(format!(
                     "{e}; it is attached to VM {vm}: detach it (POST /disks/{}/detach) to start without it",
                     d.id
@@ -587,7 +601,7 @@ impl Service {
                 format: d.format,
                 slot,
             };
-            let replug = match self.check_file(&d) {
+            let replug = match check_file_of(&self.config.qemu_img, &d) {
                 Ok(()) => hotplug::attach(&run.qmp, &plug)
                     .await
                     .map_err(|e| e.to_string()),

@@ -69,6 +69,18 @@ fn storage_writable(dir: &Path) -> Result<String, String> {
 }
 
 impl Service {
+    /// The health report, made on a blocking thread (it pings the database,
+    /// writes to the storage and may run the QEMU tools once).
+    pub async fn check_health(self: &std::sync::Arc<Self>) -> HealthReport {
+        let service = self.clone();
+        match super::blocking::blocking("health", move || service.health()).await {
+            Ok(report) => report,
+            Err(e) => HealthReport {
+                checks: BTreeMap::from([("service", Check::from_result(Err(e.to_string())))]),
+            },
+        }
+    }
+
     pub fn health(&self) -> HealthReport {
         let mut checks = BTreeMap::new();
         checks.insert(

@@ -3,6 +3,7 @@
 //! it takes parsed inputs, asks the store and the operator, and answers with
 //! domain values or a `ServiceError`.
 
+mod blocking;
 mod disks;
 mod health;
 mod lifecycle;
@@ -151,20 +152,30 @@ impl Service {
     }
 
     /// Records a stopped VM. `qcow2_path` and `boot_disk` must already be
-    /// images inside the allowed folders; they are stored resolved.
-    pub fn create_vm(&self, input: CreateVm) -> Result<Vm, ServiceError> {
-        let checked = |field, raw: Option<String>| {
-            raw.map(|p| {
-                rootdisk::check_user_image(&self.config, field, &p)
-                    .map(|c| c.to_string_lossy().into_owned())
-            })
-            .transpose()
-        };
+    /// images inside the allowed folders; they are stored resolved. Their
+    /// probes (which may run `qemu-img`) run on a blocking thread.
+    pub async fn create_vm(&self, input: CreateVm) -> Result<Vm, ServiceError> {
+        let config = self.config.clone();
+        let (qcow2_path, boot_disk) = (input.qcow2_path, input.boot_disk);
+        let (qcow2_path, boot_disk) = blocking::blocking("image check", move || {
+            let checked = |field, raw: Option<String>| {
+                raw.map(|p| {
+                    rootdisk::check_user_image(&config, field, &p)
+                        .map(|c| c.to_string_lossy().into_owned())
+                })
+                .transpose()
+            };
+            Ok::<_, ServiceError>((
+                checked("qcow2_path", qcow2_path)?,
+                checked("boot_disk", boot_disk)?,
+            ))
+        })
+        .await??;
         let new = NewVm {
             id: input.id.unwrap_or_else(Name::generate),
             template: input.template_name,
-            qcow2_path: checked("qcow2_path", input.qcow2_path)?,
-            boot_disk: checked("boot_disk", input.boot_disk)?,
+            qcow2_path,
+            boot_disk,
         };
         match self.store.insert_vm(&new) {
             Ok(vm) => {
