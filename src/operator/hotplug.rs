@@ -118,27 +118,83 @@ async fn delete_nodes(qmp: &Qmp, nodes: &[&str]) {
     }
 }
 
-/// Asks the guest to release the device (`device_del`), waits up to
-/// `timeout` for QEMU's `DEVICE_DELETED`, then deletes the block nodes.
-/// `NotReleased` leaves the device, its nodes and the pending unplug request
-/// in place. A device that is already gone is not an error.
-pub async fn detach(qmp: &Qmp, disk_id: &str, timeout: Duration) -> Result<(), HotplugError> {
-    let device = disk_device(disk_id);
-    let mut events = qmp.subscribe();
+/// How long an unplug request may stay unanswered before it is sent again.
+/// A guest can miss the first one (sent while it was still booting, before
+/// its hot-plug driver listened); Linux expects the request again then. More
+/// than 5 s: a native PCIe guest takes a second attention-button press
+/// within 5 s of the first as "cancel".
+pub const UNPLUG_RESEND: Duration = Duration::from_secs(6);
+
+/// What QEMU said to one `device_del`.
+enum UnplugRequest {
+    /// The request is with the guest.
+    Sent,
+    /// The device is not there (any more).
+    Gone,
+}
+
+async fn request_unplug(qmp: &Qmp, device: &str) -> Result<UnplugRequest, HotplugError> {
     match qmp
         .execute("device_del", Some(json!({ "id": device })))
         .await
     {
-        Ok(_) => {
+        Ok(_) => Ok(UnplugRequest::Sent),
+        Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {
+            Ok(UnplugRequest::Gone)
+        }
+        Err(e) => Err(step("device_del")(e)),
+    }
+}
+
+/// Asks the guest to release the device (`device_del`, sent again every
+/// `UNPLUG_RESEND` while unanswered), waits up to `timeout` in all for
+/// QEMU's `DEVICE_DELETED`, then deletes the block nodes. `NotReleased`
+/// leaves the device, its nodes and the pending unplug request in place. A
+/// device that is already gone is not an error.
+pub async fn detach(qmp: &Qmp, disk_id: &str, timeout: Duration) -> Result<(), HotplugError> {
+    detach_resending(qmp, disk_id, timeout, UNPLUG_RESEND).await
+}
+
+async fn detach_resending(
+    qmp: &Qmp,
+    disk_id: &str,
+    timeout: Duration,
+    resend: Duration,
+) -> Result<(), HotplugError> {
+    let device = disk_device(disk_id);
+    let mut events = qmp.subscribe();
+    let deadline = tokio::time::Instant::now() + timeout;
+    if let UnplugRequest::Sent = request_unplug(qmp, &device).await? {
+        let mut sent = 1u32;
+        loop {
+            let next = deadline.min(tokio::time::Instant::now() + resend);
             let wait = wait_deleted(qmp, &mut events, disk_id);
-            match tokio::time::timeout(timeout, wait).await {
-                Ok(true) => {}
+            match tokio::time::timeout_at(next, wait).await {
+                Ok(true) => break,
                 Ok(false) => return Err(step("waiting for DEVICE_DELETED")(QmpError::Closed)),
-                Err(_) => return Err(HotplugError::NotReleased(timeout.as_secs())),
+                Err(_) if next >= deadline => {
+                    return Err(HotplugError::NotReleased(timeout.as_secs()))
+                }
+                Err(_) => {}
+            }
+            // Not released yet: the guest may have missed the request.
+            match request_unplug(qmp, &device).await {
+                Ok(UnplugRequest::Sent) => {
+                    sent += 1;
+                    tracing::info!(
+                        "{device}: the guest has not released it yet; unplug request sent again ({sent})"
+                    );
+                }
+                // Released between the wait and the request.
+                Ok(UnplugRequest::Gone) => break,
+                // QEMU refuses while an earlier request is in progress.
+                Err(HotplugError::Qmp {
+                    source: QmpError::Command { .. },
+                    ..
+                }) => {}
+                Err(e) => return Err(e),
             }
         }
-        Err(QmpError::Command { class, .. }) if class == "DeviceNotFound" => {}
-        Err(e) => return Err(step("device_del")(e)),
     }
     remove_nodes(qmp, disk_id).await
 }
@@ -324,5 +380,83 @@ mod tests {
         assert_eq!(bus_slot("/machine/peripheral/hp12/hp12"), Some(12));
         assert_eq!(bus_slot("/machine/q35/pcie.0"), None);
         assert_eq!(bus_slot("/machine/peripheral/hpx/hpx"), None);
+    }
+
+    /// A fake QMP peer: answers every command, and sends `DEVICE_DELETED`
+    /// for `disk-d1` after the `release_after`-th `device_del` (never when
+    /// None). Returns how many `device_del` it got.
+    async fn fake_qemu(listener: tokio::net::UnixListener, release_after: Option<usize>) -> usize {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let (s, _) = listener.accept().await.expect("accept");
+        let (r, mut w) = s.into_split();
+        w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\n")
+            .await
+            .expect("greet");
+        let mut lines = BufReader::new(r).lines();
+        let mut dels = 0;
+        while let Ok(Some(line)) = lines.next_line().await {
+            let mut out = String::new();
+            if line.contains("query-named-block-nodes") {
+                out.push_str("{\"return\": []}\n");
+            } else {
+                out.push_str("{\"return\": {}}\n");
+            }
+            if line.contains("device_del") {
+                dels += 1;
+                if release_after == Some(dels) {
+                    out.push_str(
+                        "{\"event\": \"DEVICE_DELETED\", \"data\": {\"device\": \"disk-d1\"}}\n",
+                    );
+                }
+            }
+            w.write_all(out.as_bytes()).await.expect("answer");
+        }
+        dels
+    }
+
+    async fn detach_with(release_after: Option<usize>) -> (Result<(), HotplugError>, usize) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(fake_qemu(listener, release_after));
+        let qmp = Qmp::connect(&path).await.expect("connect");
+        let r = detach_resending(
+            &qmp,
+            "d1",
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+        )
+        .await;
+        drop(qmp);
+        (r, server.await.expect("server"))
+    }
+
+    /// The bug: a disk hot-plugged while the guest was still booting could
+    /// not be detached (the guest missed the one unplug request).
+    #[tokio::test]
+    async fn a_missed_unplug_request_is_sent_again() {
+        let (r, dels) = detach_with(Some(3)).await;
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(dels, 3);
+    }
+
+    #[tokio::test]
+    async fn a_guest_that_never_releases_is_not_released_at_the_deadline() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).expect("bind");
+        let server = tokio::spawn(fake_qemu(listener, None));
+        let qmp = Qmp::connect(&path).await.expect("connect");
+        let r = detach_resending(
+            &qmp,
+            "d1",
+            Duration::from_millis(400),
+            Duration::from_millis(100),
+        )
+        .await;
+        drop(qmp);
+        let dels = server.await.expect("server");
+        assert!(matches!(r, Err(HotplugError::NotReleased(_))), "{r:?}");
+        assert!(dels >= 2, "{dels}");
     }
 }

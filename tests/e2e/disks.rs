@@ -626,3 +626,42 @@ fn a_deaf_guest_gets_a_400_and_the_disk_stays_attached() {
     assert_eq!(s, 200, "{b}");
     vman.wait_console("slow", "vman-guest: disk added vdb", 2);
 }
+
+/// The bug: a disk hot-plugged while the guest was still booting could not
+/// be detached (the guest missed the one unplug request, and the detach
+/// timed out). The attach and the detach both come right after QEMU runs,
+/// before the guest's kernel listens; vman sends the request again until
+/// the guest releases the disk.
+#[test]
+fn a_disk_attached_during_boot_can_be_detached() {
+    let vman = Vman::builder()
+        .with_tiny_default()
+        .env("VMAN_DETACH_TIMEOUT", "150")
+        .start();
+    vman.template("tiny", 256);
+    vm(&vman, "early");
+    create_disk(&vman, "bootplug", 1);
+    let (s, b) = vman.start_vm("early");
+    assert_eq!(s, 202, "{b}");
+    let (s, b) = attach(&vman, "bootplug", "early");
+    assert_eq!(s, 200, "{b}");
+    let booting = !vman.console("early").contains("vman-guest: ready");
+    let (s, b) = detach(&vman, "bootplug");
+    assert_eq!((s, b["status"].as_str()), (200, Some("detached")), "{b}");
+    assert_eq!(b["state"], "available", "{b}");
+    eprintln!(
+        "attach and detach while booting: {booting}; unplug requests sent again: {}",
+        vman.log_count("unplug request sent again")
+    );
+
+    // The guest comes up without the disk, and the disk plugs again.
+    vman.wait_console("early", "vman-guest: ready", 1);
+    let blocks = run(&vman, "early", "ls /sys/block", "blk");
+    assert!(!blocks.contains("vdb"), "{blocks}");
+    let (s, b) = attach(&vman, "bootplug", "early");
+    assert_eq!(s, 200, "{b}");
+    vman.wait_console("early", "vman-guest: disk added vdb", 1);
+    let (s, b) = detach(&vman, "bootplug");
+    assert_eq!(s, 200, "{b}");
+    vman.wait_console("early", "vman-guest: disk removed vdb", 1);
+}
