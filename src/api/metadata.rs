@@ -17,7 +17,18 @@ use crate::model::{Invalid, Metadata, MetadataPatch, Name};
 pub struct MetadataRequest {
     pub hostname: Option<String>,
     pub user_data: Option<String>,
-    pub ssh_keys: Option<Vec<String>>,
+    pub ssh_keys: Option<SshKeys>,
+}
+
+/// SSH public keys: one string with one key per line (the first VMAN's
+/// form), or an array of keys (extension). Blank lines are dropped.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum SshKeys {
+    /// One string, one key per line.
+    Lines(String),
+    /// One key per element, each one line (extension).
+    List(Vec<String>),
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -25,7 +36,8 @@ pub struct MetadataResponse {
     pub vm_id: String,
     pub hostname: Option<String>,
     pub user_data: Option<String>,
-    pub ssh_keys: Option<Vec<String>>,
+    /// The keys, one per line (`\n`-separated), as the first VMAN answered.
+    pub ssh_keys: Option<String>,
     pub created_at: Option<String>,
     pub updated_at: Option<String>,
 }
@@ -36,7 +48,7 @@ impl MetadataResponse {
             vm_id: vm_id.to_string(),
             hostname: m.hostname,
             user_data: m.user_data,
-            ssh_keys: m.ssh_keys,
+            ssh_keys: m.ssh_keys.map(|k| k.join("\n")),
             created_at: m.created_at,
             updated_at: m.updated_at,
         }
@@ -83,7 +95,16 @@ impl MetadataRequest {
                 format!("must be at most {MAX_USER_DATA} bytes"),
             ));
         }
-        if let Some(keys) = &self.ssh_keys {
+        let ssh_keys = self.ssh_keys.map(|k| match k {
+            SshKeys::Lines(text) => text
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            SshKeys::List(keys) => keys,
+        });
+        if let Some(keys) = &ssh_keys {
             if keys.len() > MAX_SSH_KEYS {
                 return Err(Invalid::new(
                     "ssh_keys",
@@ -96,14 +117,15 @@ impl MetadataRequest {
             {
                 return Err(Invalid::new(
                     "ssh_keys",
-                    "each key must be one non-empty line of at most 16 KiB",
+                    "each key must be one non-empty line of at most 16 KiB \
+                     (give one string with a key per line, or an array of keys)",
                 ));
             }
         }
         Ok(MetadataPatch {
             hostname: self.hostname,
             user_data: self.user_data,
-            ssh_keys: self.ssh_keys,
+            ssh_keys,
         })
     }
 }
@@ -151,6 +173,37 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn keys_of(json: &str) -> Result<Option<Vec<String>>, Invalid> {
+        let req: MetadataRequest = serde_json::from_str(json).expect("json");
+        req.parse().map(|p| p.ssh_keys)
+    }
+
+    #[test]
+    fn ssh_keys_are_lines_of_a_string_or_an_array() {
+        assert_eq!(
+            keys_of(r#"{"ssh_keys": "ssh-rsa A a@b\r\n\n  ssh-ed25519 B c@d  \n"}"#),
+            Ok(Some(vec![
+                "ssh-rsa A a@b".into(),
+                "ssh-ed25519 B c@d".into()
+            ]))
+        );
+        assert_eq!(
+            keys_of(r#"{"ssh_keys": ["ssh-rsa A", "ssh-ed25519 B"]}"#),
+            Ok(Some(vec!["ssh-rsa A".into(), "ssh-ed25519 B".into()]))
+        );
+        assert_eq!(keys_of(r#"{"ssh_keys": ""}"#), Ok(Some(vec![])));
+        assert_eq!(keys_of("{}"), Ok(None));
+        assert_eq!(
+            keys_of(r#"{"ssh_keys": ["a\nb"]}"#).map_err(|e| e.field),
+            Err("ssh_keys")
+        );
+        let many = vec!["k"; MAX_SSH_KEYS + 1].join("\n");
+        assert_eq!(
+            keys_of(&serde_json::json!({ "ssh_keys": many }).to_string()).map_err(|e| e.field),
+            Err("ssh_keys")
+        );
+    }
 
     #[test]
     fn hostnames() {

@@ -55,6 +55,8 @@ fn put_changes_only_the_given_fields_and_moves_updated_at() {
     let (status, m2) = s.put_json("/vms/vm1/metadata", &json!({"ssh_keys": keys}));
     assert_eq!(status, 200, "{m2}");
     assert_eq!(m2["hostname"], "web1", "hostname kept");
+    // Answered in the first VMAN's form: one string, a key per line.
+    let keys = json!("ssh-ed25519 AAAAC3Nza user@host\nssh-rsa AAAAB3Nza other@host");
     assert_eq!(m2["ssh_keys"], keys);
     assert_eq!(m2["user_data"], Value::Null);
     assert_eq!(m2["created_at"], created.as_str(), "created_at never moves");
@@ -166,7 +168,8 @@ fn bad_bodies_are_4xx_and_change_nothing() {
         (r#"{"hostname": "-lead"}"#, Some("hostname")),
         (r#"{"user_data": 1e30}"#, Some("user_data")),
         (r#"{"user_data": {"a": 1}}"#, Some("user_data")),
-        (r#"{"ssh_keys": "ssh-rsa AAAA"}"#, Some("ssh_keys")),
+        (r#"{"ssh_keys": 5}"#, Some("ssh_keys")),
+        (r#"{"ssh_keys": {"k": "v"}}"#, Some("ssh_keys")),
         (r#"{"ssh_keys": [1, 2]}"#, Some("ssh_keys")),
         (r#"{"ssh_keys": [""]}"#, Some("ssh_keys")),
         (r#"{"ssh_keys": ["a\nb"]}"#, Some("ssh_keys")),
@@ -199,4 +202,39 @@ fn bad_bodies_are_4xx_and_change_nothing() {
     assert_eq!(status, 200);
     assert_eq!(after, before, "a refused PUT changed the metadata");
     assert!(s.storage_entries_besides_db_and_logs().is_empty());
+}
+
+/// The bug: the first VMAN takes `ssh_keys` as one newline-separated
+/// string (its schema, its database, its metadata server splitting it by
+/// lines); vman answered 422 to it and wanted an array.
+#[test]
+fn ssh_keys_as_a_newline_separated_string_is_not_a_422() {
+    let s = server_with_vm();
+    let keys = "ssh-ed25519 AAAAC3Nza user@host\nssh-rsa AAAAB3Nza other@host";
+    let (status, m) = s.put_json("/vms/vm1/metadata", &json!({ "ssh_keys": keys }));
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["ssh_keys"], keys);
+    assert_eq!(s.get("/vms/vm1/metadata").1["ssh_keys"], keys);
+
+    // One key alone, with a trailing newline and CRLF line ends: the keys
+    // are stored, blank lines dropped.
+    let (status, m) = s.put_json(
+        "/vms/vm1/metadata",
+        &json!({"ssh_keys": "ssh-rsa AAAA one@host\r\n\r\n"}),
+    );
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["ssh_keys"], "ssh-rsa AAAA one@host");
+
+    // The array form (extension) is answered as the same string.
+    let (status, m) = s.put_json(
+        "/vms/vm1/metadata",
+        &json!({"ssh_keys": ["ssh-ed25519 AAAAC3Nza user@host", "ssh-rsa AAAAB3Nza other@host"]}),
+    );
+    assert_eq!(status, 200, "{m}");
+    assert_eq!(m["ssh_keys"], keys);
+
+    // The stored keys survive a restart of vman.
+    let mut s = s;
+    s.restart();
+    assert_eq!(s.get("/vms/vm1/metadata").1["ssh_keys"], keys);
 }
