@@ -63,7 +63,23 @@ impl DiskRequest {
 /// Body of POST /disks/{id}/attach.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AttachRequest {
-    pub vm_id: String,
+    /// The VM to attach to. Missing, null or empty: 400 `vm_id is required`
+    /// (as the first VMAN answered).
+    pub vm_id: Option<String>,
+}
+
+impl AttachRequest {
+    /// The VM named; a string that cannot be a VM id names no VM (404).
+    fn vm(&self) -> Result<Name, ApiError> {
+        match self.vm_id.as_deref() {
+            None | Some("") => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "required",
+                "vm_id is required",
+            )),
+            Some(raw) => Ok(Name::parse("vm_id", raw).map_err(|_| ServiceError::NotFound("VM"))?),
+        }
+    }
 }
 
 /// Body of POST /disks/{id}/resize.
@@ -173,15 +189,15 @@ pub async fn delete(
 /// Attach a disk to a VM: hot-plugged into a running VM (answered once QEMU
 /// realized the device), recorded and plugged at every start otherwise.
 #[utoipa::path(post, path = "/disks/{id}/attach", request_body = AttachRequest, tag = "disks",
-    responses((status = 200, body = DiskActionResponse), (status = 400, body = ErrorBody),
+    responses((status = 200, body = DiskActionResponse),
+        (status = 400, body = ErrorBody, description = "already attached, no free slot, QEMU refused, or `vm_id is required`"),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn attach(
     State(app): State<AppState>,
     PathName(id): PathName,
     Body(req): Body<AttachRequest>,
 ) -> Result<Json<DiskActionResponse>, ApiError> {
-    // A string that cannot be a VM id names no VM.
-    let vm = Name::parse("vm_id", &req.vm_id).map_err(|_| ServiceError::NotFound("VM"))?;
+    let vm = req.vm()?;
     let disk = app.service.attach_disk(&id, &vm).await?;
     Ok(Json(DiskActionResponse {
         status: "attached",

@@ -162,7 +162,16 @@ fn bad_requests_get_clear_errors_and_records_follow_the_rules() {
             "{b}"
         );
     }
-    let (s, b) = vman.post("/disks/d1/attach", json!({}));
+    // The first VMAN's answer to a missing vm_id: 400 `vm_id is required`.
+    for body in [json!({}), json!({"vm_id": null}), json!({"vm_id": ""})] {
+        let (s, b) = vman.post("/disks/d1/attach", body.clone());
+        assert_eq!(
+            (s, b["detail"].as_str()),
+            (400, Some("vm_id is required")),
+            "{body}: {b}"
+        );
+    }
+    let (s, b) = vman.post("/disks/d1/attach", json!({"vm_id": 5}));
     assert_eq!(s, 422, "{b}");
     assert!(
         b["detail"].as_str().is_some_and(|d| d.contains("vm_id")),
