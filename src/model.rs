@@ -146,7 +146,13 @@ impl fmt::Display for VmState {
 pub const MAX_RAM_MIB: u64 = 16 * 1024 * 1024;
 pub const MIN_RAM_MIB: u64 = 16;
 pub const MAX_CPUS: u32 = 512;
+/// Largest disk size in GiB (`size`, `disk_size_gb`).
 pub const MAX_DISK_GB: u64 = 64 * 1024;
+
+/// Bytes in a GiB. Every disk size the API takes (`size` of data disks,
+/// `disk_size_gb` of templates) and the empty fallback root disk are GiB,
+/// as `qemu-img create ... {size}G` and the first VMAN.
+pub const GIB: u64 = 1 << 30;
 
 #[cfg(test)]
 mod tests {

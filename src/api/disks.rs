@@ -21,7 +21,7 @@ const MAX_MOUNT_POINT: usize = 4096;
 /// Body of POST /disks.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct DiskRequest {
-    /// Size in GB (10^9 bytes), at least 1.
+    /// Size in GiB (2^30 bytes, like `qemu-img create ... {size}G`), at least 1.
     pub size: u64,
     /// Where the user means to mount it in the guest: an absolute path,
     /// kept as a label (vman does not mount anything).
@@ -36,7 +36,7 @@ fn parse_size(size: u64) -> Result<u64, Invalid> {
     } else {
         Err(Invalid::new(
             "size",
-            format!("must be between 1 and {MAX_DISK_GB} (GB)"),
+            format!("must be between 1 and {MAX_DISK_GB} (GiB)"),
         ))
     }
 }
@@ -85,14 +85,14 @@ impl AttachRequest {
 /// Body of POST /disks/{id}/resize.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ResizeRequest {
-    /// New size in GB; not smaller than the current one.
+    /// New size in GiB (2^30 bytes); not smaller than the current one.
     pub size: u64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct DiskResponse {
     pub id: String,
-    /// Size in GB.
+    /// Size in GiB (2^30 bytes).
     pub size: u64,
     pub mount_point: Option<String>,
     /// `available`, `attached`, or `error` (its file is missing or unusable).

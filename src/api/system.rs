@@ -81,7 +81,10 @@ pub async fn observer_status(State(app): State<AppState>) -> Json<ObserverStatus
 #[openapi(
     info(
         title = "vman",
-        description = "A VM manager for one Linux host: QEMU virtual machines over REST."
+        description = "A VM manager for one Linux host: QEMU virtual machines over REST. \
+            Sizes are GiB (2^30 bytes, as `qemu-img create ... {size}G`): `ram_amount`, \
+            a data disk's `size`, a template's `disk_size_gb`, and the empty 10 GiB root disk \
+            made when there is no boot disk to copy."
     ),
     components(schemas(super::error::ErrorBody))
 )]

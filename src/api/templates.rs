@@ -23,7 +23,8 @@ pub struct TemplateRequest {
     pub ram_amount: Option<u64>,
     /// Memory in MiB, for sizes below 1 GiB (extension).
     pub ram_mib: Option<u64>,
-    /// Grow root disks to this size in GB after the copy (extension).
+    /// Grow root disks to this size in GiB (2^30 bytes) after the copy
+    /// (extension).
     pub disk_size_gb: Option<u64>,
 }
 
@@ -35,6 +36,7 @@ pub struct TemplateResponse {
     #[schema(value_type = f64)]
     pub ram_amount: serde_json::Number,
     pub ram_mib: u64,
+    /// Root disk size in GiB (2^30 bytes), when the template sets one.
     pub disk_size_gb: Option<u64>,
     pub created_at: String,
 }
@@ -106,7 +108,7 @@ impl TemplateRequest {
             if gb == 0 || gb > MAX_DISK_GB {
                 return Err(Invalid::new(
                     "disk_size_gb",
-                    format!("must be between 1 and {MAX_DISK_GB}"),
+                    format!("must be between 1 and {MAX_DISK_GB} (GiB)"),
                 ));
             }
         }

@@ -21,6 +21,8 @@ use crate::service::Service;
 pub struct Issue {
     /// `vm_state_mismatch`, `orphan_process`, `missing_disk`, `stale_pid_file`, ...
     pub issue_type: String,
+    /// The VM or disk id (also for `orphan_process`: the VM whose folder
+    /// the process runs from; its pid is in `details`).
     pub resource_id: String,
     pub details: String,
     /// The observer fixed it.
@@ -131,16 +133,18 @@ pub async fn pass(service: &Arc<Service>) -> Vec<Issue> {
             .and_then(|rest| rest.split('/').next())
             .unwrap_or("")
             .to_owned();
+        // As the first VMAN: the VM id (its folder) is the resource, the
+        // pid is in the details.
         if !known.contains(&owner) {
             issues.push(Issue::new(
                 "orphan_process",
-                pid.to_string(),
+                owner.as_str(),
                 format!("QEMU pid {pid} runs from {prefix}{owner} but no VM {owner:?} exists"),
             ));
         } else if !service.is_live_pid(&owner, pid) {
             issues.push(Issue::new(
                 "orphan_process",
-                pid.to_string(),
+                owner.as_str(),
                 format!("QEMU pid {pid} runs from VM {owner}'s folder but vman does not manage it"),
             ));
         }

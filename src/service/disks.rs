@@ -17,15 +17,12 @@ use std::time::Duration;
 
 use super::blocking::blocking;
 use super::{missing, Service, ServiceError};
-use crate::model::{Name, VmState};
+use crate::model::{Name, VmState, GIB};
 use crate::operator::hotplug::{self, HotplugError, Plug};
 use crate::operator::image::{self, ImageError, ImageFormat};
 use crate::operator::qemu::BootDisk;
 use crate::operator::vm::Running;
 use crate::store::{Disk, DiskClaim, DiskDelete, NewDisk, StoreError};
-
-/// Bytes in a GB, as for root disks (`disk_size_gb`).
-pub const GB: u64 = 1000 * 1000 * 1000;
 
 /// Linux reads at most this many bytes of a virtio-blk serial, so the guest
 /// names the disk `/dev/disk/by-id/virtio-<first 20 bytes of the id>`.
@@ -168,7 +165,7 @@ impl Service {
             self.config.disks_dir(),
             path.clone(),
         );
-        let size = input.size_gb * GB;
+        let size = input.size_gb * GIB;
         let created = blocking("disk create", move || {
             std::fs::create_dir_all(&dir).map_err(|source| ImageError::Io {
                 what: format!("create {}", dir.display()),
@@ -203,7 +200,7 @@ impl Service {
         match self.store.insert_disk(&new) {
             Ok(disk) => {
                 tracing::info!(
-                    "disk {id} created: {} GB at {}",
+                    "disk {id} created: {} GiB at {}",
                     input.size_gb,
                     path.display()
                 );
@@ -429,7 +426,7 @@ impl Service {
         let disk = self.store.get_disk(id).map_err(store_err)?;
         if size_gb < disk.size_gb {
             return Err(ServiceError::Rejected(format!(
-                "Disks can only grow: disk {id} is {} GB, {size_gb} GB asked",
+                "Disks can only grow: disk {id} is {} GiB, {size_gb} GiB asked",
                 disk.size_gb
             )));
         }
@@ -437,7 +434,7 @@ impl Service {
             return self.get_disk(id).await;
         }
         self.check_file(&disk).await?;
-        let bytes = size_gb * GB;
+        let bytes = size_gb * GIB;
         let run = disk.attachment.as_ref().and_then(|(vm, _)| self.live(vm));
         if let Some(run) = run {
             hotplug::resize(&run.qmp, id.as_str(), bytes)
@@ -453,7 +450,7 @@ impl Service {
             .map_err(|e| ServiceError::Rejected(format!("Cannot grow the disk: {e}")))?;
         }
         self.store.set_disk_size(id, size_gb)?;
-        tracing::info!("disk {id} grown to {size_gb} GB");
+        tracing::info!("disk {id} grown to {size_gb} GiB");
         self.get_disk(id).await
     }
 

@@ -16,9 +16,9 @@ use crate::operator::image::{self, ImageError, ImageFormat, Provision};
 use crate::operator::qemu::VmPaths;
 
 /// Size of the root disk made when there is nothing to copy.
-pub const EMPTY_ROOT_BYTES: u64 = 10 * 1000 * 1000 * 1000;
+pub const EMPTY_ROOT_BYTES: u64 = 10 * crate::model::GIB;
 
-const GB: u64 = 1000 * 1000 * 1000;
+const GB: u64 = crate::model::GIB;
 
 #[derive(Debug, Clone)]
 pub struct RootDisk {

@@ -108,7 +108,7 @@ fn bad_requests_get_clear_errors_and_records_follow_the_rules() {
         (Some("available"), Some(1), Some("/mnt/data")),
         "{b}"
     );
-    assert_eq!(b["virtual_size"], 1_000_000_000u64, "{b}");
+    assert_eq!(b["virtual_size"], 1u64 << 30, "{b}");
     assert_eq!(b["vm_id"], Value::Null);
     assert_eq!(
         b["device"],
@@ -231,7 +231,7 @@ fn bad_requests_get_clear_errors_and_records_follow_the_rules() {
     assert_eq!(s, 200, "{b}");
     assert_eq!(
         (b["size"].as_u64(), b["virtual_size"].as_u64()),
-        (Some(3), Some(3_000_000_000))
+        (Some(3), Some(3 << 30))
     );
     let (s, b) = vman.post("/disks/d3/resize", json!({"size": 2}));
     assert_eq!(s, 400, "{b}");
@@ -360,13 +360,9 @@ fn hot_plug_and_unplug_are_seen_by_the_guest() {
 
     // Online growth: the guest sees the new capacity (in 512-byte sectors).
     let (s, b) = vman.post("/disks/beta/resize", json!({"size": 2}));
-    assert_eq!(
-        (s, b["virtual_size"].as_u64()),
-        (200, Some(2_000_000_000)),
-        "{b}"
-    );
+    assert_eq!((s, b["virtual_size"].as_u64()), (200, Some(2 << 30)), "{b}");
     let size = run(&vman, "hp", "cat /sys/block/vdc/size", "sz");
-    assert!(size.contains("3906250 sz-"), "{size}");
+    assert!(size.contains("4194304 sz-"), "{size}");
 
     let (s, b) = detach(&vman, "alpha");
     assert_eq!((s, b["status"].as_str()), (200, Some("detached")), "{b}");
@@ -402,7 +398,7 @@ fn hot_plug_and_unplug_are_seen_by_the_guest() {
             "/nonexistent/base.qcow2",
         ])
         .arg(&path)
-        .arg("1000000000")
+        .arg("1G")
         .status()
         .expect("qemu-img")
         .success();

@@ -92,7 +92,8 @@ fn a_missing_default_warns_and_falls_back_to_an_empty_10_gb_disk() {
     assert_eq!(s, 202, "{b}");
     let vm = vman.vm("blank");
     assert_eq!(vm["root_disk"]["source"], "empty");
-    assert_eq!(vm["root_disk"]["virtual_size"], 10_000_000_000u64);
+    // 10 GiB, as `qemu-img create ... 10G` of the first VMAN.
+    assert_eq!(vm["root_disk"]["virtual_size"], 10u64 << 30);
     assert!(
         vman.log_count("Default boot disk specified but not found: /nonexistent/base.qcow2") >= 2
     );
@@ -379,7 +380,7 @@ fn overlay_mode_and_disk_size_gb() {
     assert_eq!(s, 202, "{b}");
     let vm = vman.vm("ov");
     assert_eq!(vm["root_disk"]["source"], "default");
-    assert_eq!(vm["root_disk"]["virtual_size"], 2_000_000_000u64);
+    assert_eq!(vm["root_disk"]["virtual_size"], 2u64 << 30);
     let out = Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
         .arg(vman.vm_dir("ov").join("root.qcow2"))

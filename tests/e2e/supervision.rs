@@ -235,12 +235,16 @@ fn observer_reports_orphans_and_missing_disks_and_repairs_stale_running() {
         ))
         .spawn()
         .expect("qemu");
+    // As the first VMAN: the VM id is the resource, the pid in the details.
     let orphan_pid = orphan.id().to_string();
     let issues = observer_issues(&vman, "orphan_process");
     assert!(
         issues
             .iter()
-            .any(|i| i["resource_id"].as_str() == Some(orphan_pid.as_str())),
+            .any(|i| i["resource_id"].as_str() == Some("ghost")
+                && i["details"]
+                    .as_str()
+                    .is_some_and(|d| d.contains(&format!("pid {orphan_pid} ")))),
         "{issues:?}"
     );
     let _ = orphan.kill();
