@@ -92,7 +92,8 @@ pub struct Config {
     #[arg(long, env = "VMAN_HOTPLUG_SLOTS", default_value_t = 8, value_parser = clap::value_parser!(u8).range(0..=30))]
     pub hotplug_slots: u8,
 
-    /// Seconds a hot-unplug waits for the guest to release the device.
+    /// Seconds a hot-unplug waits for the guest to release the device (the
+    /// unplug request is sent again every 6 s meanwhile).
     #[arg(long, env = "VMAN_DETACH_TIMEOUT", default_value_t = 10)]
     pub detach_timeout: u64,
 }

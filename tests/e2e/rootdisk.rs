@@ -79,7 +79,7 @@ fn per_vm_boot_disk_is_copied_instead_of_the_default() {
 }
 
 #[test]
-fn a_missing_default_warns_and_falls_back_to_an_empty_10_gb_disk() {
+fn a_missing_default_warns_and_falls_back_to_an_empty_10_gib_disk() {
     let vman = Vman::builder()
         .env("VMAN_DEFAULT_BOOT_DISK", "/nonexistent/base.qcow2")
         .start();
