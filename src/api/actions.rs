@@ -44,7 +44,7 @@ pub struct StopResponse {
 }
 
 /// Start a VM; answers once QEMU runs and QMP answered.
-#[utoipa::path(post, path = "/vms/{vm_id}/actions/start", tag = "vms",
+#[utoipa::path(post, path = "/vms/{vm_id}/actions/start", params(("vm_id" = String, Path, description = "The VM id")), tag = "vms",
     responses((status = 202, body = ActionResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn start(
     State(app): State<AppState>,
@@ -58,7 +58,7 @@ pub async fn start(
 }
 
 /// Stop a VM: ACPI power-down, then QMP quit, then SIGKILL.
-#[utoipa::path(post, path = "/vms/{vm_id}/actions/stop", request_body(content = Option<StopRequest>), tag = "vms",
+#[utoipa::path(post, path = "/vms/{vm_id}/actions/stop", params(("vm_id" = String, Path, description = "The VM id")), request_body(content = Option<StopRequest>), tag = "vms",
     responses((status = 202, body = StopResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn stop(
     State(app): State<AppState>,
@@ -78,7 +78,7 @@ pub async fn stop(
 }
 
 /// Stop (when running), then start.
-#[utoipa::path(post, path = "/vms/{vm_id}/actions/restart", request_body(content = Option<StopRequest>), tag = "vms",
+#[utoipa::path(post, path = "/vms/{vm_id}/actions/restart", params(("vm_id" = String, Path, description = "The VM id")), request_body(content = Option<StopRequest>), tag = "vms",
     responses((status = 202, body = ActionResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn restart(
     State(app): State<AppState>,
@@ -108,7 +108,7 @@ pub struct ConsoleResponse {
 }
 
 /// The tail of the serial console (also after the VM stopped).
-#[utoipa::path(get, path = "/vms/{vm_id}/console", tag = "vms",
+#[utoipa::path(get, path = "/vms/{vm_id}/console", params(("vm_id" = String, Path, description = "The VM id")), tag = "vms",
     responses((status = 200, body = ConsoleResponse), (status = 404, body = ErrorBody)))]
 pub async fn console(
     State(app): State<AppState>,
@@ -138,7 +138,7 @@ pub struct ConsoleInput {
 }
 
 /// Type into the serial console of a running VM.
-#[utoipa::path(post, path = "/vms/{vm_id}/console", request_body = ConsoleInput, tag = "vms",
+#[utoipa::path(post, path = "/vms/{vm_id}/console", params(("vm_id" = String, Path, description = "The VM id")), request_body = ConsoleInput, tag = "vms",
     responses((status = 200, body = ActionResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn console_input(
     State(app): State<AppState>,

@@ -166,7 +166,7 @@ pub async fn list(State(app): State<AppState>) -> Result<Json<Vec<DiskResponse>>
 }
 
 /// One data disk.
-#[utoipa::path(get, path = "/disks/{id}", tag = "disks",
+#[utoipa::path(get, path = "/disks/{id}", params(("id" = String, Path, description = "The disk id")), tag = "disks",
     responses((status = 200, body = DiskResponse), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(app): State<AppState>,
@@ -176,7 +176,7 @@ pub async fn get(
 }
 
 /// Delete a data disk that is not attached, and its file.
-#[utoipa::path(delete, path = "/disks/{id}", tag = "disks",
+#[utoipa::path(delete, path = "/disks/{id}", params(("id" = String, Path, description = "The disk id")), tag = "disks",
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(app): State<AppState>,
@@ -187,8 +187,9 @@ pub async fn delete(
 }
 
 /// Attach a disk to a VM: hot-plugged into a running VM (answered once QEMU
-/// realized the device), recorded and plugged at every start otherwise.
-#[utoipa::path(post, path = "/disks/{id}/attach", request_body = AttachRequest, tag = "disks",
+/// realized the device); to a stopped VM it is a cold attach (extension):
+/// recorded and plugged at every start.
+#[utoipa::path(post, path = "/disks/{id}/attach", params(("id" = String, Path, description = "The disk id")), request_body = AttachRequest, tag = "disks",
     responses((status = 200, body = DiskActionResponse),
         (status = 400, body = ErrorBody, description = "already attached, no free slot, QEMU refused, or `vm_id is required`"),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -207,7 +208,7 @@ pub async fn attach(
 
 /// Detach a disk: unplugged from a running VM once the guest released it
 /// (bounded by VMAN_DETACH_TIMEOUT), only recorded otherwise.
-#[utoipa::path(post, path = "/disks/{id}/detach", tag = "disks",
+#[utoipa::path(post, path = "/disks/{id}/detach", params(("id" = String, Path, description = "The disk id")), tag = "disks",
     responses((status = 200, body = DiskActionResponse), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody)))]
 pub async fn detach(
@@ -222,7 +223,7 @@ pub async fn detach(
 }
 
 /// Grow a disk (online when attached to a running VM); never shrinks.
-#[utoipa::path(post, path = "/disks/{id}/resize", request_body = ResizeRequest, tag = "disks",
+#[utoipa::path(post, path = "/disks/{id}/resize", params(("id" = String, Path, description = "The disk id")), request_body = ResizeRequest, tag = "disks",
     responses((status = 200, body = DiskResponse), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn resize(

@@ -131,7 +131,7 @@ impl MetadataRequest {
 }
 
 /// Set metadata fields.
-#[utoipa::path(put, path = "/vms/{vm_id}/metadata", request_body = MetadataRequest, tag = "metadata",
+#[utoipa::path(put, path = "/vms/{vm_id}/metadata", params(("vm_id" = String, Path, description = "The VM id")), request_body = MetadataRequest, tag = "metadata",
     responses((status = 200, body = MetadataResponse), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn put(
     State(app): State<AppState>,
@@ -144,7 +144,7 @@ pub async fn put(
 }
 
 /// Read metadata (nulls when never set).
-#[utoipa::path(get, path = "/vms/{vm_id}/metadata", tag = "metadata",
+#[utoipa::path(get, path = "/vms/{vm_id}/metadata", params(("vm_id" = String, Path, description = "The VM id")), tag = "metadata",
     responses((status = 200, body = MetadataResponse), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(app): State<AppState>,
@@ -155,7 +155,7 @@ pub async fn get(
 }
 
 /// Forget the metadata.
-#[utoipa::path(delete, path = "/vms/{vm_id}/metadata", tag = "metadata",
+#[utoipa::path(delete, path = "/vms/{vm_id}/metadata", params(("vm_id" = String, Path, description = "The VM id")), tag = "metadata",
     responses((status = 204), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(app): State<AppState>,

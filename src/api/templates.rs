@@ -142,7 +142,7 @@ pub async fn list(State(app): State<AppState>) -> Result<Json<Vec<TemplateRespon
 }
 
 /// One template.
-#[utoipa::path(get, path = "/templates/{name}", tag = "templates",
+#[utoipa::path(get, path = "/templates/{name}", params(("name" = String, Path, description = "The template name")), tag = "templates",
     responses((status = 200, body = TemplateResponse), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(app): State<AppState>,
@@ -154,7 +154,7 @@ pub async fn get(
 }
 
 /// Delete a template no VM uses.
-#[utoipa::path(delete, path = "/templates/{name}", tag = "templates",
+#[utoipa::path(delete, path = "/templates/{name}", params(("name" = String, Path, description = "The template name")), tag = "templates",
     responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(app): State<AppState>,

@@ -179,7 +179,7 @@ pub async fn list(
 }
 
 /// One VM.
-#[utoipa::path(get, path = "/vms/{vm_id}", tag = "vms",
+#[utoipa::path(get, path = "/vms/{vm_id}", params(("vm_id" = String, Path, description = "The VM id")), tag = "vms",
     responses((status = 200, body = VmResponse), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(app): State<AppState>,
@@ -189,7 +189,7 @@ pub async fn get(
 }
 
 /// Delete a VM (stopping it first when it runs) and its folder.
-#[utoipa::path(delete, path = "/vms/{vm_id}", tag = "vms",
+#[utoipa::path(delete, path = "/vms/{vm_id}", params(("vm_id" = String, Path, description = "The VM id")), tag = "vms",
     responses((status = 204), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(app): State<AppState>,

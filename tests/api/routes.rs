@@ -153,3 +153,28 @@ fn every_documented_operation_is_served_and_every_served_route_documented() {
         }
     }
 }
+
+/// Every `{param}` of a documented path is declared as a path parameter of
+/// each of its operations (OpenAPI requires it; clients generate from it).
+#[test]
+fn path_parameters_are_declared() {
+    let s = Server::start();
+    let (status, doc) = s.get("/openapi.json");
+    assert_eq!(status, 200);
+    for (path, ops) in doc["paths"].as_object().expect("paths") {
+        let names: Vec<&str> = path
+            .split('{')
+            .skip(1)
+            .filter_map(|rest| rest.split('}').next())
+            .collect();
+        for (method, op) in ops.as_object().expect("operations") {
+            for name in &names {
+                let declared = op["parameters"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| p["name"] == *name && p["in"] == "path" && p["required"] == true)
+                });
+                assert!(declared, "{method} {path}: {{{name}}} not declared");
+            }
+        }
+    }
+}
