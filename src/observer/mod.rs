@@ -146,5 +146,6 @@ pub async fn pass(service: &Arc<Service>) -> Vec<Issue> {
         }
     }
     issues.extend(service.disk_observations().await);
+    issues.extend(service.space_observations());
     issues
 }

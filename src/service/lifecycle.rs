@@ -219,15 +219,13 @@ impl Service {
             tracing::warn!("vm {id}: {}", msg.lines().next().unwrap_or(""));
             (VmState::Error, Some(msg))
         };
-        if let Err(e) = self.store.update_vm(
-            id,
-            &VmRuntime {
-                state: Some(state),
-                pid: Some(None),
-                last_error: Some(error),
-                ..Default::default()
-            },
-        ) {
+        let change = VmRuntime {
+            state: Some(state),
+            pid: Some(None),
+            last_error: Some(error),
+            ..Default::default()
+        };
+        if let Err(e) = self.store.reserved(|s| s.update_vm(id, &change)) {
             tracing::error!("vm {id}: cannot record its exit: {e}");
         }
     }
@@ -249,15 +247,13 @@ impl Service {
             .await;
         let elapsed = started.elapsed();
         self.unregister(id, &run);
-        self.store.update_vm(
-            id,
-            &VmRuntime {
-                state: Some(VmState::Stopped),
-                pid: Some(None),
-                last_error: Some(None),
-                ..Default::default()
-            },
-        )?;
+        let change = VmRuntime {
+            state: Some(VmState::Stopped),
+            pid: Some(None),
+            last_error: Some(None),
+            ..Default::default()
+        };
+        self.store.reserved(|s| s.update_vm(id, &change))?;
         tracing::info!(
             "vm {id} stopped by {method:?} in {:.0} ms",
             elapsed.as_secs_f64() * 1000.0
@@ -280,12 +276,13 @@ impl Service {
     pub async fn delete_vm(&self, id: &Name) -> Result<(), ServiceError> {
         let _guard = self.lock_vm(id).await;
         self.store.get_vm(id).map_err(missing("VM"))?;
+        // Recorded first: a full disk refuses the deletion with nothing
+        // changed rather than leaving a killed QEMU recorded running.
+        self.forget_vm(id)?;
         if let Some(run) = self.registered(id) {
             run.stop(true, Duration::ZERO).await;
             self.unregister(id, &run);
         }
-        self.release_vm_disks(id)?;
-        self.store.delete_vm(id).map_err(missing("VM"))?;
         let dir = self.paths(id).dir;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}

@@ -3,11 +3,13 @@
 //! it takes parsed inputs, asks the store and the operator, and answers with
 //! domain values or a `ServiceError`.
 
+pub mod database;
 mod disks;
 mod health;
 mod lifecycle;
 mod observe;
 pub mod rootdisk;
+mod space;
 
 pub use disks::{CreateDisk, DiskState, DiskView};
 pub use lifecycle::StopReport;
@@ -39,12 +41,24 @@ pub enum ServiceError {
     /// Something failed inside vman or the host; details are logged.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The filesystem is full: nothing was changed (ENOSPC, SQLite's
+    /// "database or disk is full").
+    #[error("{0}")]
+    NoSpace(String),
+    /// The database file is damaged; /health reports it too.
+    #[error("database damaged: {0}")]
+    DatabaseDamaged(String),
 }
 
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => Self::NotFound("resource"),
+            StoreError::Full(e) => {
+                tracing::warn!("database write refused: {e}");
+                Self::NoSpace(space::NO_SPACE.into())
+            }
+            StoreError::Damaged(e) => Self::DatabaseDamaged(e),
             other => Self::Internal(other.to_string()),
         }
     }

@@ -34,15 +34,13 @@ impl Service {
         if vm.state != VmState::Running || self.is_live(id) {
             return false;
         }
-        let repaired = self.store.update_vm(
-            id,
-            &VmRuntime {
-                state: Some(VmState::Error),
-                pid: Some(None),
-                last_error: Some(Some("QEMU process was gone (found by the observer)".into())),
-                ..Default::default()
-            },
-        );
+        let change = VmRuntime {
+            state: Some(VmState::Error),
+            pid: Some(None),
+            last_error: Some(Some("QEMU process was gone (found by the observer)".into())),
+            ..Default::default()
+        };
+        let repaired = self.store.reserved(|s| s.update_vm(id, &change));
         match repaired {
             Ok(_) => {
                 tracing::warn!(

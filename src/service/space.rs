@@ -1,0 +1,59 @@
+//! A full filesystem: what the service answers (507 with the reason, never
+//! a 500) and how it keeps the recorded state true. Writes that record what
+//! already happened (a QEMU gone after a stop, an exit, a deletion) go
+//! through `Store::reserved`, which gives up the database's space reserve
+//! on ENOSPC; a deletion is recorded before its QEMU is killed, so a full
+//! disk refuses it with nothing changed. The observer puts the reserve back.
+
+use super::{Service, ServiceError};
+use crate::model::Name;
+use crate::observer::Issue;
+use crate::operator::image::ImageError;
+
+/// The detail of a 507.
+pub(crate) const NO_SPACE: &str =
+    "No space left on the storage to record this change; nothing was changed. \
+     Free some space (delete VMs or disks) and try again";
+
+/// True when an image operation failed because the filesystem is full.
+pub(crate) fn image_no_space(e: &ImageError) -> bool {
+    match e {
+        ImageError::Io { source, .. } => {
+            source.kind() == std::io::ErrorKind::StorageFull
+                || source.raw_os_error() == Some(libc::ENOSPC)
+        }
+        ImageError::QemuImg { detail, .. } => detail.contains("No space left on device"),
+        _ => false,
+    }
+}
+
+impl Service {
+    /// Records the deletion of a VM (and frees its disks) before anything
+    /// is done to its QEMU or folder. A deletion frees space, so it may use
+    /// the space reserve.
+    pub(crate) fn forget_vm(&self, id: &Name) -> Result<(), ServiceError> {
+        let freed = self
+            .store
+            .reserved(|s| s.delete_vm_and_free_disks(id))
+            .map_err(super::missing("VM"))?;
+        for disk in freed {
+            tracing::info!("disk {disk} detached: vm {id} is deleted");
+        }
+        Ok(())
+    }
+
+    /// For the observer: puts the database's space reserve back when there
+    /// is room, and reports it while it is missing.
+    pub fn space_observations(&self) -> Vec<Issue> {
+        self.store
+            .refill_reserve()
+            .map(|why| Issue {
+                issue_type: "database_reserve_missing".into(),
+                resource_id: "database".into(),
+                details: why,
+                repaired: false,
+            })
+            .into_iter()
+            .collect()
+    }
+}
