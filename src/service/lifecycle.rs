@@ -253,7 +253,9 @@ impl Service {
             last_error: Some(None),
             ..Default::default()
         };
-        self.store.reserved(|s| s.update_vm(id, &change))?;
+        self.store
+            .reserved(|s| s.update_vm(id, &change))
+            .map_err(|e| super::space::unrecorded(id, e))?;
         tracing::info!(
             "vm {id} stopped by {method:?} in {:.0} ms",
             elapsed.as_secs_f64() * 1000.0

@@ -9,11 +9,28 @@ use super::{Service, ServiceError};
 use crate::model::Name;
 use crate::observer::Issue;
 use crate::operator::image::ImageError;
+use crate::store::StoreError;
 
 /// The detail of a 507.
 pub(crate) const NO_SPACE: &str =
     "No space left on the storage to record this change; nothing was changed. \
      Free some space (delete VMs or disks) and try again";
+
+/// The error of a state write that failed after the action was done (a
+/// QEMU already stopped): a 507 that says so, not "nothing was changed".
+/// The observer marks the VM once the database can be written again.
+pub(crate) fn unrecorded(id: &Name, e: StoreError) -> ServiceError {
+    match e {
+        StoreError::Full(why) => {
+            tracing::error!("vm {id}: stopped, but its state could not be recorded: {why}");
+            ServiceError::NoSpace(format!(
+                "VM {id} is stopped, but no space is left on the storage to record it; \
+                 free some space: the observer then records it"
+            ))
+        }
+        other => other.into(),
+    }
+}
 
 /// True when an image operation failed because the filesystem is full.
 pub(crate) fn image_no_space(e: &ImageError) -> bool {
