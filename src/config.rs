@@ -98,7 +98,9 @@ pub struct Config {
 
     /// At start-up run `PRAGMA integrity_check` (reads every index too)
     /// instead of the default `PRAGMA quick_check`.
-    #[arg(long, env = "VMAN_CHECK_DB")]
+    #[arg(long, env = "VMAN_CHECK_DB", action = clap::ArgAction::Set, num_args = 0..=1,
+          default_value = "false", default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub check_db: bool,
 
     /// MiB set aside next to the database (`{db}-reserve`) and given up on

@@ -353,7 +353,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("vman.db");
         std::fs::write(&db, vec![0x5a; 8192]).expect("garbage");
-        let err = check_file(&db, CheckLevel::Quick).err().expect("refused");
+        let err = check_file(&db, CheckLevel::Quick).expect_err("refused");
         assert!(err.to_string().contains("is damaged"), "{err}");
     }
 
