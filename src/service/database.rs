@@ -19,7 +19,7 @@ use super::Service;
 use crate::config::Config;
 use crate::model::{Name, Template};
 use crate::operator::image;
-use crate::store::{CheckLevel, Holdings, NewDisk, NewVm, OpenOptions, Store, StoreError};
+use crate::store::{CheckLevel, Holdings, Lock, NewDisk, NewVm, OpenOptions, Store, StoreError};
 
 impl Service {
     /// Empties the WAL into the database file (graceful shutdown), so a
@@ -49,13 +49,14 @@ pub struct RecoverReport {
 
 /// Rebuilds the records of VM folders and disk files that the database
 /// (created when missing or empty) does not know. A damaged database is
-/// refused: move it away first. Run it while `vman serve` is stopped.
+/// refused: move it away first. Refused while a `vman serve` uses it.
 pub fn recover(config: &Config, template: &RecoverTemplate) -> Result<RecoverReport, StoreError> {
     let db = config.db_path();
     let store = Store::open_with(
         &db,
         &OpenOptions {
             check: CheckLevel::Quick,
+            lock: Lock::Exclusive,
             ..Default::default()
         },
     )?;

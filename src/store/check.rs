@@ -33,6 +33,53 @@ pub struct OpenOptions {
     /// Bytes kept aside next to the database (`{db}-reserve`), given up on a
     /// full filesystem so that a state write can still be recorded; 0: none.
     pub reserve_bytes: u64,
+    /// The `flock` held on the database file while the store lives.
+    pub lock: Lock,
+}
+
+/// Who else may use the database meanwhile. `flock` locks are separate
+/// from SQLite's own (POSIX) locks, and the kernel drops them when the
+/// process dies, even by `kill -9`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lock {
+    #[default]
+    None,
+    /// `vman serve`: other servers and readers, not `vman db recover`.
+    Shared,
+    /// `vman db recover`: nobody else.
+    Exclusive,
+}
+
+fn take_lock(path: &Path, lock: Lock) -> Result<Option<std::fs::File>, StoreError> {
+    let op = match lock {
+        Lock::None => return Ok(None),
+        Lock::Shared => libc::LOCK_SH,
+        Lock::Exclusive => libc::LOCK_EX,
+    };
+    let file = std::fs::File::open(path)
+        .map_err(|e| StoreError::Refused(format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: flock(2) on a descriptor we own; no memory is shared.
+    let rc = unsafe {
+        libc::flock(
+            std::os::unix::io::AsRawFd::as_raw_fd(&file),
+            op | libc::LOCK_NB,
+        )
+    };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(StoreError::Refused(
+            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                format!(
+                    "database {} is in use by a running `vman serve` (or `vman db recover`); \
+                     stop it first",
+                    path.display()
+                )
+            } else {
+                format!("cannot lock {}: {err}", path.display())
+            },
+        ));
+    }
+    Ok(Some(file))
 }
 
 impl OpenOptions {
@@ -47,6 +94,7 @@ impl OpenOptions {
             },
             guard: Some((config.vms_dir(), config.disks_dir())),
             reserve_bytes: config.db_reserve_mib * 1024 * 1024,
+            lock: Lock::Shared,
         }
     }
 }
@@ -195,12 +243,25 @@ impl Store {
                 )));
             }
         }
+        // An exclusive user locks before it reads; a server after the
+        // checks, which must not create the file.
+        let early = if opts.lock == Lock::Exclusive && !empty {
+            take_lock(path, Lock::Exclusive)?
+        } else {
+            None
+        };
         let reserve = if opts.reserve_bytes > 0 {
             Reserve::new(reserve_path(path), opts.reserve_bytes)
         } else {
             Reserve::none()
         };
-        Self::connect(path, reserve)
+        let store = Self::connect(path, reserve)?;
+        let held = match early {
+            Some(f) => Some(f),
+            None => take_lock(path, opts.lock)?,
+        };
+        *store.lock.lock().unwrap_or_else(|p| p.into_inner()) = held;
+        Ok(store)
     }
 
     /// Sorts an error: "database or disk is full" becomes `Full`, a damaged

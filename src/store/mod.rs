@@ -18,7 +18,7 @@ use std::sync::Mutex;
 
 use crate::model::{Name, Template};
 
-pub use check::{backup, CheckLevel, Holdings, OpenOptions};
+pub use check::{backup, CheckLevel, Holdings, Lock, OpenOptions};
 pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
 pub use vms::{NewVm, VmRuntime};
 
@@ -69,6 +69,9 @@ pub struct Store {
     /// Space set aside so that recording a stopped QEMU never fails on a
     /// full filesystem (see `reserve`).
     reserve: reserve::Reserve,
+    /// A `flock` on the database file while this store lives (see
+    /// `check::Lock`): `vman db recover` refuses while a server holds it.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -109,6 +112,7 @@ impl Store {
             generation: AtomicU64::new(0),
             trouble: Mutex::new(None),
             reserve,
+            lock: Mutex::new(None),
         })
     }
 

@@ -1,7 +1,7 @@
 //! The database file itself: refused when damaged or emptied next to VM
-//! folders, rebuilt by `vman db recover`, copied by `vman db backup` while
-//! the server runs, damage found later flagged on /health, and an empty WAL
-//! after a graceful stop.
+//! folders, rebuilt by `vman db recover` (never under a running server),
+//! copied by `vman db backup` while the server runs, damage found later
+//! flagged on /health, and an empty WAL after a graceful stop.
 
 use std::fs;
 use std::io::{Seek, SeekFrom, Write};
@@ -249,6 +249,10 @@ fn vman_db_backup_gives_a_database_with_the_same_rows_while_the_server_runs() {
         .query_row("PRAGMA integrity_check", [], |r| r.get(0))
         .expect("check");
     assert_eq!(check, "ok");
+    // Rebuilding records under a running server is refused.
+    let out = vman_db(s.storage_path(), &["recover"]);
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(out.stderr.contains("in use by a running"), "{out:?}");
     // Never over an existing file.
     let out = vman_db(s.storage_path(), &["backup", copy.to_str().expect("utf8")]);
     assert_ne!(out.code, Some(0), "{out:?}");
