@@ -2,8 +2,8 @@
 //! processes after a vman restart.
 //!
 //! Who writes a VM's state: `start` writes `running` (or `error` when QEMU
-//! would not start); `stop`/`delete` write `stopped` once the process is
-//! gone; the exit task writes `stopped`/`error` for an exit nobody asked for.
+//! would not start); `stop` writes `stopped` once the process is gone;
+//! `delete` removes the record before it kills the process (`space.rs`); the exit task writes `stopped`/`error` for an exit nobody asked for.
 //! All of them hold the VM's lock and check that the `Running` they act on
 //! is still the registered one, so a late writer never overwrites a newer
 //! state.
