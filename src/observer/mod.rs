@@ -88,7 +88,7 @@ pub async fn pass(service: &Arc<Service>) -> Vec<Issue> {
                 );
                 issue.repaired = service.repair_stale_running(&vm.id).await;
                 if issue.repaired {
-                    issue.details.push_str("; marked error");
+                    issue.details.push_str("; record repaired");
                 }
                 issues.push(issue);
             }

@@ -225,7 +225,7 @@ impl Service {
             last_error: Some(error),
             ..Default::default()
         };
-        if let Err(e) = self.store.reserved(|s| s.update_vm(id, &change)) {
+        if let Err(e) = self.record_after(id, change) {
             tracing::error!("vm {id}: cannot record its exit: {e}");
         }
     }
@@ -253,9 +253,7 @@ impl Service {
             last_error: Some(None),
             ..Default::default()
         };
-        self.store
-            .reserved(|s| s.update_vm(id, &change))
-            .map_err(|e| super::space::unrecorded(id, e))?;
+        self.record_after(id, change)?;
         tracing::info!(
             "vm {id} stopped by {method:?} in {:.0} ms",
             elapsed.as_secs_f64() * 1000.0

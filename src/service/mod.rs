@@ -103,6 +103,9 @@ pub struct Service {
     memory: Mutex<HashMap<Name, u64>>,
     /// The observer's last findings.
     observer: Mutex<crate::observer::Report>,
+    /// State changes that happened but could not be recorded (full disk);
+    /// the observer records them (`space.rs`).
+    unrecorded: Mutex<HashMap<Name, crate::store::VmRuntime>>,
 }
 
 impl Service {
@@ -116,6 +119,7 @@ impl Service {
             running: Mutex::default(),
             memory: Mutex::default(),
             observer: Mutex::default(),
+            unrecorded: Mutex::default(),
         }
     }
 

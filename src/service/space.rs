@@ -5,11 +5,13 @@
 //! on ENOSPC; a deletion is recorded before its QEMU is killed, so a full
 //! disk refuses it with nothing changed. The observer puts the reserve back.
 
+use std::collections::HashMap;
+
 use super::{Service, ServiceError};
-use crate::model::Name;
+use crate::model::{Name, Vm};
 use crate::observer::Issue;
 use crate::operator::image::ImageError;
-use crate::store::StoreError;
+use crate::store::{StoreError, VmRuntime};
 
 /// The detail of a 507.
 pub(crate) const NO_SPACE: &str =
@@ -18,8 +20,7 @@ pub(crate) const NO_SPACE: &str =
 
 /// The error of a state write that failed after the action was done (a
 /// QEMU already stopped): a 507 that says so, not "nothing was changed".
-/// The observer marks the VM once the database can be written again.
-pub(crate) fn unrecorded(id: &Name, e: StoreError) -> ServiceError {
+fn unrecorded_error(id: &Name, e: StoreError) -> ServiceError {
     match e {
         StoreError::Full(why) => {
             tracing::error!("vm {id}: stopped, but its state could not be recorded: {why}");
@@ -45,6 +46,38 @@ pub(crate) fn image_no_space(e: &ImageError) -> bool {
 }
 
 impl Service {
+    /// Records what already happened to a VM's QEMU (stopped, exited). When
+    /// even the space reserve does not make room, the change is kept and the
+    /// observer records it once the database can be written again
+    /// (`settle_unrecorded`), so the VM is not left recorded `running`.
+    pub(crate) fn record_after(&self, id: &Name, change: VmRuntime) -> Result<Vm, ServiceError> {
+        match self.store.reserved(|s| s.update_vm(id, &change)) {
+            Ok(vm) => {
+                self.unrecorded_map().remove(id);
+                Ok(vm)
+            }
+            Err(e @ StoreError::Full(_)) => {
+                self.unrecorded_map().insert(id.clone(), change);
+                Err(unrecorded_error(id, e))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn unrecorded_map(&self) -> std::sync::MutexGuard<'_, HashMap<Name, VmRuntime>> {
+        self.unrecorded.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The change `record_after` could not write for this VM, if any.
+    pub(crate) fn take_unrecorded(&self, id: &Name) -> Option<VmRuntime> {
+        self.unrecorded_map().remove(id)
+    }
+
+    /// Puts back a change the observer could not write either.
+    pub(crate) fn keep_unrecorded(&self, id: &Name, change: VmRuntime) {
+        self.unrecorded_map().entry(id.clone()).or_insert(change);
+    }
+
     /// Records the deletion of a VM (and frees its disks) before anything
     /// is done to its QEMU or folder. A deletion frees space, so it may use
     /// the space reserve.

@@ -133,7 +133,9 @@ fn wait_health_ok(vman: &Vman) -> Value {
 
 /// The bug: DELETE of a running VM killed QEMU, then failed with 500 on the
 /// database write, leaving a VM recorded running with a dead pid. Without a
-/// space reserve the deletion is now refused first, with nothing changed.
+/// space reserve the deletion is now refused first, with nothing changed; a
+/// stop that cannot be recorded says so and the observer records it once
+/// space is back.
 #[test]
 fn full_disk_delete_of_a_running_vm_is_a_507_and_the_vm_keeps_running() {
     let Some(tmpfs) = Tmpfs::mount(64) else {
@@ -145,6 +147,7 @@ fn full_disk_delete_of_a_running_vm_is_a_507_and_the_vm_keeps_running() {
         .storage(tmpfs.dir.clone())
         .env("VMAN_LOG_DIR", logs.path())
         .env("VMAN_DB_RESERVE_MIB", "0")
+        .env("VMAN_OBSERVER_INTERVAL", "1")
         .start();
     vman.template("tiny", 256);
     let pid = boot(&vman, "full");
@@ -177,8 +180,23 @@ fn full_disk_delete_of_a_running_vm_is_a_507_and_the_vm_keeps_running() {
     assert_eq!(h["checks"]["storage"]["ok"], false, "{h}");
     assert_eq!(health_files(tmpfs.path()), Vec::<String>::new());
 
+    // A stop cannot be recorded either: the answer says so, and the
+    // observer records it once space is back.
+    let (s, b) = vman.post("/vms/full/actions/stop", json!({}));
+    assert_eq!(s, 507, "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("is stopped")),
+        "{b}"
+    );
+    assert!(!alive(pid), "QEMU still runs after the stop");
+
     // Space back: everything works.
     fs::remove_file(filler).expect("rm filler");
+    let vm = vman.wait_state("full", "stopped", SERVER);
+    assert_eq!(vm["last_error"], Value::Null, "{vm}");
+    assert_eq!(vm["pid"], Value::Null, "{vm}");
     let (s, b) = vman.call("DELETE", "/vms/full", None);
     assert_eq!(s, 204, "{b}");
     assert!(qemu_processes(&vman.storage).is_empty());
