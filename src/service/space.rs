@@ -107,3 +107,32 @@ impl Service {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[test]
+    fn no_space_is_recognised_in_io_errors_and_qemu_img_output() {
+        let io = ImageError::Io {
+            what: "copy".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert!(image_no_space(&io));
+        let qemu_img = ImageError::QemuImg {
+            action: "create".into(),
+            detail: "Could not write qcow2 header: No space left on device".into(),
+        };
+        assert!(image_no_space(&qemu_img));
+        let other = ImageError::Exists {
+            path: PathBuf::from("/x"),
+        };
+        assert!(!image_no_space(&other));
+        let denied = ImageError::Io {
+            what: "copy".into(),
+            source: std::io::Error::from_raw_os_error(libc::EACCES),
+        };
+        assert!(!image_no_space(&denied));
+    }
+}
