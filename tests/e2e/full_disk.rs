@@ -270,3 +270,37 @@ fn full_disk_stop_is_recorded_through_the_reserve_and_start_is_refused_cleanly()
     assert_eq!(s, 202, "{b}");
     vman.wait_console("b", "boot ok hostname=b", 2);
 }
+
+/// vman restarted (after a crash) on a full disk comes up, answers reads,
+/// refuses writes with 507 and works again once space is freed.
+#[test]
+fn full_disk_vman_restarts_answers_reads_and_refuses_writes_with_507() {
+    let Some(tmpfs) = Tmpfs::mount(16) else {
+        return;
+    };
+    let logs = tempfile::tempdir().expect("logs");
+    let mut vman = Vman::builder()
+        .storage(tmpfs.dir.clone())
+        .env("VMAN_LOG_DIR", logs.path())
+        .start();
+    vman.template("tiny", 64);
+    for id in ["v1", "v2", "v3"] {
+        let (s, b) = vman.create_vm(json!({"template_name": "tiny", "name": id}));
+        assert_eq!(s, 201, "{b}");
+    }
+    let filler = fill(tmpfs.path(), "filler");
+    vman.restart();
+    assert_eq!(vman.get("/vms").as_array().map(Vec::len), Some(3));
+    assert_no_space(&vman.call(
+        "PUT",
+        "/vms/v1/metadata",
+        Some(json!({"hostname": "h", "user_data": "x".repeat(64 * 1024)})),
+    ));
+    let (s, h) = vman.call("GET", "/health", None);
+    assert_eq!(s, 503, "{h}");
+    assert_eq!(health_files(tmpfs.path()), Vec::<String>::new());
+    fs::remove_file(filler).expect("rm filler");
+    let (s, b) = vman.call("PUT", "/vms/v1/metadata", Some(json!({"hostname": "h"})));
+    assert_eq!(s, 200, "{b}");
+    wait_health_ok(&vman);
+}
