@@ -17,8 +17,8 @@ use crate::store::Store;
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let db = config.db_path();
-    let store =
-        Store::open(&db).with_context(|| format!("cannot open database {}", db.display()))?;
+    let store = Store::open_with(&db, &crate::store::OpenOptions::for_serve(&config))
+        .with_context(|| format!("cannot open database {}", db.display()))?;
     let host = Host::probe(&config);
     tracing::info!(
         "accelerator {} ({}), QEMU sandbox {}",
@@ -57,10 +57,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.storage_path.display(),
         db.display()
     );
+    let service = state.service.clone();
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("server failed")?;
+    service.checkpoint_database();
     tracing::info!("vman stopped");
     Ok(())
 }

@@ -96,6 +96,18 @@ pub struct Config {
     /// unplug request is sent again every 6 s meanwhile).
     #[arg(long, env = "VMAN_DETACH_TIMEOUT", default_value_t = 10)]
     pub detach_timeout: u64,
+
+    /// At start-up run `PRAGMA integrity_check` (reads every index too)
+    /// instead of the default `PRAGMA quick_check`.
+    #[arg(long, env = "VMAN_CHECK_DB", action = clap::ArgAction::Set, num_args = 0..=1,
+          default_value = "false", default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub check_db: bool,
+
+    /// MiB set aside next to the database (`{db}-reserve`) and given up on
+    /// a full filesystem so that state changes can still be recorded (0: none).
+    #[arg(long, env = "VMAN_DB_RESERVE_MIB", default_value_t = 4)]
+    pub db_reserve_mib: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -17,6 +17,35 @@ struct Cli {
 enum Command {
     /// Run the REST API server.
     Serve(Box<Config>),
+    /// Database tools: consistent backups, rebuilding lost records.
+    #[command(subcommand)]
+    Db(DbCommand),
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Copy the database to PATH with SQLite's online backup API (consistent
+    /// while `vman serve` runs; PATH must not exist).
+    Backup {
+        path: std::path::PathBuf,
+        #[command(flatten)]
+        config: Box<Config>,
+    },
+    /// Rebuild records from the storage folders: a stopped VM per folder in
+    /// vms/, a disk per file in disks/. Run it with `vman serve` stopped.
+    Recover {
+        /// Template of the recovered VMs (created when missing).
+        #[arg(long, default_value = "recovered")]
+        template: String,
+        /// vCPUs of that template when it is created.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        cpus: u32,
+        /// Memory (MiB) of that template when it is created.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+        ram_mib: u64,
+        #[command(flatten)]
+        config: Box<Config>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +75,68 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(config) => serve(*config),
+        Command::Db(cmd) => db(cmd),
+    }
+}
+
+fn db(cmd: DbCommand) -> ExitCode {
+    use vman::service::database;
+    match cmd {
+        DbCommand::Backup { path, config } => match database::backup(&config, &path) {
+            Ok(pages) => {
+                println!(
+                    "backed up {} to {} ({pages} pages)",
+                    config.db_path().display(),
+                    path.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("vman: backup failed: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        DbCommand::Recover {
+            template,
+            cpus,
+            ram_mib,
+            config,
+        } => {
+            let name = match vman::model::Name::parse("--template", &template) {
+                Ok(n) => n,
+                Err(e) => {
+                    eprintln!("vman: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let template = database::RecoverTemplate {
+                name,
+                cpu_count: cpus,
+                ram_mib,
+            };
+            match database::recover(&config, &template) {
+                Ok(report) => {
+                    for line in &report.recorded {
+                        println!("recorded {line}");
+                    }
+                    for line in &report.skipped {
+                        println!("skipped {line}");
+                    }
+                    println!(
+                        "recovered {} record(s) into {}; not recoverable: template sizes, \
+                         qcow2_path/boot_disk, metadata, disk mount points, attachments of \
+                         stopped VMs",
+                        report.recorded.len(),
+                        config.db_path().display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vman: recover failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -52,6 +52,8 @@ pub fn status_of(e: &ServiceError) -> (StatusCode, &'static str) {
         ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
         ServiceError::Rejected(_) => (StatusCode::BAD_REQUEST, "rejected"),
         ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        ServiceError::NoSpace(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
+        ServiceError::DatabaseDamaged(_) => (StatusCode::INTERNAL_SERVER_ERROR, "database_damaged"),
     }
 }
 
@@ -62,6 +64,10 @@ impl From<ServiceError> for ApiError {
             ServiceError::Internal(msg) => {
                 tracing::error!("internal error: {msg}");
                 "Internal error; see the vman log".to_owned()
+            }
+            ServiceError::DatabaseDamaged(msg) => {
+                tracing::error!("database damaged: {msg}");
+                "The database is damaged; see /health and the vman log".to_owned()
             }
             other => other.to_string(),
         };
@@ -103,6 +109,8 @@ mod tests {
             (ServiceError::NotFound("VM"), 404),
             (ServiceError::Rejected("no".into()), 400),
             (ServiceError::Internal("boom".into()), 500),
+            (ServiceError::NoSpace("full".into()), 507),
+            (ServiceError::DatabaseDamaged("page 3".into()), 500),
         ];
         for (e, want) in cases {
             assert_eq!(status_of(&e).0.as_u16(), want, "{e:?}");

@@ -50,7 +50,10 @@ pub fn routes() -> OpenApiRouter<AppState> {
 }
 
 pub fn router(state: AppState) -> Router {
-    let (routes, doc) = routes().split_for_parts();
+    let (routes, mut doc) = routes().split_for_parts();
+    // Modifiers of `ApiDoc` run before the routes are merged in, so the
+    // ones that walk every operation run here, on the whole document.
+    utoipa::Modify::modify(&system::StorageFull, &mut doc);
     routes
         .layer(Extension(system::Document::new(&doc)))
         .fallback(not_found)

@@ -90,6 +90,36 @@ pub async fn observer_status(State(app): State<AppState>) -> Json<ObserverStatus
 )]
 pub struct ApiDoc;
 
+/// Every write may meet a full filesystem: documents its 507 once for all
+/// POST, PUT and DELETE routes.
+pub(crate) struct StorageFull;
+
+impl utoipa::Modify for StorageFull {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let response = ResponseBuilder::new()
+            .description("No space left on the storage; the detail says what was (not) done")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.post, &mut item.put, &mut item.delete]
+                .into_iter()
+                .flatten()
+            {
+                op.responses
+                    .responses
+                    .entry("507".into())
+                    .or_insert_with(|| response.clone().into());
+            }
+        }
+    }
+}
+
 /// The served document, serialised once from what `api::routes` built.
 #[derive(Clone)]
 pub struct Document {

@@ -90,7 +90,7 @@ pub async fn pass(service: &Arc<Service>) -> Vec<Issue> {
                 );
                 issue.repaired = service.repair_stale_running(&vm.id).await;
                 if issue.repaired {
-                    issue.details.push_str("; marked error");
+                    issue.details.push_str("; record repaired");
                 }
                 issues.push(issue);
             }
@@ -150,5 +150,6 @@ pub async fn pass(service: &Arc<Service>) -> Vec<Issue> {
         }
     }
     issues.extend(service.disk_observations().await);
+    issues.extend(service.space_observations());
     issues
 }

@@ -183,7 +183,12 @@ impl Service {
                     path.display()
                 )))
             }
-            // No space, no permission, no qemu-img: the caller can act on it.
+            Err(e) if super::space::image_no_space(&e) => {
+                return Err(ServiceError::NoSpace(format!(
+                    "No space left on the storage to create the disk ({e}); free some space"
+                )));
+            }
+            // No permission, no qemu-img: the caller can act on it.
             Err(e) => {
                 return Err(ServiceError::Rejected(format!(
                     "cannot create the disk: {e}"
@@ -499,14 +504,6 @@ impl Service {
                 slot,
             })
             .collect())
-    }
-
-    /// Frees the disks of a VM being deleted. Call under the VM lock.
-    pub(crate) fn release_vm_disks(&self, vm: &Name) -> Result<(), ServiceError> {
-        for id in self.store.release_disks_of_vm(vm)? {
-            tracing::info!("disk {id} detached: vm {vm} is deleted");
-        }
-        Ok(())
     }
 
     /// For start-up recovery, after the running VMs were adopted: makes the

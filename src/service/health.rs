@@ -62,8 +62,15 @@ pub(crate) fn tool_version(binary: &Path) -> Result<String, String> {
 
 fn storage_writable(dir: &Path) -> Result<String, String> {
     let probe = dir.join(format!(".health-{}", std::process::id()));
-    std::fs::write(&probe, b"ok")
-        .and_then(|()| std::fs::remove_file(&probe))
+    let written = std::fs::write(&probe, b"ok");
+    // Removed whatever happened: a full disk creates the file, then fails
+    // to write it.
+    let removed = match std::fs::remove_file(&probe) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    };
+    written
+        .and(removed)
         .map(|()| format!("{} writable", dir.display()))
         .map_err(|e| format!("{} not writable: {e}", dir.display()))
 }
@@ -85,12 +92,12 @@ impl Service {
         let mut checks = BTreeMap::new();
         checks.insert(
             "database",
-            Check::from_result(
-                self.store
-                    .ping()
-                    .map(|()| "ok".to_owned())
-                    .map_err(|e| e.to_string()),
-            ),
+            Check::from_result(self.store.ping().map_err(|e| e.to_string()).and_then(|()| {
+                match self.store.reserve_missing() {
+                    Some(why) => Err(format!("space reserve missing: {why}")),
+                    None => Ok("ok".to_owned()),
+                }
+            })),
         );
         checks.insert(
             "storage",

@@ -2,8 +2,8 @@
 //! processes after a vman restart.
 //!
 //! Who writes a VM's state: `start` writes `running` (or `error` when QEMU
-//! would not start); `stop`/`delete` write `stopped` once the process is
-//! gone; the exit task writes `stopped`/`error` for an exit nobody asked for.
+//! would not start); `stop` writes `stopped` once the process is gone;
+//! `delete` removes the record before it kills the process (`space.rs`); the exit task writes `stopped`/`error` for an exit nobody asked for.
 //! All of them hold the VM's lock and check that the `Running` they act on
 //! is still the registered one, so a late writer never overwrites a newer
 //! state.
@@ -219,15 +219,13 @@ impl Service {
             tracing::warn!("vm {id}: {}", msg.lines().next().unwrap_or(""));
             (VmState::Error, Some(msg))
         };
-        if let Err(e) = self.store.update_vm(
-            id,
-            &VmRuntime {
-                state: Some(state),
-                pid: Some(None),
-                last_error: Some(error),
-                ..Default::default()
-            },
-        ) {
+        let change = VmRuntime {
+            state: Some(state),
+            pid: Some(None),
+            last_error: Some(error),
+            ..Default::default()
+        };
+        if let Err(e) = self.record_after(id, change) {
             tracing::error!("vm {id}: cannot record its exit: {e}");
         }
     }
@@ -249,15 +247,13 @@ impl Service {
             .await;
         let elapsed = started.elapsed();
         self.unregister(id, &run);
-        self.store.update_vm(
-            id,
-            &VmRuntime {
-                state: Some(VmState::Stopped),
-                pid: Some(None),
-                last_error: Some(None),
-                ..Default::default()
-            },
-        )?;
+        let change = VmRuntime {
+            state: Some(VmState::Stopped),
+            pid: Some(None),
+            last_error: Some(None),
+            ..Default::default()
+        };
+        self.record_after(id, change)?;
         tracing::info!(
             "vm {id} stopped by {method:?} in {:.0} ms",
             elapsed.as_secs_f64() * 1000.0
@@ -280,12 +276,13 @@ impl Service {
     pub async fn delete_vm(&self, id: &Name) -> Result<(), ServiceError> {
         let _guard = self.lock_vm(id).await;
         self.store.get_vm(id).map_err(missing("VM"))?;
+        // Recorded first: a full disk refuses the deletion with nothing
+        // changed rather than leaving a killed QEMU recorded running.
+        self.forget_vm(id)?;
         if let Some(run) = self.registered(id) {
             run.stop(true, Duration::ZERO).await;
             self.unregister(id, &run);
         }
-        self.release_vm_disks(id)?;
-        self.store.delete_vm(id).map_err(missing("VM"))?;
         let dir = self.paths(id).dir;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}

@@ -4,11 +4,13 @@
 //! domain values or a `ServiceError`.
 
 mod blocking;
+pub mod database;
 mod disks;
 mod health;
 mod lifecycle;
 mod observe;
 pub mod rootdisk;
+mod space;
 
 pub use disks::{CreateDisk, DiskState, DiskView};
 pub use lifecycle::StopReport;
@@ -40,12 +42,24 @@ pub enum ServiceError {
     /// Something failed inside vman or the host; details are logged.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The filesystem is full: nothing was changed (ENOSPC, SQLite's
+    /// "database or disk is full").
+    #[error("{0}")]
+    NoSpace(String),
+    /// The database file is damaged; /health reports it too.
+    #[error("database damaged: {0}")]
+    DatabaseDamaged(String),
 }
 
 impl From<StoreError> for ServiceError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NotFound => Self::NotFound("resource"),
+            StoreError::Full(e) => {
+                tracing::warn!("database write refused: {e}");
+                Self::NoSpace(space::NO_SPACE.into())
+            }
+            StoreError::Damaged(e) => Self::DatabaseDamaged(e),
             other => Self::Internal(other.to_string()),
         }
     }
@@ -90,6 +104,9 @@ pub struct Service {
     memory: Mutex<HashMap<Name, u64>>,
     /// The observer's last findings.
     observer: Mutex<crate::observer::Report>,
+    /// State changes that happened but could not be recorded (full disk);
+    /// the observer records them (`space.rs`).
+    unrecorded: Mutex<HashMap<Name, crate::store::VmRuntime>>,
 }
 
 impl Service {
@@ -103,6 +120,7 @@ impl Service {
             running: Mutex::default(),
             memory: Mutex::default(),
             observer: Mutex::default(),
+            unrecorded: Mutex::default(),
         }
     }
 

@@ -34,19 +34,24 @@ impl Service {
         if vm.state != VmState::Running || self.is_live(id) {
             return false;
         }
-        let repaired = self.store.update_vm(
-            id,
-            &VmRuntime {
-                state: Some(VmState::Error),
-                pid: Some(None),
-                last_error: Some(Some("QEMU process was gone (found by the observer)".into())),
-                ..Default::default()
-            },
-        );
+        // A stop or exit that could not be recorded (full disk) is recorded
+        // as it happened; anything else is an error.
+        let pending = self.take_unrecorded(id);
+        let change = pending.clone().unwrap_or_else(|| VmRuntime {
+            state: Some(VmState::Error),
+            pid: Some(None),
+            last_error: Some(Some("QEMU process was gone (found by the observer)".into())),
+            ..Default::default()
+        });
+        let repaired = self.store.reserved(|s| s.update_vm(id, &change));
+        if let (Err(_), Some(pending)) = (&repaired, pending) {
+            self.keep_unrecorded(id, pending);
+        }
         match repaired {
             Ok(_) => {
                 tracing::warn!(
-                    "observer: vm {id} was recorded running without a QEMU; marked error"
+                    "observer: vm {id} was recorded running without a QEMU; now recorded {}",
+                    change.state.map(|s| s.as_str()).unwrap_or("error")
                 );
                 true
             }

@@ -6,7 +6,9 @@
 //! Schema changes are the numbered files in `migrations/`, applied in order
 //! at open and tracked in `PRAGMA user_version`.
 
+mod check;
 mod disks;
+mod reserve;
 mod vms;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
@@ -16,6 +18,7 @@ use std::sync::Mutex;
 
 use crate::model::{Name, Template};
 
+pub use check::{backup, CheckLevel, Holdings, Lock, OpenOptions};
 pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
 pub use vms::{NewVm, VmRuntime};
 
@@ -43,6 +46,15 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// SQLite said "database or disk is full" (ENOSPC): nothing was written.
+    #[error("no space left for the database: {0}")]
+    Full(String),
+    /// SQLite found the file damaged (SQLITE_CORRUPT, SQLITE_NOTADB).
+    #[error("the database file is damaged: {0}")]
+    Damaged(String),
+    /// Opening refused: the reason is one line saying what to do.
+    #[error("{0}")]
+    Refused(String),
 }
 
 pub struct Store {
@@ -52,6 +64,14 @@ pub struct Store {
     /// Bumped after every committed write: readers that cache a result
     /// compare it to know whether the cache is still true.
     generation: AtomicU64,
+    /// The first sign of a damaged database seen by any query, for /health.
+    trouble: Mutex<Option<String>>,
+    /// Space set aside so that recording a stopped QEMU never fails on a
+    /// full filesystem (see `reserve`).
+    reserve: reserve::Reserve,
+    /// A `flock` on the database file while this store lives (see
+    /// `check::Lock`): `vman db recover` refuses while a server holds it.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {
@@ -63,8 +83,14 @@ fn configure(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database and brings its schema up to date.
+    /// Opens (creating if needed) the database and brings its schema up to
+    /// date, without start-up checks or a space reserve (tests, tools).
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with(path, &OpenOptions::default())
+    }
+
+    /// The connections on a file already checked by `check::open_with`.
+    fn connect(path: &Path, reserve: reserve::Reserve) -> Result<Self, StoreError> {
         let writer = Connection::open(path)?;
         writer.pragma_update(None, "journal_mode", "WAL")?;
         configure(&writer)?;
@@ -84,6 +110,9 @@ impl Store {
             readers,
             next_reader: AtomicUsize::new(0),
             generation: AtomicU64::new(0),
+            trouble: Mutex::new(None),
+            reserve,
+            lock: Mutex::new(None),
         })
     }
 
@@ -95,13 +124,13 @@ impl Store {
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
         for i in 0..self.readers.len() {
             if let Ok(conn) = self.readers[(start + i) % self.readers.len()].try_lock() {
-                return f(&conn);
+                return f(&conn).map_err(|e| self.classify(e));
             }
         }
         let conn = self.readers[start % self.readers.len()]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        f(&conn)
+        f(&conn).map_err(|e| self.classify(e))
     }
 
     /// Runs `f` in one immediate transaction on the write connection.
@@ -110,9 +139,13 @@ impl Store {
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let out = f(&tx)?;
-        tx.commit()?;
+        let done = (|| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })();
+        let out = done.map_err(|e| self.classify(e))?;
         self.generation.fetch_add(1, Ordering::Release);
         Ok(out)
     }
@@ -122,8 +155,12 @@ impl Store {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// A trivial query, for /health.
+    /// A trivial query, for /health; also fails once any query saw the
+    /// database damaged.
     pub fn ping(&self) -> Result<(), StoreError> {
+        if let Some(trouble) = self.trouble() {
+            return Err(StoreError::Damaged(trouble));
+        }
         self.read(|c| Ok(c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?))
             .map(|_| ())
     }

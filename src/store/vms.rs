@@ -138,6 +138,26 @@ impl Store {
         )
     }
 
+    /// Deletes the VM and frees its data disks in one transaction; returns
+    /// the ids of the disks that were attached to it.
+    pub fn delete_vm_and_free_disks(&self, id: &Name) -> Result<Vec<Name>, StoreError> {
+        self.write(|tx| {
+            let ids = {
+                let mut stmt = tx.prepare_cached("SELECT id FROM disks WHERE vm_id = ?1")?;
+                let rows = stmt.query_map([id.as_str()], |r| r.get::<_, String>(0))?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            tx.execute(
+                "UPDATE disks SET vm_id = NULL, slot = NULL, updated_at = ?2 WHERE vm_id = ?1",
+                rusqlite::params![id.as_str(), crate::model::now()],
+            )?;
+            match tx.execute("DELETE FROM vms WHERE id = ?1", [id.as_str()])? {
+                0 => Err(StoreError::NotFound),
+                _ => Ok(ids.into_iter().map(Name::from_trusted).collect()),
+            }
+        })
+    }
+
     /// Applies a runtime change and returns the VM as it now is.
     pub fn update_vm(&self, id: &Name, change: &VmRuntime) -> Result<Vm, StoreError> {
         self.write(|tx| {

@@ -7,6 +7,7 @@ mod common;
 mod auth;
 mod concurrency;
 mod config;
+mod database;
 mod disks;
 mod metadata;
 mod persistence;

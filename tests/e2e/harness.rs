@@ -67,6 +67,12 @@ impl Builder {
         self
     }
 
+    /// Runs on this storage folder (e.g. a small tmpfs the test mounted).
+    pub fn storage(mut self, dir: std::sync::Arc<tempfile::TempDir>) -> Self {
+        self.inner = self.inner.storage(dir);
+        self
+    }
+
     /// The default boot disk is the tiny image.
     pub fn with_tiny_default(self) -> Self {
         let image = tiny_image().to_path_buf();

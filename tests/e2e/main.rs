@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 mod disks;
+mod full_disk;
 mod harness;
 mod lifecycle;
 mod rootdisk;
