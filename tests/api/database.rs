@@ -136,7 +136,7 @@ fn zero_length_database_next_to_vm_folders_is_refused_and_recover_rebuilds_the_r
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("recorded vm web"), "{}", out.stdout);
     assert!(
-        out.stdout.contains("recorded disk data1: 2 GB qcow2"),
+        out.stdout.contains("recorded disk data1: 2 GiB qcow2"),
         "{}",
         out.stdout
     );
