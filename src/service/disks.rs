@@ -18,8 +18,8 @@ use std::time::Duration;
 use super::{missing, Service, ServiceError};
 use crate::model::{Name, VmState};
 use crate::operator::hotplug::{self, HotplugError, Plug};
-use crate::operator::image::{self, ImageError, ImageFormat};
-use crate::operator::qemu::BootDisk;
+use crate::operator::image::{self, Chain, ImageError, ImageFormat, Top};
+use crate::operator::qemu::{BootDisk, DiskFile};
 use crate::operator::vm::Running;
 use crate::store::{Disk, DiskClaim, DiskDelete, NewDisk, StoreError};
 
@@ -242,23 +242,38 @@ impl Service {
         })
     }
 
-    /// Checks that the disk's file is still there and still an image.
-    fn check_file(&self, disk: &Disk) -> Result<(), ServiceError> {
-        match image::probe(&self.config.qemu_img, Path::new(&disk.path)) {
-            Ok(info) if info.format == disk.format => Ok(()),
-            Ok(info) => Err(ServiceError::Rejected(format!(
-                "Disk {} file {} is now a {} image, not {}",
-                disk.id, disk.path, info.format, disk.format
-            ))),
-            Err(ImageError::NotFound { .. }) => Err(ServiceError::Rejected(format!(
-                "Disk {} file {} has vanished",
+    /// Checks that the disk's file is still there and still an image of its
+    /// pinned format, without a backing file or an external data file (the
+    /// same check as root disks, `ImagePolicy::open_chain`). Returns the
+    /// file, open (read-write when `writable`), for QEMU.
+    fn check_file(&self, disk: &Disk, writable: bool) -> Result<Chain, ServiceError> {
+        let chain = self
+            .host
+            .images
+            .open_chain(
+                Path::new(&disk.path),
+                Top::Trusted,
+                Some(disk.format),
+                writable,
+            )
+            .map_err(|e| match e {
+                ImageError::NotFound { .. } => ServiceError::Rejected(format!(
+                    "Disk {} file {} has vanished",
+                    disk.id, disk.path
+                )),
+                ImageError::FormatChanged { found, .. } => ServiceError::Rejected(format!(
+                    "Disk {} file {} is now a {found} image, not {}",
+                    disk.id, disk.path, disk.format
+                )),
+                e => ServiceError::Rejected(format!("Disk {} file cannot be used: {e}", disk.id)),
+            })?;
+        if chain.files.len() > 1 || chain.top().backing_file.is_some() {
+            return Err(ServiceError::Rejected(format!(
+                "Disk {} file {} has a backing file; data disks cannot have one",
                 disk.id, disk.path
-            ))),
-            Err(e) => Err(ServiceError::Rejected(format!(
-                "Disk {} file cannot be used: {e}",
-                disk.id
-            ))),
+            )));
         }
+        Ok(chain)
     }
 
     /// Attaches a disk to a VM: hot-plugged when the VM runs (answered once
@@ -272,7 +287,7 @@ impl Service {
                 "Disk is already attached to VM {owner}"
             )));
         }
-        self.check_file(&disk)?;
+        self.check_file(&disk, false)?;
         let slot = self.free_slot(vm_id)?;
         match self.store.claim_disk(id, vm_id, slot) {
             Ok(DiskClaim::Claimed) => {}
@@ -421,7 +436,7 @@ impl Service {
         if size_gb == disk.size_gb {
             return self.get_disk(id);
         }
-        self.check_file(&disk)?;
+        self.check_file(&disk, false)?;
         let bytes = size_gb * GB;
         let run = disk.attachment.as_ref().and_then(|(vm, _)| self.live(vm));
         if let Some(run) = run {
@@ -451,13 +466,15 @@ impl Service {
         let mut used: HashSet<u8> = HashSet::new();
         let mut moved = Vec::new();
         let mut out = Vec::with_capacity(disks.len());
+        let mut files = std::collections::HashMap::new();
         for d in &disks {
-            self.check_file(d).map_err(|e| {
+            let chain = self.check_file(d, true).map_err(|e| {
                 ServiceError::Rejected(format!(
                     "{e}; it is attached to VM {vm}: detach it (POST /disks/{}/detach) to start without it",
                     d.id
                 ))
             })?;
+            files.insert(d.id.clone(), DiskFile::chain(&chain));
             let slot = d.attachment.as_ref().map_or(u8::MAX, |(_, s)| *s);
             if slot < self.config.hotplug_slots && used.insert(slot) {
                 out.push((d, slot));
@@ -481,11 +498,13 @@ impl Service {
         }
         Ok(out
             .into_iter()
-            .map(|(d, slot)| BootDisk {
-                id: d.id.to_string(),
-                path: PathBuf::from(&d.path),
-                format: d.format,
-                slot,
+            .filter_map(|(d, slot)| {
+                let file = files.remove(&d.id)?.into_iter().next()?;
+                Some(BootDisk {
+                    id: d.id.to_string(),
+                    file,
+                    slot,
+                })
             })
             .collect())
     }
@@ -587,8 +606,8 @@ impl Service {
                 format: d.format,
                 slot,
             };
-            let replug = match self.check_file(&d) {
-                Ok(()) => hotplug::attach(&run.qmp, &plug)
+            let replug = match self.check_file(&d, false) {
+                Ok(_) => hotplug::attach(&run.qmp, &plug)
                     .await
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),

@@ -150,21 +150,26 @@ impl Service {
         }
     }
 
-    /// Records a stopped VM. `qcow2_path` and `boot_disk` must already be
-    /// images inside the allowed folders; they are stored resolved.
+    /// Records a stopped VM. `qcow2_path` and `boot_disk` must be images
+    /// inside the allowed folders, whole backing chain checked; they are
+    /// stored resolved, with their format pinned.
     pub fn create_vm(&self, input: CreateVm) -> Result<Vm, ServiceError> {
         let checked = |field, raw: Option<String>| {
-            raw.map(|p| {
-                rootdisk::check_user_image(&self.config, field, &p)
-                    .map(|c| c.to_string_lossy().into_owned())
-            })
-            .transpose()
+            raw.map(|p| rootdisk::check_user_image(&self.host.images, field, &p))
+                .transpose()
+        };
+        let qcow2 = checked("qcow2_path", input.qcow2_path)?;
+        let boot = checked("boot_disk", input.boot_disk)?;
+        let path = |a: &Option<rootdisk::Accepted>| {
+            a.as_ref().map(|a| a.path.to_string_lossy().into_owned())
         };
         let new = NewVm {
             id: input.id.unwrap_or_else(Name::generate),
             template: input.template_name,
-            qcow2_path: checked("qcow2_path", input.qcow2_path)?,
-            boot_disk: checked("boot_disk", input.boot_disk)?,
+            qcow2_path: path(&qcow2),
+            boot_disk: path(&boot),
+            qcow2_path_format: qcow2.as_ref().map(|a| a.format),
+            boot_disk_format: boot.as_ref().map(|a| a.format),
         };
         match self.store.insert_vm(&new) {
             Ok(vm) => {

@@ -20,10 +20,13 @@ mod qemu_img;
 use std::io;
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-pub use policy::resolve_allowed;
+pub use crate::model::ImageFormat;
+
+pub use policy::{resolve_allowed, Chain, ChainFile, ImagePolicy, Top, MAX_CHAIN_FILES};
 pub use probe::probe;
+pub use probe::{Header, Magic};
 pub use provision::{provision, Provision, ProvisionReport};
 pub use qemu_img::{create_empty, grow, info};
 
@@ -58,6 +61,29 @@ pub enum ImageError {
         current: u64,
         requested: u64,
     },
+    #[error("{} changed while it was being checked (a symbolic link or folder was replaced); try again", .path.display())]
+    Changed { path: PathBuf },
+    #[error("{} was accepted as a raw image but now starts with a {found} header (written by a guest?); refusing it", .path.display())]
+    RawWithHeader { path: PathBuf, found: &'static str },
+    #[error("{} was accepted as a {pinned} image but is now {found}; refusing it", .path.display())]
+    FormatChanged {
+        path: PathBuf,
+        pinned: ImageFormat,
+        found: &'static str,
+    },
+    #[error("{} has a backing file that is refused: {source}", .path.display())]
+    Backing {
+        path: PathBuf,
+        source: Box<ImageError>,
+    },
+    #[error("{} names its backing file {backing} without its format; declare it with `qemu-img rebase -u -F qcow2|raw -b {backing} {}`", .path.display(), .path.display())]
+    NoBackingFormat { path: PathBuf, backing: String },
+    #[error("{} has a backing chain of more than {max} files", .path.display())]
+    ChainTooDeep { path: PathBuf, max: usize },
+    #[error("{} has a backing chain that loops", .path.display())]
+    ChainLoop { path: PathBuf },
+    #[error("{} is not allowed as a backing file here; {reason}", .path.display())]
+    BackingNotAllowed { path: PathBuf, reason: String },
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
 }
@@ -65,37 +91,6 @@ pub enum ImageError {
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ImageError {
     let what = what.into();
     move |source| ImageError::Io { what, source }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ImageFormat {
-    Qcow2,
-    Raw,
-}
-
-impl ImageFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Raw => "raw",
-        }
-    }
-
-    /// The format named by qemu-img, if it is one we support.
-    pub fn parse(s: &str) -> Option<ImageFormat> {
-        match s {
-            "qcow2" => Some(ImageFormat::Qcow2),
-            "raw" => Some(ImageFormat::Raw),
-            _ => None,
-        }
-    }
-}
-
-impl std::fmt::Display for ImageFormat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -1,76 +1,370 @@
-//! Which paths a user may name as an image: regular files that resolve
-//! (symlinks followed) inside the allowed image folders.
+//! Which files may be used as disk images, in one place: `ImagePolicy`,
+//! built once at start-up from the configured image folders and the default
+//! boot disk. A user-given path must resolve (symlinks followed) to a
+//! regular file inside the allowed folders; every file of a backing chain
+//! must too (or be the default boot disk, which overlays use as backing).
+//! `open_chain` walks a chain file by file, opening each one itself and
+//! checking the open file, so what is checked is exactly what QEMU later
+//! gets by descriptor.
 
-use std::fs;
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
-use super::ImageError;
+use super::atomic::read_full_at;
+use super::probe::{open_verified, read_header, Magic};
+use super::{ImageError, ImageFormat};
+use crate::config::Config;
 
-// ---------------------------------------------------------------------------
-// allowed folders
+/// Most files in one backing chain (the top included); longer chains are
+/// refused rather than trusted.
+pub const MAX_CHAIN_FILES: usize = 16;
 
-/// Checks that `path`, after resolving symlinks, is a regular file inside one
-/// of `allowed_dirs` (each resolved too; folders that do not exist are
-/// skipped). Returns the canonical path.
-pub fn resolve_allowed(path: &Path, allowed_dirs: &[PathBuf]) -> Result<PathBuf, ImageError> {
-    let dirs: Vec<PathBuf> = allowed_dirs
-        .iter()
-        .filter_map(|d| fs::canonicalize(d).ok())
-        .collect();
-    let list = |ds: &[PathBuf]| {
-        ds.iter()
-            .map(|d| d.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    if dirs.is_empty() {
-        return Err(ImageError::NoAllowedDirs {
-            configured: if allowed_dirs.is_empty() {
-                "none configured".into()
-            } else {
-                list(allowed_dirs)
-            },
-        });
+/// Where the top file of a chain comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Top {
+    /// A path a user gave: it must be inside the allowed folders.
+    User,
+    /// A file vman itself placed or was configured with (`root.qcow2`, a
+    /// data disk, the default boot disk): used where it is.
+    Trusted,
+}
+
+/// One file of a checked chain, kept open.
+#[derive(Debug, Clone)]
+pub struct ChainFile {
+    /// Canonical path (checked to be where the open file is).
+    pub path: PathBuf,
+    pub format: ImageFormat,
+    pub virtual_size: u64,
+    pub actual_size: u64,
+    /// As written in the header (None at the bottom of the chain).
+    pub backing_file: Option<String>,
+    /// The backing file's format as the header declares it.
+    pub backing_format: Option<String>,
+    /// The open file: what QEMU (and qemu-img) get by descriptor.
+    pub file: Arc<File>,
+}
+
+/// A checked backing chain, top first.
+#[derive(Debug, Clone)]
+pub struct Chain {
+    pub files: Vec<ChainFile>,
+}
+
+impl Chain {
+    pub fn top(&self) -> &ChainFile {
+        // A chain is never empty: `open_chain` pushes the top first.
+        &self.files[0]
     }
-    let not_allowed = |p: PathBuf| ImageError::NotAllowed {
-        path: p,
-        allowed: list(&dirs),
-    };
-    let inside = |p: &Path| dirs.iter().any(|d| p.starts_with(d));
-    match fs::canonicalize(path) {
-        Ok(canonical) => {
-            if !inside(&canonical) {
-                return Err(not_allowed(path.to_path_buf()));
+}
+
+/// The allowed-folder rule, built once at start-up.
+#[derive(Debug, Clone)]
+pub struct ImagePolicy {
+    /// Each configured folder and its canonical path (None while it does
+    /// not exist; resolved when it appears).
+    dirs: Vec<(PathBuf, Option<PathBuf>)>,
+    /// The default boot disk, canonical, and its format as found at
+    /// start-up (its pinned format).
+    default: Option<(PathBuf, Option<ImageFormat>)>,
+    /// The default boot disk as configured (resolved late when it did not
+    /// exist at start-up).
+    default_configured: Option<PathBuf>,
+}
+
+impl ImagePolicy {
+    pub fn new(dirs: Vec<PathBuf>, default_boot_disk: Option<&Path>) -> Self {
+        let dirs = dirs
+            .into_iter()
+            .map(|d| {
+                let c = fs::canonicalize(&d).ok();
+                (d, c)
+            })
+            .collect();
+        let default = default_boot_disk.and_then(|d| {
+            let c = fs::canonicalize(d).ok()?;
+            let format = sniff(&c).ok();
+            Some((c, format))
+        });
+        Self {
+            dirs,
+            default,
+            default_configured: default_boot_disk.map(Path::to_path_buf),
+        }
+    }
+
+    pub fn from_config(config: &Config) -> Self {
+        Self::new(
+            config.allowed_image_dirs(),
+            config.default_boot_disk.as_deref(),
+        )
+    }
+
+    /// The allowed folders that exist, canonical.
+    fn existing_dirs(&self) -> Vec<PathBuf> {
+        self.dirs
+            .iter()
+            .filter_map(|(d, c)| c.clone().or_else(|| fs::canonicalize(d).ok()))
+            .collect()
+    }
+
+    fn inside(&self, dirs: &[PathBuf], p: &Path) -> bool {
+        dirs.iter().any(|d| p.starts_with(d))
+    }
+
+    /// The default boot disk's canonical path and pinned format, when it
+    /// existed at start-up.
+    pub fn default_boot_disk(&self) -> Option<(PathBuf, Option<ImageFormat>)> {
+        self.default.clone().or_else(|| {
+            let c = fs::canonicalize(self.default_configured.as_ref()?).ok()?;
+            Some((c, None))
+        })
+    }
+
+    /// Checks that `path`, after resolving symlinks, is a regular file
+    /// inside one of the allowed folders. Returns the canonical path.
+    pub fn resolve(&self, path: &Path) -> Result<PathBuf, ImageError> {
+        let canonical = self.resolve_inside(path, false)?;
+        let meta = fs::metadata(&canonical).map_err(|source| ImageError::NotFound {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(ImageError::NotAFile { path: canonical });
+        }
+        Ok(canonical)
+    }
+
+    /// The canonical path when it lies inside the allowed folders (or is
+    /// the default boot disk, when `default_ok`).
+    fn resolve_inside(&self, path: &Path, default_ok: bool) -> Result<PathBuf, ImageError> {
+        let dirs = self.existing_dirs();
+        let list = |ds: &[PathBuf]| {
+            ds.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if dirs.is_empty() && !default_ok {
+            let configured: Vec<PathBuf> = self.dirs.iter().map(|(d, _)| d.clone()).collect();
+            return Err(ImageError::NoAllowedDirs {
+                configured: if configured.is_empty() {
+                    "none configured".into()
+                } else {
+                    list(&configured)
+                },
+            });
+        }
+        let not_allowed = |p: PathBuf| ImageError::NotAllowed {
+            path: p,
+            allowed: list(&dirs),
+        };
+        match fs::canonicalize(path) {
+            Ok(canonical) => {
+                let is_default = default_ok
+                    && self
+                        .default_boot_disk()
+                        .is_some_and(|(d, _)| d == canonical);
+                if is_default || self.inside(&dirs, &canonical) {
+                    Ok(canonical)
+                } else {
+                    Err(not_allowed(path.to_path_buf()))
+                }
             }
-            let meta = fs::metadata(&canonical).map_err(|source| ImageError::NotFound {
+            Err(source) => {
+                // Say "not found" only inside the allowed folders: outside
+                // them, the API must not tell which host files exist.
+                let lexical = std::path::absolute(path)
+                    .map(|p| normalize(&p))
+                    .unwrap_or_default();
+                if !lexical.as_os_str().is_empty()
+                    && (self.inside(&dirs, &lexical)
+                        || self
+                            .dirs
+                            .iter()
+                            .any(|(d, _)| lexical.starts_with(normalize(d))))
+                {
+                    Err(ImageError::NotFound {
+                        path: path.to_path_buf(),
+                        source,
+                    })
+                } else {
+                    Err(not_allowed(path.to_path_buf()))
+                }
+            }
+        }
+    }
+
+    /// Opens and checks the whole backing chain of `path`: every file a
+    /// regular file inside the allowed folders (the top may be `Trusted`;
+    /// a backing file may be the default boot disk), each one's format what
+    /// was pinned (`pinned` for the top, the format its parent's header
+    /// declares for a backing file: a backing file without a declared
+    /// format is refused), a raw file never starting with a known image
+    /// magic, no external data file, no encryption, no loop, at most
+    /// `MAX_CHAIN_FILES` files. The top is opened read-write when
+    /// `writable`, the backing files read-only.
+    pub fn open_chain(
+        &self,
+        path: &Path,
+        top: Top,
+        pinned: Option<ImageFormat>,
+        writable: bool,
+    ) -> Result<Chain, ImageError> {
+        let top_path = match top {
+            Top::User => self.resolve(path)?,
+            Top::Trusted => fs::canonicalize(path).map_err(|source| ImageError::NotFound {
                 path: path.to_path_buf(),
                 source,
-            })?;
-            if !meta.is_file() {
-                return Err(ImageError::NotAFile { path: canonical });
+            })?,
+        };
+        let first = self.open_one(&top_path, pinned, writable)?;
+        let mut seen = HashSet::new();
+        seen.insert(identity(&first.file)?);
+        let mut files = vec![first];
+        loop {
+            let parent = &files[files.len() - 1];
+            let Some(backing) = parent.backing_file.clone() else {
+                break;
+            };
+            let wrap = |e: ImageError| ImageError::Backing {
+                path: parent.path.clone(),
+                source: Box::new(e),
+            };
+            if files.len() >= MAX_CHAIN_FILES {
+                return Err(ImageError::ChainTooDeep {
+                    path: top_path,
+                    max: MAX_CHAIN_FILES,
+                });
             }
-            Ok(canonical)
-        }
-        Err(source) => {
-            // Say "not found" only inside the allowed folders: outside them,
-            // the API must not tell which host files exist.
-            let lexical = std::path::absolute(path)
-                .map(|p| normalize(&p))
-                .unwrap_or_default();
-            if !lexical.as_os_str().is_empty()
-                && (inside(&lexical)
-                    || allowed_dirs
-                        .iter()
-                        .any(|d| lexical.starts_with(normalize(d))))
-            {
-                Err(ImageError::NotFound {
-                    path: path.to_path_buf(),
-                    source,
+            let Some(declared) = parent.backing_format.clone() else {
+                return Err(ImageError::NoBackingFormat {
+                    path: parent.path.clone(),
+                    backing,
+                });
+            };
+            let format = ImageFormat::parse(&declared).ok_or_else(|| {
+                wrap(ImageError::UnsupportedFormat {
+                    path: PathBuf::from(&backing),
+                    format: declared.clone(),
                 })
-            } else {
-                Err(not_allowed(path.to_path_buf()))
+            })?;
+            if is_protocol(&backing) {
+                return Err(wrap(ImageError::BackingNotAllowed {
+                    path: PathBuf::from(&backing),
+                    reason: "only plain file names are accepted, not protocols or json: specs"
+                        .into(),
+                }));
             }
+            let name = Path::new(&backing);
+            let absolute = if name.is_absolute() {
+                name.to_path_buf()
+            } else {
+                parent.path.parent().unwrap_or(Path::new("/")).join(name)
+            };
+            let canonical = self.resolve_inside(&absolute, true).map_err(wrap)?;
+            let next = self
+                .open_one(&canonical, Some(format), false)
+                .map_err(wrap)?;
+            if !seen.insert(identity(&next.file)?) {
+                return Err(ImageError::ChainLoop { path: top_path });
+            }
+            files.push(next);
         }
+        Ok(Chain { files })
+    }
+
+    /// Opens one canonical file and checks its header against `pinned`.
+    fn open_one(
+        &self,
+        path: &Path,
+        pinned: Option<ImageFormat>,
+        writable: bool,
+    ) -> Result<ChainFile, ImageError> {
+        let file = open_verified(path, writable)?;
+        let magic = magic_of(&file, path)?;
+        let format = match (pinned, magic) {
+            (Some(ImageFormat::Raw), Magic::None) | (None, Magic::None) => ImageFormat::Raw,
+            (Some(ImageFormat::Raw), m) => {
+                return Err(ImageError::RawWithHeader {
+                    path: path.to_owned(),
+                    found: m.name(),
+                })
+            }
+            (Some(ImageFormat::Qcow2), Magic::Qcow2) | (None, Magic::Qcow2) => ImageFormat::Qcow2,
+            (Some(ImageFormat::Qcow2), m) => {
+                return Err(ImageError::FormatChanged {
+                    path: path.to_owned(),
+                    pinned: ImageFormat::Qcow2,
+                    found: m.name(),
+                })
+            }
+            (None, Magic::Other(name)) => {
+                return Err(ImageError::UnsupportedFormat {
+                    path: path.to_owned(),
+                    format: name.to_owned(),
+                })
+            }
+        };
+        let h = read_header(&file, path)?;
+        Ok(ChainFile {
+            path: path.to_owned(),
+            format,
+            virtual_size: h.virtual_size,
+            actual_size: h.actual_size,
+            backing_file: h.backing_file,
+            backing_format: h.backing_format,
+            file: Arc::new(file),
+        })
+    }
+}
+
+/// Checks `path` for the (deprecated) free-function callers and tests.
+pub fn resolve_allowed(path: &Path, allowed_dirs: &[PathBuf]) -> Result<PathBuf, ImageError> {
+    ImagePolicy::new(allowed_dirs.to_vec(), None).resolve(path)
+}
+
+/// The format a file's magic says (raw when none), or why it is refused.
+pub fn sniff(path: &Path) -> Result<ImageFormat, ImageError> {
+    let file = File::open(path).map_err(|source| ImageError::NotFound {
+        path: path.to_owned(),
+        source,
+    })?;
+    match magic_of(&file, path)? {
+        Magic::Qcow2 => Ok(ImageFormat::Qcow2),
+        Magic::None => Ok(ImageFormat::Raw),
+        Magic::Other(name) => Err(ImageError::UnsupportedFormat {
+            path: path.to_owned(),
+            format: name.to_owned(),
+        }),
+    }
+}
+
+fn magic_of(file: &File, path: &Path) -> Result<Magic, ImageError> {
+    // The magic of every known format lies in the first 128 bytes.
+    let mut buf = [0u8; 128];
+    let n = read_full_at(file, &mut buf, 0)
+        .map_err(super::io_err(format!("cannot read {}", path.display())))?;
+    Ok(Magic::of(&buf[..n]))
+}
+
+/// (device, inode) of an open file.
+fn identity(file: &File) -> Result<(u64, u64), ImageError> {
+    let m = file
+        .metadata()
+        .map_err(super::io_err("cannot stat an image"))?;
+    Ok((m.dev(), m.ino()))
+}
+
+/// `json:{...}`, `nbd://...`, `host:path`: anything QEMU could read as a
+/// protocol rather than a file name.
+fn is_protocol(name: &str) -> bool {
+    match name.find(':') {
+        Some(colon) => !name[..colon].contains('/'),
+        None => false,
     }
 }
 

@@ -1,18 +1,271 @@
 //! The image header as vman reads it itself, without spawning `qemu-img`
-//! (which costs more than the rest of a VM start): a qcow2's format, virtual
-//! size, backing file and external data file flag.
+//! (which costs more than the rest of a VM start): a qcow2's format,
+//! virtual size, backing file and its declared format, external data file
+//! and encryption; the magic of the other image formats (so a "raw" image
+//! that starts with one is recognised); and opening a file so that what was
+//! checked is what gets used (`open_verified`).
 
 use std::fs::File;
-use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 
-use super::qemu_img::info;
-use super::{io_err, ImageError, ImageFormat, ImageInfo};
+use super::atomic::read_full_at;
+use super::qemu_img::{info, looks_like_text};
+use super::{io_err, ImageError, ImageFormat, ImageInfo, SECTOR};
 
-/// qcow2 magic, "QFI\xfb".
+/// qcow2 magic, "QFI\xfb" (also qcow version 1).
 const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
 /// Incompatible feature bit 2: guest data lives in an external file.
 const QCOW2_EXTERNAL_DATA_FILE: u64 = 1 << 2;
+/// Header extension: the backing file's format.
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+/// Header extension: the external data file's name.
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// How much of the file the header parse reads (the extensions live in
+/// the first cluster; 64 KiB is QEMU's default cluster size).
+const HEADER_READ: usize = 64 << 10;
+
+/// Magic numbers of the image formats QEMU would recognise, other than
+/// qcow2: (offset, bytes, format). A file vman treats as raw must start
+/// with none of them.
+const OTHER_MAGICS: &[(usize, &[u8], &str)] = &[
+    (0, b"KDMV", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"QED\0", "qed"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"conectix", "vpc"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (64, b"\x7f\x10\xda\xbe", "vdi"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"Bochs Virtual HD Image", "bochs"),
+];
+
+/// What the first bytes of a file say it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Magic {
+    Qcow2,
+    /// Another image format QEMU knows (vmdk, vdi, vhdx, qed, luks, ...).
+    Other(&'static str),
+    /// No known magic: raw data.
+    None,
+}
+
+impl Magic {
+    pub fn of(buf: &[u8]) -> Magic {
+        if buf.starts_with(&QCOW2_MAGIC) {
+            return Magic::Qcow2;
+        }
+        for (at, magic, name) in OTHER_MAGICS {
+            if buf.len() >= at + magic.len() && &buf[*at..at + magic.len()] == *magic {
+                return Magic::Other(name);
+            }
+        }
+        Magic::None
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Magic::Qcow2 => "qcow2",
+            Magic::Other(n) => n,
+            Magic::None => "raw",
+        }
+    }
+}
+
+/// An image header as read by vman.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    pub magic: Magic,
+    /// Size of the disk the guest sees (for raw: the file's length).
+    pub virtual_size: u64,
+    /// Bytes allocated on the host.
+    pub actual_size: u64,
+    /// The backing file named in a qcow2 header.
+    pub backing_file: Option<String>,
+    /// Its format, as the header declares it (`-F` of `qemu-img create`).
+    pub backing_format: Option<String>,
+}
+
+/// Reads and checks the header of an open image. A qcow2 must be version 2
+/// or 3, unencrypted, without an external data file (a second host file
+/// QEMU would open on its own); anything else with a known magic is refused;
+/// what is left is raw and must look like a disk (not empty, whole sectors,
+/// not text).
+pub fn read_header(file: &File, path: &Path) -> Result<Header, ImageError> {
+    let meta = file
+        .metadata()
+        .map_err(io_err(format!("cannot stat {}", path.display())))?;
+    if !meta.is_file() {
+        return Err(ImageError::NotAFile {
+            path: path.to_owned(),
+        });
+    }
+    let mut buf = vec![0u8; HEADER_READ.min(meta.len() as usize)];
+    let n = read_full_at(file, &mut buf, 0)
+        .map_err(io_err(format!("cannot read {}", path.display())))?;
+    buf.truncate(n);
+    let actual_size = meta.blocks() * 512;
+    match Magic::of(&buf) {
+        Magic::Qcow2 => parse_qcow2(file, path, &buf, actual_size),
+        Magic::Other(name) => Err(ImageError::UnsupportedFormat {
+            path: path.to_owned(),
+            format: name.to_owned(),
+        }),
+        Magic::None => {
+            let refuse = |reason: String| ImageError::NotAnImage {
+                path: path.to_owned(),
+                reason,
+            };
+            let len = meta.len();
+            if len == 0 {
+                return Err(refuse("the file is empty".into()));
+            }
+            if !len.is_multiple_of(SECTOR) {
+                return Err(refuse(format!(
+                    "{len} bytes is not a whole number of 512-byte sectors"
+                )));
+            }
+            if looks_like_text(&buf[..buf.len().min(SECTOR as usize)]) {
+                return Err(refuse("it contains text".into()));
+            }
+            Ok(Header {
+                magic: Magic::None,
+                virtual_size: len,
+                actual_size,
+                backing_file: None,
+                backing_format: None,
+            })
+        }
+    }
+}
+
+fn parse_qcow2(file: &File, path: &Path, h: &[u8], actual_size: u64) -> Result<Header, ImageError> {
+    let unsupported = |what: String| ImageError::UnsupportedFormat {
+        path: path.to_owned(),
+        format: what,
+    };
+    let be64 = |at: usize| {
+        h.get(at..at + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_be_bytes)
+    };
+    let be32 = |at: usize| {
+        h.get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u32::from_be_bytes)
+    };
+    if h.len() < 72 {
+        return Err(ImageError::Unreadable {
+            path: path.to_owned(),
+            detail: "truncated qcow2 header".into(),
+        });
+    }
+    let version = be32(4);
+    if !(version == 2 || version == 3) {
+        return Err(unsupported(format!("qcow version {version}")));
+    }
+    if be32(32) != 0 {
+        return Err(unsupported("encrypted qcow2".into()));
+    }
+    let header_len = if version == 3 {
+        if be64(72) & QCOW2_EXTERNAL_DATA_FILE != 0 {
+            return Err(unsupported("qcow2 with an external data file".into()));
+        }
+        be32(100) as usize
+    } else {
+        72
+    };
+    let mut backing_format = None;
+    let mut at = header_len;
+    while at + 8 <= h.len() {
+        let (kind, len) = (be32(at), be32(at + 4) as usize);
+        if kind == 0 {
+            break;
+        }
+        let data = h.get(at + 8..at + 8 + len);
+        match (kind, data) {
+            (EXT_BACKING_FORMAT, Some(d)) => {
+                backing_format = Some(String::from_utf8_lossy(d).into_owned());
+            }
+            (EXT_DATA_FILE, _) => {
+                return Err(unsupported("qcow2 with an external data file".into()));
+            }
+            _ => {}
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    }
+    let (backing_offset, backing_len) = (be64(8), be32(16));
+    let backing_file = if backing_offset == 0 || backing_len == 0 {
+        None
+    } else if backing_len > 1023 {
+        return Err(ImageError::Unreadable {
+            path: path.to_owned(),
+            detail: format!("backing file name of {backing_len} bytes"),
+        });
+    } else {
+        let mut name = vec![0u8; backing_len as usize];
+        file.read_exact_at(&mut name, backing_offset)
+            .map_err(|e| ImageError::Unreadable {
+                path: path.to_owned(),
+                detail: format!("backing file name: {e}"),
+            })?;
+        Some(String::from_utf8_lossy(&name).into_owned())
+    };
+    Ok(Header {
+        magic: Magic::Qcow2,
+        virtual_size: be64(24),
+        actual_size,
+        backing_file,
+        backing_format,
+    })
+}
+
+/// Opens the canonical `path` without following a symlink in its last
+/// component (`O_NOFOLLOW`), then checks through `/proc/self/fd` that the
+/// file opened is at `path` (no folder on the way was swapped for a link
+/// since it was resolved). The file is then what QEMU gets, by descriptor.
+pub fn open_verified(path: &Path, writable: bool) -> Result<File, ImageError> {
+    let open = |noatime: i32| {
+        File::options()
+            .read(true)
+            .write(writable)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY | noatime)
+            .open(path)
+    };
+    // Checking a file must not move its access time (a copy keeps it like
+    // `cp -p`); O_NOATIME needs ownership or CAP_FOWNER.
+    let file = match open(libc::O_NOATIME) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => open(0),
+        other => other,
+    }
+    .map_err(|source| {
+        if source.raw_os_error() == Some(libc::ELOOP) {
+            ImageError::Changed {
+                path: path.to_owned(),
+            }
+        } else {
+            ImageError::NotFound {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })?;
+    let opened = fd_path(&file).map_err(io_err(format!("cannot check {}", path.display())))?;
+    if opened != path {
+        return Err(ImageError::Changed {
+            path: path.to_owned(),
+        });
+    }
+    Ok(file)
+}
+
+/// Where an open file is, as the kernel knows it.
+pub fn fd_path(file: &File) -> io::Result<PathBuf> {
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
 
 /// What `info` says about a qcow2, read from its header without spawning
 /// `qemu-img` (which costs more than the rest of a VM start). Format,
@@ -24,47 +277,20 @@ pub fn probe(qemu_img: &Path, path: &Path) -> Result<ImageInfo, ImageError> {
         path: path.to_owned(),
         source,
     })?;
-    let mut header = [0u8; 104];
-    let n = file.read_at(&mut header, 0).unwrap_or(0);
-    if n < 72 || header[..4] != QCOW2_MAGIC {
+    let mut first = [0u8; 4];
+    let n = file.read_at(&mut first, 0).unwrap_or(0);
+    if n < 4 || Magic::of(&first) != Magic::Qcow2 {
         return info(qemu_img, path);
     }
-    let be64 = |at: usize| u64::from_be_bytes(header[at..at + 8].try_into().unwrap_or([0; 8]));
-    let be32 = |at: usize| u32::from_be_bytes(header[at..at + 4].try_into().unwrap_or([0; 4]));
-    let version = be32(4);
-    if version == 3 && n >= 104 && be64(72) & QCOW2_EXTERNAL_DATA_FILE != 0 {
-        return Err(ImageError::UnsupportedFormat {
-            path: path.to_owned(),
-            format: "qcow2 with an external data file".into(),
-        });
-    }
-    if !(version == 2 || version == 3) {
-        return info(qemu_img, path);
-    }
-    let (backing_offset, backing_len) = (be64(8), be32(16));
-    let backing_file = if backing_offset == 0 || backing_len == 0 {
-        None
-    } else if backing_len > 1023 {
-        return info(qemu_img, path);
-    } else {
-        let mut name = vec![0u8; backing_len as usize];
-        file.read_exact_at(&mut name, backing_offset)
-            .map_err(|e| ImageError::Unreadable {
-                path: path.to_owned(),
-                detail: format!("backing file name: {e}"),
-            })?;
-        Some(String::from_utf8_lossy(&name).into_owned())
-    };
-    let meta = file
-        .metadata()
-        .map_err(io_err(format!("stat {}", path.display())))?;
+    let h = read_header(&file, path)?;
     Ok(ImageInfo {
         format: ImageFormat::Qcow2,
-        virtual_size: be64(24),
-        actual_size: Some(meta.blocks() * 512),
-        backing_file,
+        virtual_size: h.virtual_size,
+        actual_size: Some(h.actual_size),
+        backing_file: h.backing_file,
     })
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,12 @@ use std::time::{Duration, Instant};
 use super::atomic::{
     copy_contents, keep_mode_and_times, remove_stale_partials, split_dest, Partial,
 };
-use super::qemu_img::{info_as, qemu_img_do, resize};
+use std::os::fd::AsRawFd;
+
+use serde_json::{json, Value};
+
+use super::policy::{Chain, ChainFile};
+use super::qemu_img::{info_as, qemu_img_do, resize, run_qemu_img_keeping};
 use super::{io_err, round_up_sector, ImageError, ImageFormat, ImageInfo};
 
 /// How `provision` makes the root disk.
@@ -37,7 +42,7 @@ pub struct ProvisionReport {
 // ---------------------------------------------------------------------------
 // provision
 
-/// Makes `dest` from `source` (whose `info` is `source_info`), atomically:
+/// Makes `dest` from the checked chain `source`, atomically:
 /// the work happens in `.<dest name>.partial-<random>` next to `dest`, which
 /// is fsynced and renamed onto `dest` (never replacing an existing file);
 /// the folder is then fsynced. On error nothing is left. Stale partial files
@@ -48,13 +53,14 @@ pub struct ProvisionReport {
 ///   stay holes), else read/write. Permissions (plus owner write, so the VM
 ///   can write its disk) and access/modification times are kept like `cp -p`.
 /// - Copy of a raw image, or of a qcow2 with a backing file (flattened):
-///   `qemu-img convert` to qcow2.
+///   `qemu-img convert` to qcow2, reading the very files that were checked
+///   (by descriptor, `/dev/fd/N`) through an explicit graph (`json:` with
+///   every `backing` given), so qemu-img never follows a header itself.
 /// - Overlay: a qcow2 whose backing file is the absolute source.
 /// - `grow_to`: the result is grown to it when smaller (never shrunk).
 pub fn provision(
     qemu_img: &Path,
-    source: &Path,
-    source_info: &ImageInfo,
+    source: &Chain,
     dest: &Path,
     mode: Provision,
     grow_to: Option<u64>,
@@ -64,10 +70,15 @@ pub fn provision(
     if fs::symlink_metadata(&dest).is_ok() {
         return Err(ImageError::Exists { path: dest });
     }
-    let source = fs::canonicalize(source).map_err(|e| ImageError::NotFound {
-        path: source.to_path_buf(),
-        source: e,
-    })?;
+    let top = source.top();
+    let source_info = ImageInfo {
+        format: top.format,
+        virtual_size: top.virtual_size,
+        actual_size: Some(top.actual_size),
+        backing_file: top.backing_file.clone(),
+    };
+    let chain = source;
+    let source = top.path.clone();
     remove_stale_partials(&dir, &name);
     let (tmp, tmp_file) = Partial::create(&dir, &name)?;
     let src_fmt = source_info.format.as_str();
@@ -77,17 +88,14 @@ pub fn provision(
         Provision::Copy
             if source_info.format == ImageFormat::Qcow2 && source_info.backing_file.is_none() =>
         {
-            let src = File::open(&source).map_err(|e| ImageError::NotFound {
-                path: source.clone(),
-                source: e,
-            })?;
+            let src: &File = &top.file;
             let meta = src
                 .metadata()
                 .map_err(io_err(format!("cannot stat {}", source.display())))?;
             if !meta.is_file() {
                 return Err(ImageError::NotAFile { path: source });
             }
-            let method = copy_contents(&src, &tmp_file, meta.len(), true).map_err(io_err(
+            let method = copy_contents(src, &tmp_file, meta.len(), true).map_err(io_err(
                 format!("cannot copy {} to {}", source.display(), dir.display()),
             ))?;
             copied_meta = Some(meta);
@@ -95,19 +103,23 @@ pub fn provision(
             (method, source_info.clone())
         }
         Provision::Copy => {
-            qemu_img_do(
+            let spec = json_spec(chain);
+            let fds = chain.files.iter().map(|f| f.file.as_raw_fd()).collect();
+            run_qemu_img_keeping(
                 qemu_img,
-                "convert",
                 &[
                     "convert".as_ref(),
-                    "-f".as_ref(),
-                    src_fmt.as_ref(),
                     "-O".as_ref(),
                     "qcow2".as_ref(),
-                    source.as_os_str(),
+                    spec.as_ref(),
                     tmp.path.as_os_str(),
                 ],
-            )?;
+                fds,
+            )?
+            .map_err(|detail| ImageError::QemuImg {
+                action: "convert".into(),
+                detail,
+            })?;
             (
                 "convert",
                 info_as(qemu_img, &tmp.path, Some(ImageFormat::Qcow2))?,
@@ -177,11 +189,48 @@ pub fn provision(
     })
 }
 
+/// The checked chain as a `json:` filename for qemu-img: every file by
+/// descriptor, every `backing` explicit (null at the bottom).
+fn json_spec(chain: &Chain) -> String {
+    fn node(files: &[ChainFile]) -> Value {
+        let Some(f) = files.first() else {
+            return Value::Null;
+        };
+        let mut v = json!({
+            "driver": f.format.as_str(),
+            "file": {
+                "driver": "file",
+                "filename": format!("/dev/fd/{}", f.file.as_raw_fd()),
+            },
+        });
+        if f.format == ImageFormat::Qcow2 {
+            v["backing"] = node(&files[1..]);
+        }
+        v
+    }
+    format!("json:{}", node(&chain.files))
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::qemu_img::create_empty;
     use super::*;
     use crate::operator::image::testutil::*;
+
+    /// `provision` from the chain of `src` as `ImagePolicy` checks it (the
+    /// source's own folder allowed). `_info` is what the caller believes.
+    fn prov(
+        src: &Path,
+        _info: &ImageInfo,
+        dest: &Path,
+        mode: Provision,
+        grow: Option<u64>,
+    ) -> Result<ProvisionReport, ImageError> {
+        let dir = fs::canonicalize(src.parent().unwrap()).unwrap();
+        let policy = crate::operator::image::ImagePolicy::new(vec![dir], None);
+        let chain = policy.open_chain(src, crate::operator::image::Top::Trusted, None, false)?;
+        provision(&qimg(), &chain, dest, mode, grow)
+    }
     use std::io::Write;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     use std::time::Duration;
@@ -206,7 +255,7 @@ mod tests {
         fs::create_dir_all(&vm).unwrap();
         let dest = vm.join("root.qcow2");
 
-        let r = provision(&qimg(), &src, &src_info, &dest, Provision::Copy, None).unwrap();
+        let r = prov(&src, &src_info, &dest, Provision::Copy, None).unwrap();
         assert!(
             ["reflink", "copy_file_range"].contains(&r.method),
             "{}",
@@ -249,8 +298,7 @@ mod tests {
         let src = data_qcow2(d.path(), "ro.qcow2", 1);
         fs::set_permissions(&src, fs::Permissions::from_mode(0o444)).unwrap();
         let dest = d.path().join("root.qcow2");
-        provision(
-            &qimg(),
+        prov(
             &src,
             &info(&qimg(), &src).unwrap(),
             &dest,
@@ -272,7 +320,7 @@ mod tests {
         let src_info = info(&qimg(), &src).unwrap();
         assert_eq!(src_info.format, ImageFormat::Raw);
         let dest = d.path().join("root.qcow2");
-        let r = provision(&qimg(), &src, &src_info, &dest, Provision::Copy, None).unwrap();
+        let r = prov(&src, &src_info, &dest, Provision::Copy, None).unwrap();
         assert_eq!(r.method, "convert");
         assert_eq!(r.info.format, ImageFormat::Qcow2);
         assert_eq!(r.info.virtual_size, 2 << 20);
@@ -303,7 +351,7 @@ mod tests {
         let vm = d.path().join("vm");
         fs::create_dir(&vm).unwrap();
         let dest = vm.join("root.qcow2");
-        let r = provision(&qimg(), &top, &top_info, &dest, Provision::Copy, None).unwrap();
+        let r = prov(&top, &top_info, &dest, Provision::Copy, None).unwrap();
         assert_eq!(r.method, "convert");
         assert_eq!(r.info.backing_file, None);
         assert!(same_contents(&base, "qcow2", &dest, "qcow2"));
@@ -318,8 +366,7 @@ mod tests {
         let dest = vm.join("root.qcow2");
         // Given through a relative-looking path with `..`.
         let via = vm.join("../default.qcow2");
-        let r = provision(
-            &qimg(),
+        let r = prov(
             &via,
             &info(&qimg(), &src).unwrap(),
             &dest,
@@ -341,8 +388,7 @@ mod tests {
         let raw = d.path().join("disk.img");
         fs::write(&raw, random_bytes(1 << 20)).unwrap();
         let dest2 = vm.join("root2.qcow2");
-        provision(
-            &qimg(),
+        prov(
             &raw,
             &info(&qimg(), &raw).unwrap(),
             &dest2,
@@ -368,28 +414,20 @@ mod tests {
         let src = data_qcow2(d.path(), "default.qcow2", 2);
         let si = info(&qimg(), &src).unwrap();
         let big = d.path().join("big.qcow2");
-        let r = provision(&qimg(), &src, &si, &big, Provision::Copy, Some(10 << 20)).unwrap();
+        let r = prov(&src, &si, &big, Provision::Copy, Some(10 << 20)).unwrap();
         assert_eq!(r.info.virtual_size, 10 << 20);
         assert_eq!(info(&qimg(), &big).unwrap().virtual_size, 10 << 20);
         // Unaligned sizes round up to a sector.
         let odd = d.path().join("odd.qcow2");
-        let r = provision(
-            &qimg(),
-            &src,
-            &si,
-            &odd,
-            Provision::Copy,
-            Some((3 << 20) + 1),
-        )
-        .unwrap();
+        let r = prov(&src, &si, &odd, Provision::Copy, Some((3 << 20) + 1)).unwrap();
         assert_eq!(r.info.virtual_size, (3 << 20) + 512);
         let small = d.path().join("small.qcow2");
-        let r = provision(&qimg(), &src, &si, &small, Provision::Copy, Some(1 << 20)).unwrap();
+        let r = prov(&src, &si, &small, Provision::Copy, Some(1 << 20)).unwrap();
         assert_eq!(r.info.virtual_size, 2 << 20);
         assert_eq!(fs::read(&small).unwrap(), fs::read(&src).unwrap());
         assert_eq!(info(&qimg(), &small).unwrap().virtual_size, 2 << 20);
         let ov = d.path().join("ov.qcow2");
-        let r = provision(&qimg(), &src, &si, &ov, Provision::Overlay, Some(8 << 20)).unwrap();
+        let r = prov(&src, &si, &ov, Provision::Overlay, Some(8 << 20)).unwrap();
         assert_eq!(r.info.virtual_size, 8 << 20);
         assert_eq!(info(&qimg(), &src).unwrap().virtual_size, 2 << 20);
     }
@@ -405,14 +443,13 @@ mod tests {
         fs::write(vm.join(".root.qcow2.partial-x"), b"half").unwrap();
         fs::write(vm.join(".data.qcow2.partial-1"), b"other").unwrap();
         let dest = vm.join("root.qcow2");
-        provision(&qimg(), &src, &si, &dest, Provision::Copy, None).unwrap();
+        prov(&src, &si, &dest, Provision::Copy, None).unwrap();
         assert_eq!(partials(&vm), vec![".data.qcow2.partial-1".to_string()]);
 
         // dest exists: refused, untouched.
         let before = fs::read(&dest).unwrap();
         let other = data_qcow2(d.path(), "other.qcow2", 1);
-        let e = provision(
-            &qimg(),
+        let e = prov(
             &other,
             &info(&qimg(), &other).unwrap(),
             &dest,
@@ -433,8 +470,7 @@ mod tests {
         // Missing destination folder.
         let src = data_qcow2(d.path(), "default.qcow2", 1);
         let si = info(&qimg(), &src).unwrap();
-        let e = provision(
-            &qimg(),
+        let e = prov(
             &src,
             &si,
             &d.path().join("nope/root.qcow2"),
@@ -451,34 +487,31 @@ mod tests {
         let vm = d.path().join("vm");
         fs::create_dir(&vm).unwrap();
         let gone = d.path().join("gone.qcow2");
-        let e = provision(
-            &qimg(),
-            &gone,
-            &si,
-            &vm.join("root.qcow2"),
-            Provision::Copy,
-            None,
-        )
-        .unwrap_err();
+        let e = prov(&gone, &si, &vm.join("root.qcow2"), Provision::Copy, None).unwrap_err();
         assert!(matches!(e, ImageError::NotFound { .. }), "{e}");
-        // qemu-img fails: flattening a broken qcow2.
+        // A header vman cannot use: refused before anything is made.
         let broken = d.path().join("broken.qcow2");
         let mut bytes = b"QFI\xfb\x00\x00\x00\x07".to_vec();
         bytes.resize(4096, 0xee);
         fs::write(&broken, bytes).unwrap();
-        let overlay_info = ImageInfo {
-            backing_file: Some("base.qcow2".into()),
-            ..si.clone()
-        };
-        let e = provision(
-            &qimg(),
-            &broken,
-            &overlay_info,
-            &vm.join("root.qcow2"),
-            Provision::Copy,
-            None,
-        )
-        .unwrap_err();
+        let e = prov(&broken, &si, &vm.join("root.qcow2"), Provision::Copy, None).unwrap_err();
+        assert!(matches!(e, ImageError::UnsupportedFormat { .. }), "{e}");
+        // qemu-img fails: flattening an overlay whose cluster size is absurd.
+        let top = d.path().join("top.qcow2");
+        let out = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&src)
+            .arg(&top)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        File::options()
+            .write(true)
+            .open(&top)
+            .unwrap()
+            .write_all_at(&30u32.to_be_bytes(), 20)
+            .unwrap();
+        let e = prov(&top, &si, &vm.join("root.qcow2"), Provision::Copy, None).unwrap_err();
         assert!(matches!(e, ImageError::QemuImg { .. }), "{e}");
         assert!(
             fs::read_dir(&vm).unwrap().next().is_none(),
@@ -533,7 +566,7 @@ mod tests {
             (&raw, &ri, Provision::Copy),
             (&src, &si, Provision::Overlay),
         ] {
-            let r = provision(&qimg(), s, i, &dest, mode, Some(64 << 30));
+            let r = prov(s, i, &dest, mode, Some(64 << 30));
             if mode == Provision::Overlay {
                 // An overlay fits; only its growth is metadata.
                 r.unwrap();

@@ -80,7 +80,25 @@ pub(super) fn run_qemu_img(
     qemu_img: &Path,
     args: &[&OsStr],
 ) -> Result<Result<Vec<u8>, String>, ImageError> {
-    let out = qemu_img_command(qemu_img)
+    run_qemu_img_keeping(qemu_img, args, Vec::new())
+}
+
+/// `run_qemu_img` with `fds` inherited by qemu-img (named `/dev/fd/N` in
+/// its arguments).
+pub(super) fn run_qemu_img_keeping(
+    qemu_img: &Path,
+    args: &[&OsStr],
+    fds: Vec<std::os::fd::RawFd>,
+) -> Result<Result<Vec<u8>, String>, ImageError> {
+    let mut cmd = qemu_img_command(qemu_img);
+    if !fds.is_empty() {
+        // SAFETY: the closure only calls fcntl (async-signal-safe) on
+        // numbers in a vector allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || crate::operator::process::inherit_fds(&fds));
+        }
+    }
+    let out = cmd
         .args(args)
         .output()
         .map_err(|source| ImageError::Spawn {
