@@ -7,6 +7,7 @@
 mod common;
 mod disks;
 mod harness;
+mod hostile_images;
 mod lifecycle;
 mod rootdisk;
 mod supervision;
