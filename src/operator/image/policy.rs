@@ -463,4 +463,203 @@ mod tests {
             "{e}"
         );
     }
+
+    // ---- open_chain
+
+    fn qi(args: &[&str]) {
+        qemu_img_ok(args);
+    }
+
+    fn p(x: &Path) -> &str {
+        x.to_str().unwrap()
+    }
+
+    /// An image folder, an outside folder, and a policy allowing the first.
+    fn dirs() -> (TempDir, PathBuf, PathBuf, ImagePolicy) {
+        let d = TempDir::new().unwrap();
+        let images = fs::canonicalize(d.path()).unwrap().join("images");
+        let outside = fs::canonicalize(d.path()).unwrap().join("outside");
+        fs::create_dir_all(&images).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        let policy = ImagePolicy::new(vec![images.clone()], None);
+        (d, images, outside, policy)
+    }
+
+    fn overlay(top: &Path, backing: &str, fmt: &str) {
+        qi(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-F",
+            fmt,
+            "-b",
+            backing,
+            p(top),
+            "4M",
+        ]);
+    }
+
+    #[test]
+    fn open_chain_follows_a_chain_and_keeps_each_file_open() {
+        let (_d, images, _o, policy) = dirs();
+        let base = images.join("base.img");
+        fs::write(&base, vec![0u8; 4 << 20]).unwrap();
+        let mid = images.join("mid.qcow2");
+        overlay(&mid, "base.img", "raw");
+        let top = images.join("top.qcow2");
+        overlay(&top, p(&mid), "qcow2");
+        // Through a symlink inside: resolved.
+        symlink(&top, images.join("link.qcow2")).unwrap();
+        let chain = policy
+            .open_chain(&images.join("link.qcow2"), Top::User, None, true)
+            .unwrap();
+        let got: Vec<(PathBuf, ImageFormat)> = chain
+            .files
+            .iter()
+            .map(|f| (f.path.clone(), f.format))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (top.clone(), ImageFormat::Qcow2),
+                (mid.clone(), ImageFormat::Qcow2),
+                (base.clone(), ImageFormat::Raw),
+            ]
+        );
+        for f in &chain.files {
+            assert_eq!(super::super::probe::fd_path(&f.file).unwrap(), f.path);
+        }
+        assert_eq!(chain.top().virtual_size, 4 << 20);
+        // Top read-write, backing files read-only.
+        let mode = |f: &File| unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(f), libc::F_GETFL) } & libc::O_ACCMODE;
+        assert_eq!(mode(&chain.files[0].file), libc::O_RDWR);
+        assert_eq!(mode(&chain.files[1].file), libc::O_RDONLY);
+    }
+
+    #[test]
+    fn open_chain_refuses_hostile_chains() {
+        let (_d, images, outside, policy) = dirs();
+        let secret = outside.join("secret.qcow2");
+        qi(&["create", "-q", "-f", "qcow2", p(&secret), "4M"]);
+        let refused = |path: &Path, pinned, says: &str| {
+            let e = policy
+                .open_chain(path, Top::User, pinned, false)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{}: {e}", path.display());
+        };
+        let out = images.join("out.qcow2");
+        overlay(&out, p(&secret), "qcow2");
+        refused(&out, None, "has a backing file that is refused");
+        refused(&out, None, "outside the allowed image folders");
+        let js = images.join("js.qcow2");
+        overlay(
+            &js,
+            r#"json:{"driver":"file","filename":"/etc/passwd"}"#,
+            "raw",
+        );
+        refused(&js, None, "not protocols or json");
+        let (a, b) = (images.join("a.qcow2"), images.join("b.qcow2"));
+        overlay(&a, "b.qcow2", "qcow2");
+        overlay(&b, "a.qcow2", "qcow2");
+        refused(&a, None, "loops");
+        symlink("l2", images.join("l1")).unwrap();
+        symlink("l1", images.join("l2")).unwrap();
+        refused(&images.join("l1"), None, "symbolic links");
+        let fmt = images.join("fmt.qcow2");
+        overlay(&fmt, "a.qcow2", "vmdk");
+        refused(&fmt, None, "is a vmdk image");
+        // Depth: 16 files pass, 17 do not.
+        let mut below = images.join("c00.qcow2");
+        qi(&["create", "-q", "-f", "qcow2", p(&below), "4M"]);
+        for i in 1..MAX_CHAIN_FILES + 1 {
+            let next = images.join(format!("c{i:02}.qcow2"));
+            overlay(&next, p(&below), "qcow2");
+            if i == MAX_CHAIN_FILES - 1 {
+                let c = policy.open_chain(&next, Top::User, None, false).unwrap();
+                assert_eq!(c.files.len(), MAX_CHAIN_FILES);
+            }
+            below = next;
+        }
+        refused(&below, None, "more than 16 files");
+        // Pinned formats.
+        let raw = images.join("raw.img");
+        fs::write(&raw, vec![0u8; 1 << 20]).unwrap();
+        policy
+            .open_chain(&raw, Top::User, Some(ImageFormat::Raw), false)
+            .unwrap();
+        fs::write(&raw, fs::read(&out).unwrap()).unwrap();
+        refused(
+            &raw,
+            Some(ImageFormat::Raw),
+            "was accepted as a raw image but now starts with a qcow2 header",
+        );
+        let vmdk = images.join("x.vmdk");
+        qi(&["create", "-q", "-f", "vmdk", p(&vmdk), "4M"]);
+        refused(
+            &vmdk,
+            Some(ImageFormat::Qcow2),
+            "was accepted as a qcow2 image but is now vmdk",
+        );
+        refused(&vmdk, None, "is a vmdk image");
+        // A backing file declared raw that starts with a qcow2 header.
+        let over_raw = images.join("over-raw.qcow2");
+        overlay(&over_raw, p(&raw), "raw");
+        refused(
+            &over_raw,
+            None,
+            "was accepted as a raw image but now starts",
+        );
+    }
+
+    #[test]
+    fn the_default_boot_disk_is_a_fine_backing_file_wherever_it_is() {
+        let (_d, images, outside, _) = dirs();
+        let default = outside.join("default.qcow2");
+        qi(&["create", "-q", "-f", "qcow2", p(&default), "4M"]);
+        let policy = ImagePolicy::new(vec![images.clone()], Some(&default));
+        assert_eq!(
+            policy.default_boot_disk(),
+            Some((default.clone(), Some(ImageFormat::Qcow2)))
+        );
+        let root = images.join("root.qcow2");
+        overlay(&root, p(&default), "qcow2");
+        let chain = policy
+            .open_chain(&root, Top::Trusted, Some(ImageFormat::Qcow2), true)
+            .unwrap();
+        assert_eq!(chain.files[1].path, default);
+        // Not as a user-given path, though.
+        let e = policy
+            .open_chain(&default, Top::User, None, false)
+            .unwrap_err();
+        assert!(matches!(e, ImageError::NotAllowed { .. }), "{e}");
+    }
+
+    /// Issue 9, hole 3: what was checked is what is opened. A folder on the
+    /// way swapped for a symlink after the path was resolved, or a symlink
+    /// put in place of the file, is refused, not followed.
+    #[test]
+    fn hole3_open_verified_refuses_swapped_paths() {
+        let (_d, images, outside, _) = dirs();
+        let sub = images.join("sub");
+        fs::create_dir(&sub).unwrap();
+        fs::write(sub.join("a.img"), vec![0u8; 512]).unwrap();
+        fs::write(outside.join("a.img"), vec![1u8; 512]).unwrap();
+        let checked = sub.join("a.img");
+        super::super::probe::open_verified(&checked, false).unwrap();
+        // The folder becomes a link to the outside folder.
+        fs::rename(&sub, images.join("sub.old")).unwrap();
+        symlink(&outside, &sub).unwrap();
+        let e = super::super::probe::open_verified(&checked, false).unwrap_err();
+        assert!(matches!(e, ImageError::Changed { .. }), "{e}");
+        // The file itself becomes a link.
+        fs::remove_file(&sub).unwrap();
+        fs::create_dir(&sub).unwrap();
+        symlink(outside.join("a.img"), &checked).unwrap();
+        let e = super::super::probe::open_verified(&checked, false).unwrap_err();
+        assert!(matches!(e, ImageError::Changed { .. }), "{e}");
+        assert!(e.to_string().contains("changed while it was being checked"));
+    }
 }

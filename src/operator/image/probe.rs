@@ -337,4 +337,72 @@ mod tests {
             Err(ImageError::UnsupportedFormat { .. })
         ));
     }
+
+    #[test]
+    fn magic_names_every_known_format() {
+        let at = |off: usize, bytes: &[u8]| {
+            let mut b = vec![0u8; 128];
+            b[off..off + bytes.len()].copy_from_slice(bytes);
+            Magic::of(&b)
+        };
+        assert_eq!(at(0, b"QFI\xfb"), Magic::Qcow2);
+        for (off, bytes, name) in [
+            (0, &b"KDMV"[..], "vmdk"),
+            (0, b"# Disk DescriptorFile", "vmdk"),
+            (0, b"QED\0", "qed"),
+            (0, b"vhdxfile", "vhdx"),
+            (0, b"conectix", "vpc"),
+            (0, b"LUKS\xba\xbe", "luks"),
+            (64, b"\x7f\x10\xda\xbe", "vdi"),
+        ] {
+            assert_eq!(at(off, bytes), Magic::Other(name), "{name}");
+        }
+        assert_eq!(at(0, b"\xeb\x63\x90"), Magic::None);
+        assert_eq!(Magic::of(b""), Magic::None);
+        assert_eq!(Magic::of(b"QF"), Magic::None);
+    }
+
+    #[test]
+    fn read_header_reads_the_declared_backing_format_and_refuses_the_rest() {
+        let d = TempDir::new().unwrap();
+        let base = d.path().join("base.qcow2");
+        let top = d.path().join("top.qcow2");
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]);
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            top.to_str().unwrap(),
+        ]);
+        let h = read_header(&File::open(&top).unwrap(), &top).unwrap();
+        assert_eq!(h.magic, Magic::Qcow2);
+        assert_eq!(h.backing_file.as_deref(), Some("base.qcow2"));
+        assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(h.virtual_size, 1 << 20);
+        // Encrypted (crypt_method = 1): refused.
+        let mut bytes = fs::read(&base).unwrap();
+        bytes[35] = 1;
+        let enc = d.path().join("enc.qcow2");
+        fs::write(&enc, bytes).unwrap();
+        let e = read_header(&File::open(&enc).unwrap(), &enc).unwrap_err();
+        assert!(e.to_string().contains("encrypted qcow2"), "{e}");
+        // A vmdk, a text file, an empty file.
+        let vmdk = d.path().join("a.vmdk");
+        qemu_img_ok(&["create", "-q", "-f", "vmdk", vmdk.to_str().unwrap(), "1M"]);
+        let e = read_header(&File::open(&vmdk).unwrap(), &vmdk).unwrap_err();
+        assert!(e.to_string().contains("is a vmdk image"), "{e}");
+        let txt = d.path().join("a.txt");
+        fs::write(&txt, "hello\n".repeat(100) + "\n\n\n\n\n\n\n\n\n\n\n\n").unwrap();
+        let e = read_header(&File::open(&txt).unwrap(), &txt).unwrap_err();
+        assert!(e.to_string().contains("not a disk image"), "{e}");
+        let raw = d.path().join("a.img");
+        fs::write(&raw, vec![0u8; 4096]).unwrap();
+        let h = read_header(&File::open(&raw).unwrap(), &raw).unwrap();
+        assert_eq!((h.magic, h.virtual_size), (Magic::None, 4096));
+    }
 }

@@ -595,4 +595,53 @@ mod tests {
         fs::remove_file(tiny.0.join("filler")).unwrap();
         assert!(fs::read_dir(&tiny.0).unwrap().next().is_none());
     }
+
+    /// Issue 9, hole 3 for qemu-img: flattening reads the files that were
+    /// checked, by descriptor, with every backing explicit. A header
+    /// rebased onto another file after the check changes nothing.
+    #[test]
+    fn hole3_convert_reads_the_checked_chain_not_the_header() {
+        let d = TempDir::new().unwrap();
+        let base = data_qcow2(d.path(), "base.qcow2", 1);
+        let other = data_qcow2(d.path(), "other.qcow2", 1);
+        let top = d.path().join("top.qcow2");
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            top.to_str().unwrap(),
+        ]);
+        let dir = fs::canonicalize(d.path()).unwrap();
+        let policy = crate::operator::image::ImagePolicy::new(vec![dir], None);
+        let chain = policy
+            .open_chain(&top, crate::operator::image::Top::User, None, false)
+            .unwrap();
+        assert_eq!(chain.files.len(), 2);
+        qemu_img_ok(&[
+            "rebase",
+            "-u",
+            "-F",
+            "qcow2",
+            "-b",
+            "other.qcow2",
+            top.to_str().unwrap(),
+        ]);
+        let dest = d.path().join("root.qcow2");
+        let r = provision(&qimg(), &chain, &dest, Provision::Copy, None).unwrap();
+        assert_eq!(r.method, "convert");
+        assert!(same_contents(&base, "qcow2", &dest, "qcow2"));
+        assert!(!same_contents(&other, "qcow2", &dest, "qcow2"));
+        let spec = json_spec(&chain);
+        assert!(spec.starts_with("json:"), "{spec}");
+        assert!(
+            !spec.contains("base.qcow2") && spec.contains("/dev/fd/"),
+            "{spec}"
+        );
+        assert!(spec.contains(r#""backing":null"#), "{spec}");
+    }
 }
