@@ -110,9 +110,12 @@ pub fn choose(
     }
     if paths.root.exists() {
         // Pinned when vman made it or first used it.
-        let pinned = vm
-            .root_disk_format
-            .filter(|_| vm.root_disk_path.as_deref() == paths.root.to_str());
+        let canonical = paths.root.canonicalize().ok();
+        let pinned = vm.root_disk_format.filter(|_| {
+            vm.root_disk_path.as_deref().is_some_and(|p| {
+                Path::new(p) == paths.root || Some(Path::new(p)) == canonical.as_deref()
+            })
+        });
         let chain = policy
             .open_chain(&paths.root, Top::Trusted, pinned, true)
             .map_err(refused)?;

@@ -388,11 +388,20 @@ fn hot_plug_and_unplug_are_seen_by_the_guest() {
             .success();
         assert!(ok, "qemu-img {args:?}");
     };
-    qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", "/nonexistent/base.qcow2"]);
+    qemu_img(&[
+        "rebase",
+        "-u",
+        "-F",
+        "qcow2",
+        "-b",
+        "/nonexistent/base.qcow2",
+    ]);
     let (s, b) = attach(&vman, "broken", "hp");
     assert_eq!(s, 400, "{b}");
     assert!(
-        b["detail"].as_str().is_some_and(|d| d.contains("backing file")),
+        b["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("backing file")),
         "{b}"
     );
     qemu_img(&["rebase", "-u", "-b", ""]);

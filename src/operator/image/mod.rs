@@ -24,7 +24,7 @@ use serde::Serialize;
 
 pub use crate::model::ImageFormat;
 
-pub use policy::{resolve_allowed, Chain, ChainFile, ImagePolicy, Top, MAX_CHAIN_FILES};
+pub use policy::{Chain, ChainFile, ImagePolicy, Top, MAX_CHAIN_FILES};
 pub use probe::probe;
 pub use probe::{Header, Magic};
 pub use provision::{provision, Provision, ProvisionReport};

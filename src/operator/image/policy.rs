@@ -322,7 +322,8 @@ impl ImagePolicy {
     }
 }
 
-/// Checks `path` for the (deprecated) free-function callers and tests.
+/// `ImagePolicy::resolve` with a policy of these folders (for tests).
+#[cfg(test)]
 pub fn resolve_allowed(path: &Path, allowed_dirs: &[PathBuf]) -> Result<PathBuf, ImageError> {
     ImagePolicy::new(allowed_dirs.to_vec(), None).resolve(path)
 }
