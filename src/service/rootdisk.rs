@@ -205,3 +205,188 @@ pub fn choose(
     }
     Ok(root)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Name, Template, VmState};
+    use clap::Parser;
+    use std::process::Command;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn qemu_img(args: &[&str]) {
+        let out = Command::new("qemu-img").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn s(p: &Path) -> &str {
+        p.to_str().unwrap()
+    }
+
+    struct World {
+        _d: tempfile::TempDir,
+        storage: PathBuf,
+        images: PathBuf,
+        outside: PathBuf,
+        default: PathBuf,
+    }
+
+    fn world() -> World {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        let storage = root.join("storage");
+        let images = storage.join("templates");
+        let outside = root.join("outside");
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let default = images.join("default.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&default), "8M"]);
+        World {
+            _d: d,
+            storage,
+            images,
+            outside,
+            default,
+        }
+    }
+
+    fn config(w: &World, default: &Path) -> Config {
+        Wrap::try_parse_from([
+            "vman",
+            "--storage-path",
+            s(&w.storage),
+            "--default-boot-disk",
+            s(default),
+            "--image-dirs",
+            s(&w.images),
+            "--boot-disk-mode",
+            "copy",
+        ])
+        .unwrap()
+        .config
+    }
+
+    fn vm(id: &str, qcow2_path: Option<&Path>, boot_disk: Option<&Path>) -> Vm {
+        Vm {
+            id: Name::parse("id", id).unwrap(),
+            template: Template {
+                name: Name::parse("t", "t").unwrap(),
+                cpu_count: 1,
+                ram_mib: 64,
+                disk_size_gb: None,
+                created_at: String::new(),
+            },
+            state: VmState::Stopped,
+            local_ip: None,
+            qcow2_path: qcow2_path.map(|p| s(p).to_owned()),
+            boot_disk: boot_disk.map(|p| s(p).to_owned()),
+            qcow2_path_format: None,
+            boot_disk_format: None,
+            root_disk_format: None,
+            root_disk_source: None,
+            root_disk_path: None,
+            root_disk_size: None,
+            pid: None,
+            last_error: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    fn choose_for(c: &Config, v: &Vm) -> Result<RootDisk, ServiceError> {
+        let policy = ImagePolicy::from_config(c);
+        choose(c, &policy, v, &VmPaths::new(&c.vms_dir(), v.id.as_str()))
+    }
+
+    #[test]
+    fn precedence_explicit_existing_boot_disk_default_empty() {
+        let w = world();
+        let c = config(&w, &w.default);
+        let own = w.images.join("own.img");
+        std::fs::write(&own, vec![0u8; 1 << 20]).unwrap();
+        // 1. explicit, used as is, its format to pin.
+        let r = choose_for(&c, &vm("a", Some(&own), Some(&w.default))).unwrap();
+        assert_eq!(
+            (r.source, r.format),
+            (RootDiskSource::Explicit, ImageFormat::Raw)
+        );
+        assert_eq!(r.path, own);
+        assert_eq!(r.pin_qcow2_path, Some(ImageFormat::Raw));
+        assert!(!c.vms_dir().join("a").exists());
+        // 3. boot_disk copied (before an existing root disk exists).
+        let bd = w.images.join("bd.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&bd), "4M"]);
+        let r = choose_for(&c, &vm("b", None, Some(&bd))).unwrap();
+        assert_eq!(r.source, RootDiskSource::BootDisk);
+        assert_eq!(r.pin_boot_disk, Some(ImageFormat::Qcow2));
+        assert_eq!(r.virtual_size, 4 << 20);
+        // 2. then the existing root disk wins.
+        let r = choose_for(&c, &vm("b", None, Some(&bd))).unwrap();
+        assert_eq!(r.source, RootDiskSource::Existing);
+        // 3. the default.
+        let r = choose_for(&c, &vm("c", None, None)).unwrap();
+        assert_eq!(
+            (r.source, r.virtual_size),
+            (RootDiskSource::Default, 8 << 20)
+        );
+        assert_eq!(r.chain.files.len(), 1);
+        // 4. empty, when the default is missing.
+        let c2 = config(&w, &w.images.join("missing.qcow2"));
+        let r = choose_for(&c2, &vm("d", None, None)).unwrap();
+        assert_eq!(
+            (r.source, r.virtual_size),
+            (RootDiskSource::Empty, EMPTY_ROOT_BYTES)
+        );
+    }
+
+    /// Issue 9, hole 1: a `boot_disk` (or the default) rebased onto a host
+    /// file after the VM was accepted is refused at start, before any root
+    /// disk is made.
+    #[test]
+    fn hole1_boot_disk_and_default_get_the_full_check_at_start() {
+        let w = world();
+        let c = config(&w, &w.default);
+        let secret = w.outside.join("secret.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&secret), "4M"]);
+        let bd = w.images.join("bd.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&bd), "4M"]);
+        let accepted =
+            check_user_image(&ImagePolicy::from_config(&c), "boot_disk", s(&bd)).unwrap();
+        assert_eq!(accepted.format, ImageFormat::Qcow2);
+        qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", s(&secret), s(&bd)]);
+        let mut v = vm("e", None, Some(&bd));
+        v.boot_disk_format = Some(accepted.format);
+        let e = choose_for(&c, &v).unwrap_err().to_string();
+        assert!(
+            e.starts_with("boot_disk: ") && e.contains("outside the allowed image folders"),
+            "{e}"
+        );
+        assert!(!c.vms_dir().join("e/root.qcow2").exists());
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-F",
+            "qcow2",
+            "-b",
+            s(&secret),
+            s(&w.default),
+        ]);
+        let e = choose_for(&c, &vm("f", None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("default boot disk: ") && e.contains("outside"),
+            "{e}"
+        );
+        assert!(!c.vms_dir().join("f/root.qcow2").exists());
+    }
+}
