@@ -538,7 +538,19 @@ fn hole1_boot_disk_is_checked_again_at_start() {
     let vmdk = images.join("swap.vmdk");
     qemu_img(&["create", "-q", "-f", "vmdk", s(&vmdk), "16M"]);
 
+    // Replaced by a symlink to a host file.
+    let bd5 = good(images, "bd-symlink.qcow2");
+    assert_eq!(
+        vman.create_vm(json!({"template_name": "tiny", "name": "symswap", "boot_disk": bd5}))
+            .0,
+        201
+    );
+
     let watch = OpenWatch::new(outside);
+    fs::remove_file(&bd5).expect("rm");
+    symlink(&secret, &bd5).expect("ln");
+    start_refused(vman, "symswap", "outside the allowed image folders");
+    swaps += 1;
     fs::rename(&evil, &bd).expect("swap");
     start_refused(vman, "swap", "outside the allowed image folders");
     swaps += 1;
@@ -572,7 +584,7 @@ fn hole1_boot_disk_is_checked_again_at_start() {
     ]);
     start_refused(vman, "dflt", "outside the allowed image folders");
     swaps += 1;
-    for id in ["swap", "rebase", "datafile", "vmdk", "dflt"] {
+    for id in ["symswap", "swap", "rebase", "datafile", "vmdk", "dflt"] {
         assert!(
             !vman.vm_dir(id).join("root.qcow2").exists(),
             "{id}: a root disk was made"
