@@ -1,5 +1,6 @@
 //! Makes a root disk the way vman does at start, for benchmarks and manual
 //! checks: `provision <qemu-img> <source> <dest> copy|overlay [grow_to_bytes]`.
+//! The source's chain is checked first, as vman checks a boot disk.
 //! Prints the report as one JSON line; exits 1 with the reason on error.
 
 use std::path::Path;
@@ -34,8 +35,16 @@ fn main() -> ExitCode {
         Path::new(&args[2]),
         Path::new(&args[3]),
     );
-    let result = image::info(qemu_img, source)
-        .and_then(|info| image::provision(qemu_img, source, &info, dest, mode, grow_to));
+    // The source is checked as vman checks a boot disk (its own folder
+    // allowed): whole chain, files kept open and read by descriptor.
+    let folder = source
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
+    let policy = image::ImagePolicy::new(folder.into_iter().collect(), None);
+    let result = policy
+        .open_chain(source, image::Top::Trusted, None, false)
+        .and_then(|chain| image::provision(qemu_img, &chain, dest, mode, grow_to));
     match result {
         Ok(r) => {
             let out = serde_json::json!({

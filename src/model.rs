@@ -220,6 +220,38 @@ pub struct Template {
     pub created_at: String,
 }
 
+/// The format of a disk image, as vman pins it and passes it to QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Qcow2,
+    Raw,
+}
+
+impl ImageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Raw => "raw",
+        }
+    }
+
+    /// The format named by qemu-img, if it is one we support.
+    pub fn parse(s: &str) -> Option<ImageFormat> {
+        match s {
+            "qcow2" => Some(ImageFormat::Qcow2),
+            "raw" => Some(ImageFormat::Raw),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ImageFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Where a VM's root disk came from at its last start (see shared/api.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -266,6 +298,10 @@ pub struct Vm {
     pub qcow2_path: Option<String>,
     /// Image to copy instead of the default boot disk.
     pub boot_disk: Option<String>,
+    /// Formats pinned when the images were accepted (None: not yet).
+    pub qcow2_path_format: Option<ImageFormat>,
+    pub boot_disk_format: Option<ImageFormat>,
+    pub root_disk_format: Option<ImageFormat>,
     pub root_disk_source: Option<RootDiskSource>,
     pub root_disk_path: Option<String>,
     pub root_disk_size: Option<u64>,

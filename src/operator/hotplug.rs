@@ -69,17 +69,18 @@ pub async fn attach(qmp: &Qmp, disk: &Plug<'_>) -> Result<(), HotplugError> {
     )
     .await
     .map_err(step("blockdev-add (file)"))?;
-    if let Err(e) = qmp
-        .execute(
-            "blockdev-add",
-            Some(json!({
-                "driver": disk.format.as_str(),
-                "file": file_node,
-                "node-name": node,
-            })),
-        )
-        .await
-    {
+    // The format is the pinned one, and a qcow2 never opens a backing file
+    // named in its header (data disks have none; one that grew one since
+    // is refused before this, and this makes sure QEMU would not follow it).
+    let mut format_node = json!({
+        "driver": disk.format.as_str(),
+        "file": file_node,
+        "node-name": node,
+    });
+    if disk.format == ImageFormat::Qcow2 {
+        format_node["backing"] = serde_json::Value::Null;
+    }
+    if let Err(e) = qmp.execute("blockdev-add", Some(format_node)).await {
         delete_nodes(qmp, &[&file_node]).await;
         return Err(step("blockdev-add (format)")(e));
     }

@@ -22,6 +22,8 @@ pub struct Host {
     pub accel_reason: String,
     pub sandbox: bool,
     pub mem_total_mib: u64,
+    /// Which files may be used as images (built once here).
+    pub images: image::ImagePolicy,
 }
 
 impl Host {
@@ -36,6 +38,7 @@ impl Host {
             accel_reason,
             sandbox: qemu::supports_sandbox(&config.qemu_binary),
             mem_total_mib: mem_total_mib(Path::new("/proc/meminfo")).unwrap_or(0),
+            images: image::ImagePolicy::from_config(config),
         }
     }
 }

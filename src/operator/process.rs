@@ -3,7 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 
@@ -34,14 +34,44 @@ impl std::fmt::Display for ExitStatus {
 /// it), with stdout and stderr appended to `log`. It is not killed when vman
 /// exits.
 pub fn spawn(binary: &Path, args: &[std::ffi::OsString], log: &Path) -> io::Result<Child> {
+    spawn_keeping(binary, args, log, Vec::new())
+}
+
+/// Lets a child inherit `fds`: clears their close-on-exec flag in the child
+/// only (between fork and exec), so no other process vman spawns meanwhile
+/// gets them. Call from a `pre_exec` closure.
+pub fn inherit_fds(fds: &[RawFd]) -> io::Result<()> {
+    for &fd in fds {
+        // SAFETY: fcntl is async-signal-safe; F_SETFD on an fd number.
+        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// `spawn`, with `fds` inherited by QEMU (for `-add-fd`).
+pub fn spawn_keeping(
+    binary: &Path,
+    args: &[std::ffi::OsString],
+    log: &Path,
+    fds: Vec<RawFd>,
+) -> io::Result<Child> {
     let out = OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", log.display())))?;
     let err = out.try_clone()?;
-    Command::new(binary)
-        .args(args)
+    let mut cmd = Command::new(binary);
+    if !fds.is_empty() {
+        // SAFETY: the closure only calls fcntl (async-signal-safe) on
+        // numbers in a vector allocated before the fork.
+        unsafe {
+            cmd.pre_exec(move || inherit_fds(&fds));
+        }
+    }
+    cmd.args(args)
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)

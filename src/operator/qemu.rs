@@ -2,9 +2,14 @@
 //! files a VM's folder holds. Pure functions, unit-tested without QEMU.
 
 use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use super::image::ImageFormat;
+use serde_json::json;
+
+use super::image::{Chain, ImageFormat};
 
 /// The files of one VM, all inside `{storage}/vms/{vm_id}/`.
 #[derive(Debug, Clone)]
@@ -54,12 +59,36 @@ impl Accel {
     }
 }
 
-/// A data disk plugged at boot.
+/// One file of a disk's block graph, as vman checked it. QEMU gets it by
+/// descriptor (`-add-fd` + `/dev/fdset/N`) when `fd` is set, so a path
+/// swapped after the check cannot redirect it; by canonical path otherwise.
+#[derive(Debug, Clone)]
+pub struct DiskFile {
+    pub path: PathBuf,
+    pub format: ImageFormat,
+    pub fd: Option<Arc<File>>,
+}
+
+impl DiskFile {
+    /// The files of a checked chain, top first, passed by descriptor.
+    pub fn chain(chain: &Chain) -> Vec<DiskFile> {
+        chain
+            .files
+            .iter()
+            .map(|f| DiskFile {
+                path: f.path.clone(),
+                format: f.format,
+                fd: Some(f.file.clone()),
+            })
+            .collect()
+    }
+}
+
+/// A data disk plugged at boot (a single file: data disks have no backing).
 #[derive(Debug, Clone)]
 pub struct BootDisk {
     pub id: String,
-    pub path: PathBuf,
-    pub format: ImageFormat,
+    pub file: DiskFile,
     /// Index of the hot-plug root port it sits on.
     pub slot: u8,
 }
@@ -73,8 +102,9 @@ pub struct LaunchSpec {
     pub cpus: u32,
     pub ram_mib: u64,
     pub accel: Accel,
-    pub root_disk: PathBuf,
-    pub root_format: ImageFormat,
+    /// The root disk's backing chain as vman checked it, top first; QEMU
+    /// gets every file as its own node with `backing` set explicitly.
+    pub root_chain: Vec<DiskFile>,
     pub hotplug_slots: u8,
     pub sandbox: bool,
     pub data_disks: Vec<BootDisk>,
@@ -110,6 +140,75 @@ pub fn disk_file_node(disk_id: &str) -> String {
 /// containing one must double it.
 fn escape_commas(path: &Path) -> String {
     path.to_string_lossy().replace(',', ",,")
+}
+
+/// Node names of the `i`th file of a chain whose top is `node`: the format
+/// node and its file (protocol) node. Fits QEMU's 31-byte limit for the
+/// names used here (`root`, `dk-<16 hex>`) and chains of up to 99 files.
+pub fn chain_node(node: &str, i: usize) -> (String, String) {
+    let n = if i == 0 {
+        node.to_owned()
+    } else {
+        format!("{node}-b{i}")
+    };
+    let f = format!("{n}-file");
+    (n, f)
+}
+
+/// The block graph of one disk, bottom first (a node must exist before a
+/// node names it): per file an optional `-add-fd`, a `file` node and a
+/// format node whose `backing` is set explicitly to the next file's node,
+/// or to null at the bottom, so QEMU never opens a backing file named in a
+/// header by itself. Files below the top are read-only.
+fn push_chain(a: &mut Vec<String>, chain: &[DiskFile], node: &str, fdsets: &mut u32) {
+    for (i, f) in chain.iter().enumerate().rev() {
+        let (fmt_node, file_node) = chain_node(node, i);
+        let filename = match &f.fd {
+            Some(fd) => {
+                *fdsets += 1;
+                a.push("-add-fd".into());
+                a.push(format!("fd={},set={}", fd.as_raw_fd(), *fdsets));
+                format!("/dev/fdset/{}", *fdsets)
+            }
+            None => f.path.to_string_lossy().into_owned(),
+        };
+        let read_only = i > 0;
+        let mut file = json!({
+            "driver": "file",
+            "filename": filename,
+            "node-name": file_node,
+            "cache": {"direct": false},
+        });
+        let mut format = json!({
+            "driver": f.format.as_str(),
+            "file": file_node,
+            "node-name": fmt_node,
+        });
+        if read_only {
+            file["read-only"] = json!(true);
+            format["read-only"] = json!(true);
+        }
+        if f.format == ImageFormat::Qcow2 {
+            format["backing"] = match chain.get(i + 1) {
+                Some(_) => json!(chain_node(node, i + 1).0),
+                None => serde_json::Value::Null,
+            };
+        }
+        a.push("-blockdev".into());
+        a.push(file.to_string());
+        a.push("-blockdev".into());
+        a.push(format.to_string());
+    }
+}
+
+/// The descriptors `argv` hands to QEMU with `-add-fd`: the child must
+/// inherit them (see `process::spawn_keeping`).
+pub fn passed_fds(spec: &LaunchSpec) -> Vec<RawFd> {
+    spec.root_chain
+        .iter()
+        .chain(spec.data_disks.iter().map(|d| &d.file))
+        .filter_map(|f| f.fd.as_ref().map(|fd| fd.as_raw_fd()))
+        .collect()
 }
 
 /// The argument vector (without the binary).
@@ -148,21 +247,15 @@ pub fn argv(spec: &LaunchSpec) -> Vec<OsString> {
         format!("type=1,serial={}", spec.vm_id),
         "-smbios".into(),
         format!("type=11,value=vman.hostname={}", spec.hostname),
-        "-blockdev".into(),
-        format!(
-            "driver=file,filename={},node-name=root-file,cache.direct=off",
-            escape_commas(&spec.root_disk)
-        ),
-        "-blockdev".into(),
-        format!(
-            "driver={},file=root-file,node-name=root",
-            spec.root_format.as_str()
-        ),
+    ];
+    let mut fdsets = 0;
+    push_chain(&mut a, &spec.root_chain, "root", &mut fdsets);
+    a.extend([
         "-device".into(),
         "virtio-blk-pci,drive=root,id=root-disk,bootindex=1".into(),
         "-msg".into(),
         "timestamp=on".into(),
-    ];
+    ]);
     for n in 0..spec.hotplug_slots {
         a.push("-device".into());
         a.push(format!(
@@ -174,18 +267,7 @@ pub fn argv(spec: &LaunchSpec) -> Vec<OsString> {
     }
     for d in &spec.data_disks {
         let node = disk_node(&d.id);
-        a.push("-blockdev".into());
-        a.push(format!(
-            "driver=file,filename={},node-name={},cache.direct=off",
-            escape_commas(&d.path),
-            disk_file_node(&d.id)
-        ));
-        a.push("-blockdev".into());
-        a.push(format!(
-            "driver={},file={},node-name={node}",
-            d.format.as_str(),
-            disk_file_node(&d.id)
-        ));
+        push_chain(&mut a, std::slice::from_ref(&d.file), &node, &mut fdsets);
         a.push("-device".into());
         a.push(format!(
             "virtio-blk-pci,drive={node},id={},serial={},bus={}",
@@ -250,14 +332,20 @@ mod tests {
             cpus: 2,
             ram_mib: 256,
             accel: Accel::Tcg,
-            root_disk: PathBuf::from("/s/vms/vm1/root.qcow2"),
-            root_format: ImageFormat::Qcow2,
+            root_chain: vec![DiskFile {
+                path: PathBuf::from("/s/vms/vm1/root.qcow2"),
+                format: ImageFormat::Qcow2,
+                fd: None,
+            }],
             hotplug_slots: 2,
             sandbox: true,
             data_disks: vec![BootDisk {
                 id: "d1".into(),
-                path: PathBuf::from("/s/disks/d1.qcow2"),
-                format: ImageFormat::Qcow2,
+                file: DiskFile {
+                    path: PathBuf::from("/s/disks/d1.qcow2"),
+                    format: ImageFormat::Qcow2,
+                    fd: None,
+                },
                 slot: 1,
             }],
         }
@@ -274,7 +362,9 @@ mod tests {
     #[test]
     fn every_drive_has_an_explicit_format() {
         let line = joined(&spec());
-        assert!(line.contains("driver=qcow2,file=root-file,node-name=root"));
+        assert!(line.contains(
+            r#"{"backing":null,"driver":"qcow2","file":"root-file","node-name":"root"}"#
+        ));
         assert!(line.contains("-machine q35,accel=tcg -cpu max -smp 2 -m 256M"));
         assert!(line.contains("-qmp unix:/s/vms/vm1/qmp.sock,server=on,wait=off"));
         assert!(line.contains("-pidfile /s/vms/vm1/qemu.pid"));
@@ -300,11 +390,100 @@ mod tests {
     fn kvm_uses_host_cpu_and_commas_are_escaped() {
         let mut s = spec();
         s.accel = Accel::Kvm;
-        s.root_disk = PathBuf::from("/a,b/root.qcow2");
+        s.root_chain[0].path = PathBuf::from("/a,b/root.qcow2");
         s.sandbox = false;
         let line = joined(&s);
         assert!(line.contains("accel=kvm -cpu host"));
-        assert!(line.contains("filename=/a,,b/root.qcow2"));
+        assert!(line.contains(r#""filename":"/a,b/root.qcow2""#));
         assert!(!line.contains("-sandbox"));
+    }
+
+    fn blockdevs(spec: &LaunchSpec) -> Vec<serde_json::Value> {
+        let a = argv(spec);
+        a.windows(2)
+            .filter(|w| w[0] == "-blockdev")
+            .map(|w| serde_json::from_str(&w[1].to_string_lossy()).unwrap())
+            .collect()
+    }
+
+    /// Issue 9, hole 3: QEMU must never resolve a backing file from a
+    /// header itself. Every file of the checked chain is its own node, each
+    /// format node names its backing node explicitly, the bottom one null.
+    #[test]
+    fn hole3_block_graph_sets_every_backing_explicitly() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, b"x").unwrap();
+            Some(Arc::new(File::open(&p).unwrap()))
+        };
+        let mut s = spec();
+        s.root_chain = vec![
+            DiskFile {
+                path: "/s/vms/vm1/root.qcow2".into(),
+                format: ImageFormat::Qcow2,
+                fd: open("top"),
+            },
+            DiskFile {
+                path: "/img/mid.qcow2".into(),
+                format: ImageFormat::Qcow2,
+                fd: open("mid"),
+            },
+            DiskFile {
+                path: "/img/base.img".into(),
+                format: ImageFormat::Raw,
+                fd: open("base"),
+            },
+        ];
+        let nodes = blockdevs(&s);
+        // Bottom first: every node exists before one names it.
+        let names: Vec<&str> = nodes
+            .iter()
+            .map(|n| n["node-name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            &names[..6],
+            [
+                "root-b2-file",
+                "root-b2",
+                "root-b1-file",
+                "root-b1",
+                "root-file",
+                "root"
+            ]
+        );
+        assert_eq!(nodes[1]["driver"], "raw");
+        assert!(
+            nodes[1].get("backing").is_none(),
+            "raw has no backing option"
+        );
+        assert_eq!(nodes[1]["read-only"], true);
+        assert_eq!(nodes[3]["backing"], "root-b2");
+        assert_eq!(nodes[3]["read-only"], true);
+        assert_eq!(nodes[5]["backing"], "root-b1");
+        assert!(nodes[5].get("read-only").is_none());
+        // Data disks: no backing at all.
+        assert_eq!(nodes[7]["backing"], serde_json::Value::Null);
+        assert_eq!(nodes[7]["driver"], "qcow2");
+        // Files passed by descriptor, one fd set each, and nothing by path.
+        let a: Vec<String> = argv(&s)
+            .iter()
+            .map(|x| x.to_string_lossy().into_owned())
+            .collect();
+        let fds = passed_fds(&s);
+        assert_eq!(fds.len(), 3);
+        for (set, node) in [(1, 0), (2, 2), (3, 4)] {
+            assert_eq!(nodes[node]["filename"], format!("/dev/fdset/{set}"));
+        }
+        let add: Vec<&String> = a
+            .windows(2)
+            .filter(|w| w[0] == "-add-fd")
+            .map(|w| &w[1])
+            .collect();
+        assert_eq!(add.len(), 3);
+        assert_eq!(add[0], &format!("fd={},set=1", fds[2]));
+        assert_eq!(add[2], &format!("fd={},set=3", fds[0]));
+        assert!(!a.iter().any(|x| x.contains("/img/")), "{a:?}");
+        assert_eq!(chain_node("dk-0123456789abcdef", 1).1.len(), 27);
     }
 }

@@ -202,8 +202,8 @@ pub async fn launch(
     remove_runtime_files(paths);
     let log_offset = std::fs::metadata(&paths.log).map(|m| m.len()).unwrap_or(0);
     let args = qemu::argv(spec);
-    let mut child =
-        process::spawn(binary, &args, &paths.log).map_err(|source| LaunchError::Spawn {
+    let mut child = process::spawn_keeping(binary, &args, &paths.log, qemu::passed_fds(spec))
+        .map_err(|source| LaunchError::Spawn {
             binary: binary.display().to_string(),
             source,
         })?;

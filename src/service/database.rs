@@ -93,6 +93,8 @@ pub fn recover(config: &Config, template: &RecoverTemplate) -> Result<RecoverRep
             template: template.name.clone(),
             qcow2_path: None,
             boot_disk: None,
+            qcow2_path_format: None,
+            boot_disk_format: None,
         };
         match store.insert_vm(&new) {
             Ok(_) => {

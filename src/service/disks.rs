@@ -19,8 +19,8 @@ use super::blocking::blocking;
 use super::{missing, Service, ServiceError};
 use crate::model::{Name, VmState, GIB};
 use crate::operator::hotplug::{self, HotplugError, Plug};
-use crate::operator::image::{self, ImageError, ImageFormat};
-use crate::operator::qemu::BootDisk;
+use crate::operator::image::{self, Chain, ImageError, ImageFormat, ImagePolicy, Top};
+use crate::operator::qemu::{BootDisk, DiskFile};
 use crate::operator::vm::Running;
 use crate::store::{Disk, DiskClaim, DiskDelete, NewDisk, StoreError};
 
@@ -115,22 +115,31 @@ fn view_of(qemu_img: &Path, disk: Disk) -> DiskView {
 }
 
 /// Whether the disk's file is still there and still an image of its format.
-fn check_file_of(qemu_img: &Path, disk: &Disk) -> Result<(), ServiceError> {
-    match image::probe(qemu_img, Path::new(&disk.path)) {
-        Ok(info) if info.format == disk.format => Ok(()),
-        Ok(info) => Err(ServiceError::Rejected(format!(
-            "Disk {} file {} is now a {} image, not {}",
-            disk.id, disk.path, info.format, disk.format
-        ))),
-        Err(ImageError::NotFound { .. }) => Err(ServiceError::Rejected(format!(
-            "Disk {} file {} has vanished",
+fn check_file_of(images: &ImagePolicy, disk: &Disk, writable: bool) -> Result<Chain, ServiceError> {
+    let chain = images
+        .open_chain(
+            Path::new(&disk.path),
+            Top::Trusted,
+            Some(disk.format),
+            writable,
+        )
+        .map_err(|e| match e {
+            ImageError::NotFound { .. } => {
+                ServiceError::Rejected(format!("Disk {} file {} has vanished", disk.id, disk.path))
+            }
+            ImageError::FormatChanged { found, .. } => ServiceError::Rejected(format!(
+                "Disk {} file {} is now a {found} image, not {}",
+                disk.id, disk.path, disk.format
+            )),
+            e => ServiceError::Rejected(format!("Disk {} file cannot be used: {e}", disk.id)),
+        })?;
+    if chain.files.len() > 1 || chain.top().backing_file.is_some() {
+        return Err(ServiceError::Rejected(format!(
+            "Disk {} file {} has a backing file; data disks cannot have one",
             disk.id, disk.path
-        ))),
-        Err(e) => Err(ServiceError::Rejected(format!(
-            "Disk {} file cannot be used: {e}",
-            disk.id
-        ))),
+        )));
     }
+    Ok(chain)
 }
 
 impl Service {
@@ -272,11 +281,16 @@ impl Service {
         })
     }
 
-    /// Checks that the disk's file is still there and still an image, on a
-    /// blocking thread (the probe may run `qemu-img`).
-    async fn check_file(&self, disk: &Disk) -> Result<(), ServiceError> {
-        let (qemu_img, disk) = (self.config.qemu_img.clone(), disk.clone());
-        blocking("disk probe", move || check_file_of(&qemu_img, &disk)).await?
+    /// Checks that the disk's file is still there and still an image of its
+    /// pinned format, without a backing file or an external data file (the
+    /// same check as root disks, `ImagePolicy::open_chain`), on a blocking
+    /// thread. Returns the file, open (read-write when `writable`), for QEMU.
+    async fn check_file(&self, disk: &Disk, writable: bool) -> Result<Chain, ServiceError> {
+        let (images, disk) = (self.host.images.clone(), disk.clone());
+        blocking("disk check", move || {
+            check_file_of(&images, &disk, writable)
+        })
+        .await?
     }
     /// Attaches a disk to a VM: hot-plugged when the VM runs (answered once
     /// QEMU has realized the device), recorded for the next start otherwise.
@@ -289,7 +303,7 @@ impl Service {
                 "Disk is already attached to VM {owner}"
             )));
         }
-        self.check_file(&disk).await?;
+        self.check_file(&disk, false).await?;
         let slot = self.free_slot(vm_id)?;
         match self.store.claim_disk(id, vm_id, slot) {
             Ok(DiskClaim::Claimed) => {}
@@ -438,7 +452,7 @@ impl Service {
         if size_gb == disk.size_gb {
             return self.get_disk(id).await;
         }
-        self.check_file(&disk).await?;
+        self.check_file(&disk, false).await?;
         let bytes = size_gb * GIB;
         let run = disk.attachment.as_ref().and_then(|(vm, _)| self.live(vm));
         if let Some(run) = run {
@@ -467,13 +481,15 @@ impl Service {
         let mut used: HashSet<u8> = HashSet::new();
         let mut moved = Vec::new();
         let mut out = Vec::with_capacity(disks.len());
+        let mut files = std::collections::HashMap::new();
         for d in &disks {
-            check_file_of(&self.config.qemu_img, d).map_err(|e| {
+            let chain = check_file_of(&self.host.images, d, true).map_err(|e| {
                 ServiceError::Rejected(format!(
                     "{e}; it is attached to VM {vm}: detach it (POST /disks/{}/detach) to start without it",
                     d.id
                 ))
             })?;
+            files.insert(d.id.clone(), DiskFile::chain(&chain));
             let slot = d.attachment.as_ref().map_or(u8::MAX, |(_, s)| *s);
             if slot < self.config.hotplug_slots && used.insert(slot) {
                 out.push((d, slot));
@@ -497,11 +513,13 @@ impl Service {
         }
         Ok(out
             .into_iter()
-            .map(|(d, slot)| BootDisk {
-                id: d.id.to_string(),
-                path: PathBuf::from(&d.path),
-                format: d.format,
-                slot,
+            .filter_map(|(d, slot)| {
+                let file = files.remove(&d.id)?.into_iter().next()?;
+                Some(BootDisk {
+                    id: d.id.to_string(),
+                    file,
+                    slot,
+                })
             })
             .collect())
     }
@@ -595,8 +613,8 @@ impl Service {
                 format: d.format,
                 slot,
             };
-            let replug = match check_file_of(&self.config.qemu_img, &d) {
-                Ok(()) => hotplug::attach(&run.qmp, &plug)
+            let replug = match check_file_of(&self.host.images, &d, false) {
+                Ok(_) => hotplug::attach(&run.qmp, &plug)
                     .await
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),

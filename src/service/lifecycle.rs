@@ -121,12 +121,14 @@ impl Service {
         let paths = self.paths(&vm.id);
         let t0 = std::time::Instant::now();
         let root = {
-            let config = self.config.clone();
+            let (config, policy) = (self.config.clone(), self.host.images.clone());
             let vm = vm.clone();
             let paths = paths.clone();
-            tokio::task::spawn_blocking(move || super::rootdisk::choose(&config, &vm, &paths))
-                .await
-                .map_err(|e| ServiceError::Internal(format!("root disk task: {e}")))??
+            tokio::task::spawn_blocking(move || {
+                super::rootdisk::choose(&config, &policy, &vm, &paths)
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(format!("root disk task: {e}")))??
         };
         let hostname = self
             .store
@@ -141,12 +143,15 @@ impl Service {
             cpus: vm.template.cpu_count,
             ram_mib: vm.template.ram_mib,
             accel: self.host.accel,
-            root_disk: root.path.clone(),
-            root_format: root.format,
+            root_chain: crate::operator::qemu::DiskFile::chain(&root.chain),
             hotplug_slots: self.config.hotplug_slots,
             sandbox: self.host.sandbox,
             data_disks: self.boot_disks(&vm.id)?,
         };
+        if root.pin_qcow2_path.is_some() || root.pin_boot_disk.is_some() {
+            self.store
+                .pin_image_formats(&vm.id, root.pin_qcow2_path, root.pin_boot_disk)?;
+        }
         let t1 = t0.elapsed();
         let run = vm::launch(
             &self.config.qemu_binary,
@@ -166,6 +171,7 @@ impl Service {
                     root.path.to_string_lossy().into_owned(),
                     root.virtual_size,
                 )),
+                root_disk_format: Some(root.format),
             },
         );
         if let Err(e) = updated {

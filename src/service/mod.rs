@@ -169,19 +169,16 @@ impl Service {
         }
     }
 
-    /// Records a stopped VM. `qcow2_path` and `boot_disk` must already be
-    /// images inside the allowed folders; they are stored resolved. Their
-    /// probes (which may run `qemu-img`) run on a blocking thread.
+    /// Records a stopped VM. `qcow2_path` and `boot_disk` must be images
+    /// inside the allowed folders, whole backing chain checked (on a
+    /// blocking thread); they are stored resolved, with their format pinned.
     pub async fn create_vm(&self, input: CreateVm) -> Result<Vm, ServiceError> {
-        let config = self.config.clone();
+        let images = self.host.images.clone();
         let (qcow2_path, boot_disk) = (input.qcow2_path, input.boot_disk);
-        let (qcow2_path, boot_disk) = blocking::blocking("image check", move || {
+        let (qcow2, boot) = blocking::blocking("image check", move || {
             let checked = |field, raw: Option<String>| {
-                raw.map(|p| {
-                    rootdisk::check_user_image(&config, field, &p)
-                        .map(|c| c.to_string_lossy().into_owned())
-                })
-                .transpose()
+                raw.map(|p| rootdisk::check_user_image(&images, field, &p))
+                    .transpose()
             };
             Ok::<_, ServiceError>((
                 checked("qcow2_path", qcow2_path)?,
@@ -189,11 +186,16 @@ impl Service {
             ))
         })
         .await??;
+        let path = |a: &Option<rootdisk::Accepted>| {
+            a.as_ref().map(|a| a.path.to_string_lossy().into_owned())
+        };
         let new = NewVm {
             id: input.id.unwrap_or_else(Name::generate),
             template: input.template_name,
-            qcow2_path,
-            boot_disk,
+            qcow2_path: path(&qcow2),
+            boot_disk: path(&boot),
+            qcow2_path_format: qcow2.as_ref().map(|a| a.format),
+            boot_disk_format: boot.as_ref().map(|a| a.format),
         };
         match self.store.insert_vm(&new) {
             Ok(vm) => {

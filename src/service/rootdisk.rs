@@ -5,6 +5,13 @@
 //!    exists, copied (or overlaid) into `root.qcow2`;
 //! 4. a new empty 10 GB qcow2.
 //!
+//! Only the precedence lives here; every image used (the explicit disk, an
+//! existing root disk, the boot disk or default copied from, and the root
+//! disk made) goes through the same check, `ImagePolicy::open_chain`: the
+//! whole backing chain inside the allowed folders, formats as pinned, no
+//! external data file, a bounded depth. The chain that passed, files kept
+//! open, is what QEMU gets.
+//!
 //! Runs on a blocking thread: copies and `qemu-img` take time.
 
 use std::path::{Path, PathBuf};
@@ -12,7 +19,7 @@ use std::path::{Path, PathBuf};
 use super::ServiceError;
 use crate::config::{BootDiskMode, Config};
 use crate::model::{RootDiskSource, Vm};
-use crate::operator::image::{self, ImageError, ImageFormat, Provision};
+use crate::operator::image::{self, Chain, ImageError, ImageFormat, ImagePolicy, Provision, Top};
 use crate::operator::qemu::VmPaths;
 
 /// Size of the root disk made when there is nothing to copy.
@@ -26,108 +33,111 @@ pub struct RootDisk {
     pub path: PathBuf,
     pub format: ImageFormat,
     pub virtual_size: u64,
+    /// The checked chain, top first, files open.
+    pub chain: Chain,
+    /// Formats to pin now for `qcow2_path` / `boot_disk` (VMs recorded
+    /// before formats were pinned).
+    pub pin_qcow2_path: Option<ImageFormat>,
+    pub pin_boot_disk: Option<ImageFormat>,
+}
+
+impl RootDisk {
+    fn new(source: RootDiskSource, chain: Chain) -> Self {
+        let top = chain.top();
+        Self {
+            source,
+            path: top.path.clone(),
+            format: top.format,
+            virtual_size: top.virtual_size,
+            chain,
+            pin_qcow2_path: None,
+            pin_boot_disk: None,
+        }
+    }
 }
 
 fn refused(e: ImageError) -> ServiceError {
     ServiceError::Rejected(e.to_string())
 }
 
-/// Checks a user-given image path (`qcow2_path`, `boot_disk`): inside the
-/// allowed folders after resolving symlinks, a qcow2 or raw image, and a
-/// backing chain inside the allowed folders too. Returns the canonical path.
-pub fn check_user_image(config: &Config, field: &str, raw: &str) -> Result<PathBuf, ServiceError> {
-    user_image(config, field, raw).map(|(path, _)| path)
+fn field_refused(field: &'static str) -> impl Fn(ImageError) -> ServiceError {
+    move |e| ServiceError::Rejected(format!("{field}: {e}"))
 }
 
-fn user_image(
-    config: &Config,
-    field: &str,
+/// A user-given image accepted at creation: canonical path and the format
+/// pinned for it.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub path: PathBuf,
+    pub format: ImageFormat,
+}
+
+/// Checks a user-given image path (`qcow2_path`, `boot_disk`) when a VM is
+/// created: inside the allowed folders after resolving symlinks, a qcow2 or
+/// raw image, its whole backing chain checked. Returns the canonical path
+/// and the format to pin.
+pub fn check_user_image(
+    policy: &ImagePolicy,
+    field: &'static str,
     raw: &str,
-) -> Result<(PathBuf, image::ImageInfo), ServiceError> {
-    let rejected = |e: &dyn std::fmt::Display| ServiceError::Rejected(format!("{field}: {e}"));
-    let path = image::resolve_allowed(Path::new(raw), &config.allowed_image_dirs())
-        .map_err(|e| rejected(&e))?;
-    let info = image::probe(&config.qemu_img, &path).map_err(|e| rejected(&e))?;
-    check_backing(config, &path, &info).map_err(|e| rejected(&e))?;
-    Ok((path, info))
+) -> Result<Accepted, ServiceError> {
+    let chain = policy
+        .open_chain(Path::new(raw), Top::User, None, false)
+        .map_err(field_refused(field))?;
+    let top = chain.top();
+    Ok(Accepted {
+        path: top.path.clone(),
+        format: top.format,
+    })
 }
 
-/// Longest backing chain followed; deeper is refused rather than trusted.
-const MAX_BACKING_DEPTH: usize = 16;
-
-/// A qcow2 may name a backing file, which QEMU then opens too, and so on
-/// down the chain. A disk used as is (explicit or existing) could have been
-/// rewritten by its guest to point at any host file, so every file of the
-/// chain must lie inside the allowed image folders.
-fn check_backing(config: &Config, path: &Path, info: &image::ImageInfo) -> Result<(), String> {
-    let mut current = path.to_path_buf();
-    let mut next = info.backing_file.clone();
-    for _ in 0..MAX_BACKING_DEPTH {
-        let Some(backing) = next else {
-            return Ok(());
-        };
-        let backing = Path::new(&backing);
-        let absolute = if backing.is_absolute() {
-            backing.to_path_buf()
-        } else {
-            current.parent().unwrap_or(Path::new("/")).join(backing)
-        };
-        // The default boot disk itself is always a fine backing file: overlay
-        // mode makes root disks backed by it, wherever VMAN_IMAGE_DIRS points.
-        let canonical = absolute.canonicalize().ok();
-        let is_default = config
-            .default_boot_disk
-            .as_deref()
-            .and_then(|d| d.canonicalize().ok())
-            .is_some_and(|d| canonical.as_ref() == Some(&d));
-        let allowed = if let Some(default) = canonical.filter(|_| is_default) {
-            default
-        } else {
-            image::resolve_allowed(&absolute, &config.allowed_image_dirs()).map_err(|e| {
-                format!("{} has a backing file that is refused: {e}", path.display())
-            })?
-        };
-        next = image::probe(&config.qemu_img, &allowed)
-            .map_err(|e| format!("{} has a backing file that is refused: {e}", path.display()))?
-            .backing_file;
-        current = allowed;
-    }
-    Err(format!(
-        "{} has a backing chain deeper than {MAX_BACKING_DEPTH} files",
-        path.display()
-    ))
-}
-
-pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, ServiceError> {
+pub fn choose(
+    config: &Config,
+    policy: &ImagePolicy,
+    vm: &Vm,
+    paths: &VmPaths,
+) -> Result<RootDisk, ServiceError> {
     let qemu_img = &config.qemu_img;
     if let Some(explicit) = &vm.qcow2_path {
-        let (path, info) = user_image(config, "qcow2_path", explicit)?;
-        return Ok(RootDisk {
-            source: RootDiskSource::Explicit,
-            path,
-            format: info.format,
-            virtual_size: info.virtual_size,
-        });
+        let chain = policy
+            .open_chain(Path::new(explicit), Top::User, vm.qcow2_path_format, true)
+            .map_err(field_refused("qcow2_path"))?;
+        let mut root = RootDisk::new(RootDiskSource::Explicit, chain);
+        if vm.qcow2_path_format.is_none() {
+            root.pin_qcow2_path = Some(root.format);
+        }
+        return Ok(root);
     }
     if paths.root.exists() {
-        let info = image::probe(qemu_img, &paths.root).map_err(refused)?;
-        check_backing(config, &paths.root, &info).map_err(ServiceError::Rejected)?;
-        return Ok(RootDisk {
-            source: RootDiskSource::Existing,
-            path: paths.root.clone(),
-            format: info.format,
-            virtual_size: info.virtual_size,
+        // Pinned when vman made it or first used it.
+        let canonical = paths.root.canonicalize().ok();
+        let pinned = vm.root_disk_format.filter(|_| {
+            vm.root_disk_path.as_deref().is_some_and(|p| {
+                Path::new(p) == paths.root || Some(Path::new(p)) == canonical.as_deref()
+            })
         });
+        let chain = policy
+            .open_chain(&paths.root, Top::Trusted, pinned, true)
+            .map_err(refused)?;
+        return Ok(RootDisk::new(RootDiskSource::Existing, chain));
     }
     let grow_to = vm.template.disk_size_gb.map(|gb| gb * GB);
     let source = match (&vm.boot_disk, &config.default_boot_disk) {
-        (Some(own), _) => Some((
-            RootDiskSource::BootDisk,
-            image::resolve_allowed(Path::new(own), &config.allowed_image_dirs())
-                .map_err(|e| ServiceError::Rejected(format!("boot_disk: {e}")))?,
-        )),
+        (Some(own), _) => {
+            let chain = policy
+                .open_chain(Path::new(own), Top::User, vm.boot_disk_format, false)
+                .map_err(field_refused("boot_disk"))?;
+            Some((RootDiskSource::BootDisk, chain))
+        }
         (None, Some(default)) if default.is_file() => {
-            Some((RootDiskSource::Default, default.clone()))
+            // Its format as found at start-up, when it is still that file.
+            let pinned = policy.default_boot_disk().and_then(|(canonical, format)| {
+                format.filter(|_| default.canonicalize().ok().as_ref() == Some(&canonical))
+            });
+            let chain = policy
+                .open_chain(default, Top::Trusted, pinned, false)
+                .map_err(|e| ServiceError::Rejected(format!("default boot disk: {e}")))?;
+            Some((RootDiskSource::Default, chain))
         }
         (None, Some(default)) => {
             tracing::warn!(
@@ -144,6 +154,12 @@ pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, Ser
             paths.dir.display()
         ))
     })?;
+    let made = |kind| {
+        policy
+            .open_chain(&paths.root, Top::Trusted, Some(ImageFormat::Qcow2), true)
+            .map(|chain| RootDisk::new(kind, chain))
+            .map_err(refused)
+    };
     let Some((kind, source)) = source else {
         let size = grow_to.unwrap_or(0).max(EMPTY_ROOT_BYTES);
         image::create_empty(qemu_img, &paths.root, size).map_err(refused)?;
@@ -153,27 +169,21 @@ pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, Ser
             size / GB,
             paths.root.display()
         );
-        return Ok(RootDisk {
-            source: RootDiskSource::Empty,
-            path: paths.root.clone(),
-            format: ImageFormat::Qcow2,
-            virtual_size: size,
-        });
+        return made(RootDiskSource::Empty);
     };
-    let info = image::info(qemu_img, &source).map_err(refused)?;
     let overlay = config.boot_disk_mode == BootDiskMode::Overlay;
     let mode = if overlay {
         Provision::Overlay
     } else {
         Provision::Copy
     };
-    let report =
-        image::provision(qemu_img, &source, &info, &paths.root, mode, grow_to).map_err(|e| {
-            ServiceError::Rejected(format!(
-                "cannot prepare the root disk from {}: {e}",
-                source.display()
-            ))
-        })?;
+    let from = source.top().path.clone();
+    let report = image::provision(qemu_img, &source, &paths.root, mode, grow_to).map_err(|e| {
+        ServiceError::Rejected(format!(
+            "cannot prepare the root disk from {}: {e}",
+            from.display()
+        ))
+    })?;
     tracing::info!(
         "vm {}: {} boot disk {} {} to {} ({} bytes by {} in {:.1} ms)",
         vm.id,
@@ -182,17 +192,201 @@ pub fn choose(config: &Config, vm: &Vm, paths: &VmPaths) -> Result<RootDisk, Ser
         } else {
             "per-VM"
         },
-        source.display(),
+        from.display(),
         if overlay { "overlaid" } else { "copied" },
         paths.root.display(),
         report.bytes,
         report.method,
         report.elapsed.as_secs_f64() * 1000.0
     );
-    Ok(RootDisk {
-        source: kind,
-        path: paths.root.clone(),
-        format: report.info.format,
-        virtual_size: report.info.virtual_size,
-    })
+    let mut root = made(kind)?;
+    if kind == RootDiskSource::BootDisk && vm.boot_disk_format.is_none() {
+        root.pin_boot_disk = Some(source.top().format);
+    }
+    Ok(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Name, Template, VmState};
+    use clap::Parser;
+    use std::process::Command;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn qemu_img(args: &[&str]) {
+        let out = Command::new("qemu-img").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn s(p: &Path) -> &str {
+        p.to_str().unwrap()
+    }
+
+    struct World {
+        _d: tempfile::TempDir,
+        storage: PathBuf,
+        images: PathBuf,
+        outside: PathBuf,
+        default: PathBuf,
+    }
+
+    fn world() -> World {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        let storage = root.join("storage");
+        let images = storage.join("templates");
+        let outside = root.join("outside");
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let default = images.join("default.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&default), "8M"]);
+        World {
+            _d: d,
+            storage,
+            images,
+            outside,
+            default,
+        }
+    }
+
+    fn config(w: &World, default: &Path) -> Config {
+        Wrap::try_parse_from([
+            "vman",
+            "--storage-path",
+            s(&w.storage),
+            "--default-boot-disk",
+            s(default),
+            "--image-dirs",
+            s(&w.images),
+            "--boot-disk-mode",
+            "copy",
+        ])
+        .unwrap()
+        .config
+    }
+
+    fn vm(id: &str, qcow2_path: Option<&Path>, boot_disk: Option<&Path>) -> Vm {
+        Vm {
+            id: Name::parse("id", id).unwrap(),
+            template: Template {
+                name: Name::parse("t", "t").unwrap(),
+                cpu_count: 1,
+                ram_mib: 64,
+                disk_size_gb: None,
+                created_at: String::new(),
+            },
+            state: VmState::Stopped,
+            local_ip: None,
+            qcow2_path: qcow2_path.map(|p| s(p).to_owned()),
+            boot_disk: boot_disk.map(|p| s(p).to_owned()),
+            qcow2_path_format: None,
+            boot_disk_format: None,
+            root_disk_format: None,
+            root_disk_source: None,
+            root_disk_path: None,
+            root_disk_size: None,
+            pid: None,
+            last_error: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+        }
+    }
+
+    fn choose_for(c: &Config, v: &Vm) -> Result<RootDisk, ServiceError> {
+        let policy = ImagePolicy::from_config(c);
+        choose(c, &policy, v, &VmPaths::new(&c.vms_dir(), v.id.as_str()))
+    }
+
+    #[test]
+    fn precedence_explicit_existing_boot_disk_default_empty() {
+        let w = world();
+        let c = config(&w, &w.default);
+        let own = w.images.join("own.img");
+        std::fs::write(&own, vec![0u8; 1 << 20]).unwrap();
+        // 1. explicit, used as is, its format to pin.
+        let r = choose_for(&c, &vm("a", Some(&own), Some(&w.default))).unwrap();
+        assert_eq!(
+            (r.source, r.format),
+            (RootDiskSource::Explicit, ImageFormat::Raw)
+        );
+        assert_eq!(r.path, own);
+        assert_eq!(r.pin_qcow2_path, Some(ImageFormat::Raw));
+        assert!(!c.vms_dir().join("a").exists());
+        // 3. boot_disk copied (before an existing root disk exists).
+        let bd = w.images.join("bd.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&bd), "4M"]);
+        let r = choose_for(&c, &vm("b", None, Some(&bd))).unwrap();
+        assert_eq!(r.source, RootDiskSource::BootDisk);
+        assert_eq!(r.pin_boot_disk, Some(ImageFormat::Qcow2));
+        assert_eq!(r.virtual_size, 4 << 20);
+        // 2. then the existing root disk wins.
+        let r = choose_for(&c, &vm("b", None, Some(&bd))).unwrap();
+        assert_eq!(r.source, RootDiskSource::Existing);
+        // 3. the default.
+        let r = choose_for(&c, &vm("c", None, None)).unwrap();
+        assert_eq!(
+            (r.source, r.virtual_size),
+            (RootDiskSource::Default, 8 << 20)
+        );
+        assert_eq!(r.chain.files.len(), 1);
+        // 4. empty, when the default is missing.
+        let c2 = config(&w, &w.images.join("missing.qcow2"));
+        let r = choose_for(&c2, &vm("d", None, None)).unwrap();
+        assert_eq!(
+            (r.source, r.virtual_size),
+            (RootDiskSource::Empty, EMPTY_ROOT_BYTES)
+        );
+    }
+
+    /// Issue 9, hole 1: a `boot_disk` (or the default) rebased onto a host
+    /// file after the VM was accepted is refused at start, before any root
+    /// disk is made.
+    #[test]
+    fn hole1_boot_disk_and_default_get_the_full_check_at_start() {
+        let w = world();
+        let c = config(&w, &w.default);
+        let secret = w.outside.join("secret.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&secret), "4M"]);
+        let bd = w.images.join("bd.qcow2");
+        qemu_img(&["create", "-q", "-f", "qcow2", s(&bd), "4M"]);
+        let accepted =
+            check_user_image(&ImagePolicy::from_config(&c), "boot_disk", s(&bd)).unwrap();
+        assert_eq!(accepted.format, ImageFormat::Qcow2);
+        qemu_img(&["rebase", "-u", "-F", "qcow2", "-b", s(&secret), s(&bd)]);
+        let mut v = vm("e", None, Some(&bd));
+        v.boot_disk_format = Some(accepted.format);
+        let e = choose_for(&c, &v).unwrap_err().to_string();
+        assert!(
+            e.starts_with("boot_disk: ") && e.contains("outside the allowed image folders"),
+            "{e}"
+        );
+        assert!(!c.vms_dir().join("e/root.qcow2").exists());
+        qemu_img(&[
+            "rebase",
+            "-u",
+            "-F",
+            "qcow2",
+            "-b",
+            s(&secret),
+            s(&w.default),
+        ]);
+        let e = choose_for(&c, &vm("f", None, None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("default boot disk: ") && e.contains("outside"),
+            "{e}"
+        );
+        assert!(!c.vms_dir().join("f/root.qcow2").exists());
+    }
 }

@@ -253,6 +253,8 @@ mod tests {
                     template: name("t"),
                     qcow2_path: None,
                     boot_disk: None,
+                    qcow2_path_format: None,
+                    boot_disk_format: None,
                 })
                 .expect("vm");
         }

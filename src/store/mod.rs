@@ -26,6 +26,7 @@ pub use vms::{NewVm, VmRuntime};
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_disks.sql"),
+    include_str!("../../migrations/0003_image_formats.sql"),
 ];
 
 const READERS: usize = 4;
@@ -302,6 +303,8 @@ mod tests {
             template: Name::parse("t", "small").expect("valid"),
             qcow2_path: None,
             boot_disk: None,
+            qcow2_path_format: None,
+            boot_disk_format: None,
         };
         store.insert_vm(&vm).expect("vm");
         assert!(matches!(

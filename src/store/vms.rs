@@ -3,7 +3,7 @@
 use rusqlite::OptionalExtension;
 
 use super::{template_row, Store, StoreError};
-use crate::model::{Metadata, MetadataPatch, Name, RootDiskSource, Vm, VmState};
+use crate::model::{ImageFormat, Metadata, MetadataPatch, Name, RootDiskSource, Vm, VmState};
 
 /// What POST /vms records.
 #[derive(Debug, Clone)]
@@ -12,6 +12,8 @@ pub struct NewVm {
     pub template: Name,
     pub qcow2_path: Option<String>,
     pub boot_disk: Option<String>,
+    pub qcow2_path_format: Option<ImageFormat>,
+    pub boot_disk_format: Option<ImageFormat>,
 }
 
 /// The fields the operator and the observer change while a VM lives.
@@ -23,17 +25,24 @@ pub struct VmRuntime {
     /// `Some(None)` clears the error.
     pub last_error: Option<Option<String>>,
     pub root_disk: Option<(RootDiskSource, String, u64)>,
+    /// The root disk's pinned format (written with `root_disk`).
+    pub root_disk_format: Option<ImageFormat>,
 }
 
 const VM_SELECT: &str = "SELECT v.id, v.state, v.local_ip, v.qcow2_path, v.boot_disk,
         v.root_disk_source, v.root_disk_path, v.root_disk_size, v.pid, v.last_error,
-        v.created_at, v.updated_at,
+        v.created_at, v.updated_at, v.qcow2_path_format, v.boot_disk_format, v.root_disk_format,
         t.name, t.cpu_count, t.ram_mib, t.disk_size_gb, t.created_at
     FROM vms v JOIN templates t ON t.name = v.template_name";
 
 fn vm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(1)?;
     let source: Option<String> = r.get(5)?;
+    let format = |at: usize| -> rusqlite::Result<Option<ImageFormat>> {
+        Ok(r.get::<_, Option<String>>(at)?
+            .as_deref()
+            .and_then(ImageFormat::parse))
+    };
     Ok(Vm {
         id: Name::from_trusted(r.get(0)?),
         state: VmState::parse(&state).unwrap_or(VmState::Error),
@@ -47,7 +56,10 @@ fn vm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Vm> {
         last_error: r.get(9)?,
         created_at: r.get(10)?,
         updated_at: r.get(11)?,
-        template: template_row_at(r, 12)?,
+        qcow2_path_format: format(12)?,
+        boot_disk_format: format(13)?,
+        root_disk_format: format(14)?,
+        template: template_row_at(r, 15)?,
     })
 }
 
@@ -77,9 +89,18 @@ impl Store {
                 .ok_or(StoreError::TemplateMissing)?;
             let now = crate::model::now();
             let n = tx.execute(
-                "INSERT INTO vms (id, template_name, state, qcow2_path, boot_disk, created_at, updated_at)
-                 VALUES (?1, ?2, 'stopped', ?3, ?4, ?5, ?5) ON CONFLICT(id) DO NOTHING",
-                rusqlite::params![new.id.as_str(), new.template.as_str(), new.qcow2_path, new.boot_disk, now],
+                "INSERT INTO vms (id, template_name, state, qcow2_path, boot_disk, created_at, updated_at,
+                    qcow2_path_format, boot_disk_format)
+                 VALUES (?1, ?2, 'stopped', ?3, ?4, ?5, ?5, ?6, ?7) ON CONFLICT(id) DO NOTHING",
+                rusqlite::params![
+                    new.id.as_str(),
+                    new.template.as_str(),
+                    new.qcow2_path,
+                    new.boot_disk,
+                    now,
+                    new.qcow2_path_format.map(ImageFormat::as_str),
+                    new.boot_disk_format.map(ImageFormat::as_str)
+                ],
             )?;
             if n == 0 {
                 return Err(StoreError::AlreadyExists);
@@ -91,6 +112,9 @@ impl Store {
                 local_ip: None,
                 qcow2_path: new.qcow2_path.clone(),
                 boot_disk: new.boot_disk.clone(),
+                qcow2_path_format: new.qcow2_path_format,
+                boot_disk_format: new.boot_disk_format,
+                root_disk_format: None,
                 root_disk_source: None,
                 root_disk_path: None,
                 root_disk_size: None,
@@ -190,8 +214,36 @@ impl Store {
                     rusqlite::params![id.as_str(), source.as_str(), path, size],
                 )?;
             }
+            if let Some(format) = change.root_disk_format {
+                tx.execute(
+                    "UPDATE vms SET root_disk_format = ?2 WHERE id = ?1",
+                    rusqlite::params![id.as_str(), format.as_str()],
+                )?;
+            }
             tx.query_row(&format!("{VM_SELECT} WHERE v.id = ?1"), [id.as_str()], vm_row)
                 .map_err(StoreError::from)
+        })
+    }
+
+    /// Pins the formats of a VM's explicit images where none is recorded
+    /// yet (rows made before formats were pinned); never changes a pin.
+    pub fn pin_image_formats(
+        &self,
+        id: &Name,
+        qcow2_path: Option<ImageFormat>,
+        boot_disk: Option<ImageFormat>,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE vms SET qcow2_path_format = COALESCE(qcow2_path_format, ?2),
+                    boot_disk_format = COALESCE(boot_disk_format, ?3) WHERE id = ?1",
+                rusqlite::params![
+                    id.as_str(),
+                    qcow2_path.map(ImageFormat::as_str),
+                    boot_disk.map(ImageFormat::as_str)
+                ],
+            )?;
+            Ok(())
         })
     }
 

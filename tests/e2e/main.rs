@@ -8,6 +8,7 @@ mod common;
 mod disks;
 mod full_disk;
 mod harness;
+mod hostile_images;
 mod lifecycle;
 mod rootdisk;
 mod supervision;
