@@ -57,10 +57,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.storage_path.display(),
         db.display()
     );
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server failed")?;
+    let limits = api::listen::Limits {
+        header_timeout: std::time::Duration::from_secs(config.header_timeout),
+        max_connections: config.max_connections,
+    };
+    api::listen::serve(listener, api::router(state), limits, shutdown_signal()).await;
     tracing::info!("vman stopped");
     Ok(())
 }

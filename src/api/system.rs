@@ -1,40 +1,56 @@
 //! /health, the OpenAPI document and the interactive docs.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse};
 use axum::Json;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use utoipa::{OpenApi, ToSchema};
 
+use super::doc::CommonResponses;
 use super::AppState;
 use crate::service::Check;
 
+/// With a token configured, a request without it gets `status` only.
 #[derive(Serialize, ToSchema)]
 pub struct HealthResponse {
     /// `ok`, or `degraded` when any check fails.
     pub status: &'static str,
-    pub service: &'static str,
-    pub version: &'static str,
-    pub checks: BTreeMap<&'static str, Check>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checks: Option<BTreeMap<&'static str, Check>>,
 }
 
-/// Service health; 503 with the same body when degraded.
+/// Service health; 503 with the same body when degraded. Without the token
+/// (when one is configured) only `status` is shown.
 #[utoipa::path(get, path = "/health", tag = "system",
     responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
-pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
+pub async fn health(State(app): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
+    let (status, mut body) = health_report(&app).await;
+    if !super::authorized(&app, &headers) {
+        body.service = None;
+        body.version = None;
+        body.checks = None;
+    }
+    (status, Json(body))
+}
+
+async fn health_report(app: &AppState) -> (StatusCode, HealthResponse) {
     let service = app.service.clone();
     let report = tokio::task::spawn_blocking(move || service.health()).await;
     let Ok(report) = report else {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(HealthResponse {
+            HealthResponse {
                 status: "degraded",
-                service: "vman",
-                version: env!("CARGO_PKG_VERSION"),
-                checks: BTreeMap::new(),
-            }),
+                service: Some("vman"),
+                version: Some(env!("CARGO_PKG_VERSION")),
+                checks: Some(BTreeMap::new()),
+            },
         );
     };
     let ok = report.ok();
@@ -44,12 +60,12 @@ pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         },
-        Json(HealthResponse {
+        HealthResponse {
             status: if ok { "ok" } else { "degraded" },
-            service: "vman",
-            version: env!("CARGO_PKG_VERSION"),
-            checks: report.checks,
-        }),
+            service: Some("vman"),
+            version: Some(env!("CARGO_PKG_VERSION")),
+            checks: Some(report.checks),
+        },
     )
 }
 
@@ -101,6 +117,11 @@ pub async fn observer_status(State(app): State<AppState>) -> Json<ObserverStatus
         super::vms::list,
         super::vms::get,
         super::vms::delete,
+        super::actions::start,
+        super::actions::stop,
+        super::actions::restart,
+        super::actions::console,
+        super::actions::console_input,
         super::metadata::put,
         super::metadata::get,
         super::metadata::delete,
@@ -112,7 +133,8 @@ pub async fn observer_status(State(app): State<AppState>) -> Json<ObserverStatus
         super::disks::detach,
         super::disks::resize,
     ),
-    components(schemas(super::error::ErrorBody))
+    components(schemas(super::error::ErrorBody)),
+    modifiers(&CommonResponses)
 )]
 pub struct ApiDoc;
 

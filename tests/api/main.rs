@@ -7,6 +7,8 @@ mod common;
 mod auth;
 mod concurrency;
 mod config;
+mod cross_site;
+mod limits;
 mod metadata;
 mod persistence;
 mod robustness;
