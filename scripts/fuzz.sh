@@ -31,6 +31,7 @@ tmp=$(mktemp -d)
 storage="$tmp/storage"
 mkdir -p "$storage"
 out="$tmp/vman.out"
+: >"$out"
 pid=""
 base=""
 
@@ -79,10 +80,42 @@ fi
 base="http://127.0.0.1:$port"
 echo "fuzz: vman on $base, storage $storage, budget ${budget}s, seed $seed"
 
+# Known resources, so that generated requests reach more than 404s: the
+# fuzzer uses these ids for about half of its path parameters and references
+# (and may stop, restart, delete them as it likes). One VM runs.
+json_post() {
+    curl -s -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+        -d "$2" "$base$1"
+}
+seeded="$(json_post /templates '{"name": "fuzz", "cpu_count": 1, "ram_mib": 128}')"
+seeded="$seeded $(json_post /vms '{"template_name": "fuzz", "name": "fuzz-vm"}')"
+seeded="$seeded $(json_post /vms '{"template_name": "fuzz", "name": "fuzz-run"}')"
+seeded="$seeded $(json_post /disks '{"name": "fuzz-disk", "size": 1}')"
+seeded="$seeded $(json_post /vms/fuzz-run/actions/start '{}')"
+if [ "$seeded" != "201 201 201 201 202" ]; then
+    echo "fuzz: seeding failed (statuses $seeded)" >&2
+    exit 1
+fi
+cat >"$tmp/schemathesis.toml" <<'TOML'
+[dictionaries.vms]
+values = ["fuzz-vm", "fuzz-run"]
+[dictionaries.disks]
+values = ["fuzz-disk"]
+[dictionaries.templates]
+values = ["fuzz"]
+
+[parameters]
+"path.vm_id" = { dictionary = "vms", probability = 0.5 }
+"path.id" = { dictionary = "disks", probability = 0.5 }
+"path.name" = { dictionary = "templates", probability = 0.5 }
+"body.template_name" = { dictionary = "templates", probability = 0.5 }
+"body.vm_id" = { dictionary = "vms", probability = 0.5 }
+TOML
+
 status=0
 # From the temporary folder: schemathesis keeps a cache in its working directory.
 schemathesis="$PWD/$venv/bin/schemathesis"
-(cd "$tmp" && "$schemathesis" run "$base/openapi.json" \
+(cd "$tmp" && "$schemathesis" --config-file "$tmp/schemathesis.toml" run "$base/openapi.json" \
     --checks not_a_server_error,status_code_conformance,response_schema_conformance,content_type_conformance \
     --phases examples,coverage,fuzzing,stateful \
     --max-time "$budget" \
@@ -116,6 +149,8 @@ if [ "$server_errors" -gt 0 ]; then
     grep -E 'vman::http \| [A-Z]+ \S+ 5[0-9][0-9] ' "$storage/logs/vman.log" | head -n 20 >&2
 fi
 kill -0 "$pid" 2>/dev/null || { echo "fuzz: vman is no longer running" >&2; panics=$((panics + 1)); }
+echo "fuzz: statuses $(sed -n 's/.*vman::http | [A-Z]* [^ ]* \([0-9][0-9][0-9]\) .*/\1/p' "$storage/logs/vman.log" \
+    | sort | uniq -c | awk '{printf "%s%s=%s", sep, $2, $1; sep=" "}')"
 echo "fuzz: $requests requests answered, $failures schemathesis failures, $server_errors 5xx, $panics panics (seed $seed)"
 if [ "$status" -ne 0 ] || [ "$failures" -ne 0 ] || [ "$server_errors" -ne 0 ] || [ "$panics" -ne 0 ]; then
     echo "fuzz: FAILED" >&2
