@@ -4,7 +4,9 @@
 //! - `Host` must name this server (loopback names when listening on
 //!   loopback, plus `VMAN_ALLOWED_HOSTS`), which defeats DNS rebinding;
 //! - `Origin`, when sent, must be one of those hosts or the request's own
-//!   host; `Guard::check_origin` is the helper a WebSocket upgrade reuses;
+//!   host. The middleware runs on every route of the router, so a WebSocket
+//!   upgrade (a GET, never preflighted) added there is covered as is; code
+//!   that upgrades elsewhere calls `Guard::check_origin` itself;
 //! - a request that may carry a body (anything but GET/HEAD/OPTIONS) must
 //!   have no `Content-Type` or a JSON one (`application/json`,
 //!   `application/*+json`, as FastAPI): the types a browser sends cross-site
