@@ -15,20 +15,20 @@ ROUNDS=${1:-15}
 . bench/lib.sh
 bench_init start
 bench_serve
-curl -sf -X POST "$api/templates" -d '{"name":"b","cpu_count":1,"ram_mib":256}' >/dev/null
-curl -sf -X POST "$api/vms" -d '{"template_name":"b","name":"bench"}' >/dev/null
+curl -sf -X POST "$api/templates" -H 'Content-Type: application/json' -d '{"name":"b","cpu_count":1,"ram_mib":256}' >/dev/null
+curl -sf -X POST "$api/vms" -H 'Content-Type: application/json' -d '{"template_name":"b","name":"bench"}' >/dev/null
 # First start copies the default; the rounds below reuse the root disk.
 curl -sf -X POST "$api/vms/bench/actions/start" >/dev/null
 pid=$(curl -sf "$api/vms/bench" | python3 -c 'import json,sys; print(json.load(sys.stdin)["pid"])')
 tr '\0' '\n' < "/proc/$pid/cmdline" > "$work/argv"
-curl -sf -X POST "$api/vms/bench/actions/stop" -d '{"force":true}' >/dev/null
+curl -sf -X POST "$api/vms/bench/actions/stop" -H 'Content-Type: application/json' -d '{"force":true}' >/dev/null
 
 vman_times=()
 for _ in $(seq "$ROUNDS"); do
     t=$(curl -s -o /dev/null -w '%{http_code} %{time_total}' -X POST "$api/vms/bench/actions/start")
     [ "${t%% *}" = 202 ] || { echo "start failed: $t" >&2; exit 1; }
     vman_times+=("${t#* }")
-    curl -sf -X POST "$api/vms/bench/actions/stop" -d '{"force":true}' >/dev/null
+    curl -sf -X POST "$api/vms/bench/actions/stop" -H 'Content-Type: application/json' -d '{"force":true}' >/dev/null
 done
 
 bare=$(python3 - "$work/argv" "$ROUNDS" <<'PY'

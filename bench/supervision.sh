@@ -12,14 +12,15 @@ TRIES=${1:-20}
 . bench/lib.sh
 bench_init sup
 bench_serve
-curl -sf -X POST "$api/templates" -d '{"name":"b","cpu_count":1,"ram_mib":128}' >/dev/null
+curl -sf -X POST "$api/templates" -H 'Content-Type: application/json' -d '{"name":"b","cpu_count":1,"ram_mib":128}' >/dev/null
 
 python3 - "$api" "$TRIES" <<'PY'
 import json, os, signal, statistics, sys, time, urllib.request
 api, tries = sys.argv[1], int(sys.argv[2])
 def call(method, path, body=None):
     req = urllib.request.Request(api + path, method=method,
-                                 data=None if body is None else json.dumps(body).encode())
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req) as r:
             return r.status, json.loads(r.read() or b"null")

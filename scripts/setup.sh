@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Installs what vman needs on a Debian machine (as root): QEMU with a
-# matching qemu-img, the tools scripts/build_boot_disk.sh uses, and wrk for
-# the benchmarks. Safe to run again: it only installs what is missing.
+# matching qemu-img, the tools scripts/build_boot_disk.sh uses, wrk for
+# the benchmarks and python3-venv for scripts/fuzz.sh (which installs its
+# pinned schemathesis into target/fuzz-venv itself). Safe to run again: it only installs what is missing.
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in fdisk dosfstools mtools syslinux syslinux-common busybox-static cpio kmod \
-           wrk curl ca-certificates xz-utils; do
+           wrk curl ca-certificates xz-utils python3-venv; do
     have "$pkg" || need+=("$pkg")
 done
 

@@ -58,10 +58,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         db.display()
     );
     let service = state.service.clone();
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("server failed")?;
+    let limits = api::listen::Limits {
+        header_timeout: std::time::Duration::from_secs(config.header_timeout),
+        max_connections: config.max_connections,
+    };
+    api::listen::serve(listener, api::router(state), limits, shutdown_signal()).await;
     service.checkpoint_database();
     tracing::info!("vman stopped");
     Ok(())

@@ -55,10 +55,27 @@ pub struct Config {
     #[arg(long, env = "VMAN_LOG_BACKUP_COUNT", default_value_t = 5)]
     pub log_backup_count: u32,
 
-    /// Bearer token required on every route but /health. Mandatory when
-    /// listening beyond loopback.
+    /// Bearer token required on every route (/health without it answers only
+    /// its status). Mandatory when listening beyond loopback; at least 16
+    /// non-space characters.
     #[arg(long, env = "VMAN_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
+
+    /// Comma-separated host names accepted in `Host` and `Origin` besides the
+    /// loopback ones (localhost, 127.0.0.1, [::1]); `*` accepts any host.
+    /// [default: loopback names only when listening on loopback, any host
+    /// otherwise]
+    #[arg(long, env = "VMAN_ALLOWED_HOSTS", value_delimiter = ',', value_parser = parse_allowed_host)]
+    pub allowed_hosts: Vec<String>,
+
+    /// Seconds a client may take to send a request's headers (also the idle
+    /// time of a kept-alive connection) before it is closed.
+    #[arg(long, env = "VMAN_HEADER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_timeout: u64,
+
+    /// Open client connections at most; further clients wait until one closes.
+    #[arg(long, env = "VMAN_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_connections: u32,
 
     /// Accelerator: auto (KVM when a probe guest runs, else TCG), kvm, tcg.
     #[arg(long, env = "VMAN_ACCEL", value_enum, default_value_t = Accel::Auto)]
@@ -152,12 +169,39 @@ fn parse_log_level(raw: &str) -> Result<LogLevel, String> {
     }
 }
 
+/// One `VMAN_ALLOWED_HOSTS` entry: a host name or IP address without scheme,
+/// port or path (IPv6 in brackets), or `*`. Stored lowercase.
+fn parse_allowed_host(raw: &str) -> Result<String, String> {
+    let host = raw.trim().trim_end_matches('.').to_ascii_lowercase();
+    let ipv6 = host.starts_with('[') && host.ends_with(']') && host.len() > 2;
+    let plain = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_');
+    if host == "*"
+        || plain
+        || ipv6
+            && host[1..host.len() - 1]
+                .parse::<std::net::Ipv6Addr>()
+                .is_ok()
+    {
+        Ok(host)
+    } else {
+        Err(format!(
+            "{raw:?} is not a host name (give names like vman.example.org or [::1], without scheme or port, or *)"
+        ))
+    }
+}
+
 fn parse_overcommit(raw: &str) -> Result<f64, String> {
     match raw.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 100.0 => Ok(v),
         _ => Err("expected a number greater than 0 (1.0 = no overcommit)".into()),
     }
 }
+
+/// Fewest non-space characters of `VMAN_API_TOKEN`.
+pub const MIN_TOKEN_CHARS: usize = 16;
 
 /// A configuration that parsed but cannot work.
 #[derive(Debug, thiserror::Error)]
@@ -170,16 +214,18 @@ pub enum ConfigError {
         "refusing to listen on {0} without VMAN_API_TOKEN: set a token or listen on a loopback address"
     )]
     TokenRequired(IpAddr),
-    #[error("VMAN_API_TOKEN must not be empty")]
-    EmptyToken,
+    #[error("VMAN_API_TOKEN must have at least {MIN_TOKEN_CHARS} non-space characters (e.g. `openssl rand -hex 32`)")]
+    WeakToken,
 }
 
 impl Config {
     /// Checks what clap cannot: relations between values and the file system.
     /// Creates the storage folder when missing.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.api_token.as_deref() == Some("") {
-            return Err(ConfigError::EmptyToken);
+        if let Some(token) = &self.api_token {
+            if token.chars().filter(|c| !c.is_whitespace()).count() < MIN_TOKEN_CHARS {
+                return Err(ConfigError::WeakToken);
+            }
         }
         if !self.host.is_loopback() && self.api_token.is_none() {
             return Err(ConfigError::TokenRequired(self.host));
@@ -268,10 +314,33 @@ mod tests {
             "--storage-path",
             storage,
             "--api-token",
-            "t",
+            "0123456789abcdef",
         ])
         .expect("parses");
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn short_or_blank_token_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = dir.path().to_str().expect("utf8");
+        for token in ["", "                    ", "short", " 0123456789abcde "] {
+            let c = parse(&["--storage-path", storage, "--api-token", token]).expect("parses");
+            assert!(
+                matches!(c.validate(), Err(ConfigError::WeakToken)),
+                "{token:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn allowed_hosts_are_names_without_port() {
+        assert_eq!(parse_allowed_host(" VMAN.lan. "), Ok("vman.lan".into()));
+        assert_eq!(parse_allowed_host("[::1]"), Ok("[::1]".into()));
+        assert_eq!(parse_allowed_host("*"), Ok("*".into()));
+        for bad in ["", "http://x", "x:80", "a b", "[zz]", "x/y"] {
+            assert!(parse_allowed_host(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

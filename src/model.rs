@@ -23,6 +23,9 @@ impl Invalid {
     }
 }
 
+/// The rule of `Name`, as a regular expression (for the OpenAPI document).
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$";
+
 /// A template name, VM id or disk id: `^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$`.
 ///
 /// The rule keeps every name usable as one path component: no `/`, no `..`,

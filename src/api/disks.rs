@@ -22,11 +22,13 @@ const MAX_MOUNT_POINT: usize = 4096;
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct DiskRequest {
     /// Size in GiB (2^30 bytes, like `qemu-img create ... {size}G`), at least 1.
+    #[schema(minimum = 1, maximum = 65536)]
     pub size: u64,
     /// Where the user means to mount it in the guest: an absolute path,
     /// kept as a label (vman does not mount anything).
     pub mount_point: Option<String>,
     /// The disk id; a UUID v4 is generated when absent.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", max_length = 63)]
     pub name: Option<String>,
 }
 
@@ -86,6 +88,7 @@ impl AttachRequest {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct ResizeRequest {
     /// New size in GiB (2^30 bytes); not smaller than the current one.
+    #[schema(minimum = 1, maximum = 65536)]
     pub size: u64,
 }
 

@@ -110,7 +110,8 @@ fn strip_position(message: &str) -> String {
 }
 
 /// The `{name}`/`{vm_id}` path segment, parsed as a `Name`. A segment that
-/// cannot be a name cannot exist, so it is a 404 like any unknown id.
+/// cannot be a name (not even UTF-8) cannot exist, so it is a 404 like any
+/// unknown id.
 pub struct PathName(pub Name);
 
 impl<S: Send + Sync> FromRequestParts<S> for PathName {
@@ -120,7 +121,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PathName {
         let axum::extract::Path(raw) =
             axum::extract::Path::<String>::from_request_parts(parts, state)
                 .await
-                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_path", e.body_text()))?;
+                .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not_found", "Not found"))?;
         Name::parse("id", &raw)
             .map(PathName)
             .map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "not_found", "Not found"))

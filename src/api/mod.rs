@@ -1,12 +1,16 @@
-//! HTTP: the route table, the middleware (token, request log, body limit),
+//! HTTP: the route table, the middleware (cross-site guard, token, request
+//! log, body limit),
 //! and the mapping of every error to `{"detail": ...}`. Handlers parse and
 //! validate, call one service method, and map its result; they never touch
 //! SQL or processes.
 
 pub mod actions;
 pub mod disks;
+pub mod doc;
 pub mod error;
 pub mod extract;
+pub mod guard;
+pub mod listen;
 pub mod metadata;
 pub mod system;
 pub mod templates;
@@ -49,17 +53,26 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(disks::router())
 }
 
-pub fn router(state: AppState) -> Router {
+/// The served routes and their document, with the parts every operation
+/// shares added on the whole document (modifiers of `ApiDoc` itself would
+/// run before the module routers are merged in).
+pub fn assembled() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let (routes, mut doc) = routes().split_for_parts();
-    // Modifiers of `ApiDoc` run before the routes are merged in, so the
-    // ones that walk every operation run here, on the whole document.
+    utoipa::Modify::modify(&doc::CommonResponses, &mut doc);
     utoipa::Modify::modify(&system::StorageFull, &mut doc);
+    (routes, doc)
+}
+
+pub fn router(state: AppState) -> Router {
+    let guard = Arc::new(guard::Guard::from_config(state.service.config()));
+    let (routes, doc) = assembled();
     routes
         .layer(Extension(system::Document::new(&doc)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(guard, guard::enforce))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
@@ -86,33 +99,33 @@ fn same_token(given: &[u8], wanted: &[u8]) -> bool {
             == 0
 }
 
-async fn require_token(State(app): State<AppState>, req: Request, next: Next) -> Response {
+/// True when no token is configured or the request carries the right one.
+pub fn authorized(app: &AppState, headers: &header::HeaderMap) -> bool {
     let Some(token) = &app.token else {
-        return next.run(req).await;
+        return true;
     };
-    if req.uri().path() == "/health" {
-        return next.run(req).await;
-    }
-    let given = req
-        .headers()
+    let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if same_token(g.as_bytes(), token.as_bytes()) => next.run(req).await,
-        _ => {
-            let mut resp = axum::response::IntoResponse::into_response(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "Missing or wrong API token (Authorization: Bearer <VMAN_API_TOKEN>)",
-            ));
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            resp
-        }
+    given.is_some_and(|g| same_token(g.as_bytes(), token.as_bytes()))
+}
+
+/// /health answers anyone, with details only when `authorized`.
+async fn require_token(State(app): State<AppState>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/health" || authorized(&app, req.headers()) {
+        return next.run(req).await;
     }
+    let mut resp = axum::response::IntoResponse::into_response(ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "Missing or wrong API token (Authorization: Bearer <VMAN_API_TOKEN>)",
+    ));
+    resp.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Bearer"),
+    );
+    resp
 }
 
 async fn log_request(req: Request, next: Next) -> Response {

@@ -2,7 +2,7 @@
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse};
 use axum::Extension;
 use axum::Json;
@@ -14,34 +14,43 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::AppState;
 use crate::service::Check;
 
+/// With a token configured, a request without it gets `status` only.
 #[derive(Serialize, ToSchema)]
 pub struct HealthResponse {
     /// `ok`, or `degraded` when any check fails.
     pub status: &'static str,
-    pub service: &'static str,
-    pub version: &'static str,
-    pub checks: BTreeMap<&'static str, Check>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checks: Option<BTreeMap<&'static str, Check>>,
 }
 
-/// Service health; 503 with the same body when degraded.
+/// Service health; 503 with the same body when degraded. Without the token
+/// (when one is configured) only `status` is shown.
 #[utoipa::path(get, path = "/health", tag = "system",
     responses((status = 200, body = HealthResponse), (status = 503, body = HealthResponse)))]
-pub async fn health(State(app): State<AppState>) -> impl IntoResponse {
+pub async fn health(State(app): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
     let report = app.service.check_health().await;
     let ok = report.ok();
-    (
-        if ok {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        },
-        Json(HealthResponse {
-            status: if ok { "ok" } else { "degraded" },
-            service: "vman",
-            version: env!("CARGO_PKG_VERSION"),
-            checks: report.checks,
-        }),
-    )
+    let status = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut body = HealthResponse {
+        status: if ok { "ok" } else { "degraded" },
+        service: Some("vman"),
+        version: Some(env!("CARGO_PKG_VERSION")),
+        checks: Some(report.checks),
+    };
+    if !super::authorized(&app, &headers) {
+        body.service = None;
+        body.version = None;
+        body.checks = None;
+    }
+    (status, Json(body))
 }
 
 #[derive(Serialize, ToSchema)]

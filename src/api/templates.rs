@@ -17,14 +17,19 @@ use crate::service::CreateTemplate;
 /// Body of POST /templates. Exactly one of `ram_amount` (GiB) and `ram_mib`.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct TemplateRequest {
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", max_length = 63)]
     pub name: String,
+    #[schema(minimum = 1, maximum = 512)]
     pub cpu_count: u64,
     /// Memory in GiB.
+    #[schema(minimum = 1, maximum = 16384)]
     pub ram_amount: Option<u64>,
     /// Memory in MiB, for sizes below 1 GiB (extension).
+    #[schema(minimum = 16, maximum = 16777216)]
     pub ram_mib: Option<u64>,
     /// Grow root disks to this size in GiB (2^30 bytes) after the copy
     /// (extension).
+    #[schema(minimum = 1, maximum = 65536)]
     pub disk_size_gb: Option<u64>,
 }
 

@@ -21,8 +21,10 @@ use crate::service::CreateVm;
 /// Body of POST /vms.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct VmRequest {
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", max_length = 63)]
     pub template_name: String,
     /// The VM id; a UUID v4 is generated when absent.
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$", max_length = 63)]
     pub name: Option<String>,
     /// Explicit root disk, used as is (extension; only inside VMAN_IMAGE_DIRS).
     pub qcow2_path: Option<String>,

@@ -20,10 +20,10 @@ fn status_with(s: &Server, token: &str) -> u16 {
 
 #[test]
 fn dotenv_in_working_directory_is_read() {
-    let dir = dotenv_dir("# comment\nVMAN_API_TOKEN=from-dotenv\n");
+    let dir = dotenv_dir("# comment\nVMAN_API_TOKEN=from-dotenv-0123456789\n");
     let s = Server::builder().current_dir(dir.path()).start();
     assert_eq!(s.raw("GET", "/templates", None, &[]).status, 401);
-    assert_eq!(status_with(&s, "from-dotenv"), 200);
+    assert_eq!(status_with(&s, "from-dotenv-0123456789"), 200);
 }
 
 #[test]
@@ -57,13 +57,13 @@ fn dotenv_can_set_the_storage_path() {
 
 #[test]
 fn environment_overrides_dotenv() {
-    let dir = dotenv_dir("VMAN_API_TOKEN=from-dotenv\n");
+    let dir = dotenv_dir("VMAN_API_TOKEN=from-dotenv-0123456789\n");
     let s = Server::builder()
         .current_dir(dir.path())
-        .env("VMAN_API_TOKEN", "from-env")
+        .env("VMAN_API_TOKEN", "from-env-0123456789abcd")
         .start();
-    assert_eq!(status_with(&s, "from-env"), 200);
-    assert_eq!(status_with(&s, "from-dotenv"), 401);
+    assert_eq!(status_with(&s, "from-env-0123456789abcd"), 200);
+    assert_eq!(status_with(&s, "from-dotenv-0123456789"), 401);
 }
 
 #[track_caller]
@@ -166,8 +166,8 @@ fn public_host_with_empty_token_is_refused() {
 fn public_host_with_token_serves_and_demands_it() {
     let s = Server::builder()
         .host("0.0.0.0")
-        .api_token("public-token")
+        .api_token("public-token-0123456789")
         .start();
     assert_eq!(s.raw("GET", "/vms", None, &[]).status, 401);
-    assert_eq!(status_with(&s, "public-token"), 200);
+    assert_eq!(status_with(&s, "public-token-0123456789"), 200);
 }

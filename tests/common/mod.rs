@@ -201,6 +201,9 @@ impl ServerBuilder {
             logs,
             client: reqwest::blocking::Client::builder()
                 .timeout(REQUEST_TIMEOUT)
+                // vman closes connections idle for VMAN_HEADER_TIMEOUT (10 s
+                // by default): never reuse one that old.
+                .pool_idle_timeout(Duration::from_secs(3))
                 .build()
                 .expect("http client"),
         }
