@@ -10,6 +10,9 @@ export VMAN_ACCEL=tcg
 # The debian boot disk (debootstrap, ~2 min to build, ~30 s to boot under
 # TCG) is built and booted too; VMAN_TEST_DEBIAN=0 skips it.
 export VMAN_TEST_DEBIAN="${VMAN_TEST_DEBIAN:-1}"
+# Style and lints first: a red here is cheaper than after the guests.
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
 cargo build --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
