@@ -10,17 +10,21 @@ use crate::observer::{Issue, Report};
 use crate::store::VmRuntime;
 
 impl Service {
-    /// A QEMU that vman manages runs for this VM.
+    /// A QEMU of this VM runs: one vman manages, or one whose adoption is
+    /// pending (it does not answer on QMP yet).
     pub fn is_live(&self, id: &Name) -> bool {
-        self.registered(id).is_some_and(|r| !r.has_exited())
+        self.registered(id).is_some_and(|r| !r.has_exited()) || self.pending_pid(id).is_some()
     }
 
     /// `pid` is the QEMU vman manages for the VM named `owner`.
     pub fn is_live_pid(&self, owner: &str, pid: i32) -> bool {
         Name::parse("id", owner)
             .ok()
-            .and_then(|id| self.registered(&id))
-            .is_some_and(|r| r.pid == pid && !r.has_exited())
+            .is_some_and(|id| {
+                self.registered(&id)
+                    .is_some_and(|r| r.pid == pid && !r.has_exited())
+                    || self.pending_pid(&id) == Some(pid)
+            })
     }
 
     /// Marks a VM recorded `running` whose QEMU is gone as `error`. Checked
@@ -32,6 +36,11 @@ impl Service {
             return false;
         };
         if vm.state != VmState::Running || self.is_live(id) {
+            return false;
+        }
+        // Its QEMU may run unmanaged (found by command line): adopt it or
+        // mark it pending, never `error` while it lives.
+        if self.adopt_found(&vm).await {
             return false;
         }
         let repaired = self.store.update_vm(
