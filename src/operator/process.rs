@@ -31,8 +31,10 @@ impl std::fmt::Display for ExitStatus {
     }
 }
 
-/// Starts QEMU in its own process group (a Ctrl-C to vman does not reach
-/// it), in the folder `cwd`, with stdout and stderr appended to `log`. It
+/// Starts QEMU in its own session (a Ctrl-C to vman does not reach it, and
+/// when vman dies while QEMU is stopped, e.g. by SIGSTOP, the kernel sends
+/// it no SIGHUP as it would to a stopped member of a newly orphaned process
+/// group of vman's session), in the folder `cwd`, with stdout and stderr appended to `log`. It
 /// is not killed when vman exits.
 pub fn spawn(
     binary: &Path,
@@ -46,15 +48,24 @@ pub fn spawn(
         .open(log)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", log.display())))?;
     let err = out.try_clone()?;
-    Command::new(binary)
-        .args(args)
+    let mut cmd = Command::new(binary);
+    cmd.args(args)
         .current_dir(cwd)
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
+        .kill_on_drop(false);
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the
+    // parent; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
 }
 
 /// Something whose exit can be awaited: our child, or an adopted pid.

@@ -5,6 +5,7 @@
 
 #[path = "../common/mod.rs"]
 mod common;
+mod adoption;
 mod disks;
 mod harness;
 mod lifecycle;
