@@ -7,6 +7,7 @@
 mod common;
 mod adoption;
 mod disks;
+mod faults;
 mod harness;
 mod lifecycle;
 mod rootdisk;
