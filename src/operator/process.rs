@@ -260,7 +260,13 @@ mod tests {
         let pid_file = Path::new("/s/vms/a/qemu.pid");
         let qmp = Path::new("/s/vms/a/qmp.sock");
         let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        let new = args(&["qemu", "-pidfile", "/s/vms/a/qemu.pid", "-qmp", "unix:qmp.sock"]);
+        let new = args(&[
+            "qemu",
+            "-pidfile",
+            "/s/vms/a/qemu.pid",
+            "-qmp",
+            "unix:qmp.sock",
+        ]);
         assert!(is_vm_qemu(&new, pid_file, qmp));
         let other = args(&["qemu", "-pidfile", "/s/vms/ab/qemu.pid"]);
         assert!(!is_vm_qemu(&other, pid_file, qmp));

@@ -52,6 +52,9 @@ mod tests {
         let accept = tokio::spawn(async move { listener.accept().await.map(|_| ()) });
         connect(&sock).await.expect("connect through the folder fd");
         accept.await.expect("join").expect("accept");
-        assert!(UnixStream::connect(&sock).await.is_err(), "the long path itself does not fit");
+        assert!(
+            UnixStream::connect(&sock).await.is_err(),
+            "the long path itself does not fit"
+        );
     }
 }

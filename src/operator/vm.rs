@@ -204,11 +204,12 @@ pub async fn launch(
     remove_runtime_files(paths);
     let log_offset = std::fs::metadata(&paths.log).map(|m| m.len()).unwrap_or(0);
     let args = qemu::argv(spec);
-    let mut child =
-        process::spawn(binary, &args, &paths.dir, &paths.log).map_err(|source| LaunchError::Spawn {
+    let mut child = process::spawn(binary, &args, &paths.dir, &paths.log).map_err(|source| {
+        LaunchError::Spawn {
             binary: binary.display().to_string(),
             source,
-        })?;
+        }
+    })?;
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
     let started = Instant::now();
     let qmp = loop {

@@ -108,7 +108,11 @@ impl Service {
 
     /// Adopts `pid`, the live QEMU of `vm` (VM lock held); when it does not
     /// answer in time, records it as pending and starts the retry task.
-    async fn take_over(self: &Arc<Self>, vm: &crate::model::Vm, pid: i32) -> Result<bool, ServiceError> {
+    async fn take_over(
+        self: &Arc<Self>,
+        vm: &crate::model::Vm,
+        pid: i32,
+    ) -> Result<bool, ServiceError> {
         let paths = self.paths(&vm.id);
         match vm::adopt(pid, &paths, self.config.console_max_bytes, ADOPT_WAIT).await {
             Ok(run) => {
@@ -222,23 +226,41 @@ impl Service {
     async fn retry_adoption(self: Arc<Self>, id: Name, pid: i32) {
         loop {
             tokio::time::sleep(RETRY_EVERY).await;
-            if self.pending.lock().unwrap_or_else(|p| p.into_inner()).get(&id) != Some(&pid) {
+            if self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                != Some(&pid)
+            {
                 return;
             }
             let paths = self.paths(&id);
             // The attempt runs without the lock, so stop/delete are not held up.
             let attempt = vm::adopt(pid, &paths, self.config.console_max_bytes, ADOPT_WAIT).await;
             let _guard = self.lock_vm(&id).await;
-            if self.pending.lock().unwrap_or_else(|p| p.into_inner()).get(&id) != Some(&pid) {
+            if self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                != Some(&pid)
+            {
                 return; // stopped or deleted meanwhile; `attempt` is dropped
             }
-            let ram = self.store.get_vm(&id).map(|v| v.template.ram_mib).unwrap_or(0);
+            let ram = self
+                .store
+                .get_vm(&id)
+                .map(|v| v.template.ram_mib)
+                .unwrap_or(0);
             match attempt {
                 Ok(run) if !run.has_exited() => {
                     match self.commit_adoption(&id, ram, run.clone()) {
                         Ok(()) => {
                             if let Err(e) = self.reconcile_vm_disks(&id, &run).await {
-                                tracing::warn!("vm {id}: cannot check its data disks with QEMU: {e}");
+                                tracing::warn!(
+                                    "vm {id}: cannot check its data disks with QEMU: {e}"
+                                );
                             }
                         }
                         Err(e) => tracing::error!("vm {id}: cannot record its adoption: {e}"),

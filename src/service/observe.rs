@@ -18,13 +18,11 @@ impl Service {
 
     /// `pid` is the QEMU vman manages for the VM named `owner`.
     pub fn is_live_pid(&self, owner: &str, pid: i32) -> bool {
-        Name::parse("id", owner)
-            .ok()
-            .is_some_and(|id| {
-                self.registered(&id)
-                    .is_some_and(|r| r.pid == pid && !r.has_exited())
-                    || self.pending_pid(&id) == Some(pid)
-            })
+        Name::parse("id", owner).ok().is_some_and(|id| {
+            self.registered(&id)
+                .is_some_and(|r| r.pid == pid && !r.has_exited())
+                || self.pending_pid(&id) == Some(pid)
+        })
     }
 
     /// Marks a VM recorded `running` whose QEMU is gone as `error`. Checked

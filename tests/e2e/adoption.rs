@@ -79,15 +79,23 @@ fn unresponsive_qemu_at_start_up_stays_running_and_is_never_duplicated() {
         }
     }
     let status = vman.get("/observer/status");
-    let issues = status["last_issues"].as_array().cloned().unwrap_or_default();
+    let issues = status["last_issues"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
     assert!(
-        !issues.iter().any(|i| i["issue_type"] == "vm_state_mismatch"),
+        !issues
+            .iter()
+            .any(|i| i["issue_type"] == "vm_state_mismatch"),
         "{status}"
     );
     // A start is refused and makes no second QEMU; nor does a restart.
     let (s, b) = vman.start_vm("frozen");
     assert_eq!(s, 400, "{b}");
-    assert!(crate::common::detail(&b).contains("adoption pending"), "{b}");
+    assert!(
+        crate::common::detail(&b).contains("adoption pending"),
+        "{b}"
+    );
     let (s, b) = vman.post("/vms/later/actions/start", json!({}));
     assert_eq!(s, 400, "{b}");
     assert_eq!(qemus_of(&vman.storage, "frozen"), vec![frozen]);
@@ -168,21 +176,43 @@ fn vm_folder_deleted_under_running_qemu_gives_no_second_qemu() {
     assert_eq!(qemus_of(&vman.storage, "gone").len(), 1);
 }
 
-/// Hole 13: the same without a restart. The observer finds the QEMU by its
-/// command line, and a start is refused rather than launching a second.
+/// Hole 13: a QEMU of the VM that vman does not know (no record of it, no
+/// pid file) is found by its command line before a launch: the start adopts
+/// it instead of launching a second QEMU.
 #[test]
-fn vm_recorded_error_with_a_live_qemu_is_not_started_twice() {
+fn start_adopts_an_unmanaged_qemu_of_the_vm_instead_of_launching_a_second() {
     let vman = Vman::builder().with_tiny_default().start();
     vman.template("tiny", 256);
-    let pid = boot(&vman, "twin");
-    // The database forgets the process (as a lost write would).
-    let db = rusqlite::Connection::open(vman.storage.join("vman.db")).expect("db");
-    db.busy_timeout(Duration::from_secs(10)).expect("busy");
-    db.execute("UPDATE vms SET state = 'error', pid = NULL WHERE id = 'twin'", [])
-        .expect("update");
+    let (s, b) = vman.create_vm(json!({"template_name": "tiny", "name": "twin"}));
+    assert_eq!(s, 201, "{b}");
+    let dir = vman.vm_dir("twin");
+    fs::create_dir_all(&dir).expect("vm dir");
+    // What a vman that died before writing anything would leave running.
+    let mut stray = std::process::Command::new("qemu-system-x86_64")
+        .args(["-machine", "none", "-nodefaults", "-display", "none", "-S"])
+        .arg("-pidfile")
+        .arg(dir.join("qemu.pid"))
+        .args(["-qmp", "unix:qmp.sock,server=on,wait=off"])
+        .current_dir(&dir)
+        .spawn()
+        .expect("qemu");
+    let pid = stray.id() as i32;
+    let start = Instant::now();
+    while !dir.join("qmp.sock").exists() {
+        assert!(start.elapsed() < SERVER, "no QMP socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fs::remove_file(dir.join("qemu.pid")).expect("rm pid file");
     let (s, b) = vman.start_vm("twin");
-    assert_eq!(s, 400, "{b}");
+    assert_eq!(s, 202, "{b}");
+    let vm = vman.vm("twin");
+    assert_eq!(vm["state"], "running", "{vm}");
+    assert_eq!(vm["pid"].as_i64(), Some(i64::from(pid)), "{vm}");
     assert_eq!(qemus_of(&vman.storage, "twin"), vec![pid]);
+    let (s, b) = vman.post("/vms/twin/actions/stop", json!({"force": true}));
+    assert_eq!(s, 202, "{b}");
+    let _ = stray.wait();
+    assert!(qemus_of(&vman.storage, "twin").is_empty());
 }
 
 /// Hole 12: a 63-character name under a storage path of 60 characters
@@ -216,7 +246,10 @@ fn a_63_character_name_under_a_long_storage_path_boots() {
     let vm = vman.vm(&id);
     assert_eq!(vm["state"], "running", "{vm}");
     assert!(vm["last_error"].is_null(), "{vm}");
-    assert_eq!(vman.log_count(&format!("vm {id}: adopted running QEMU pid {pid}")), 1);
+    assert_eq!(
+        vman.log_count(&format!("vm {id}: adopted running QEMU pid {pid}")),
+        1
+    );
     vman.type_line(&id, "echo again-$((6*7))");
     vman.wait_console(&id, "again-42", 1);
     let (s, b) = vman.post(&format!("/vms/{id}/actions/stop"), json!({}));
@@ -228,9 +261,7 @@ fn a_63_character_name_under_a_long_storage_path_boots() {
 /// and removed at start-up.
 #[test]
 fn partial_copies_left_by_a_crash_are_reported_then_removed_at_start_up() {
-    let mut vman = Vman::builder()
-        .env("VMAN_OBSERVER_INTERVAL", "1")
-        .start();
+    let mut vman = Vman::builder().env("VMAN_OBSERVER_INTERVAL", "1").start();
     let vm_dir = vman.vm_dir("crashed");
     fs::create_dir_all(&vm_dir).expect("vm dir");
     fs::create_dir_all(vman.storage.join("disks")).expect("disks");
@@ -243,7 +274,11 @@ fn partial_copies_left_by_a_crash_are_reported_then_removed_at_start_up() {
         let status = vman.get("/observer/status");
         let found = status["last_issues"]
             .as_array()
-            .map(|a| a.iter().filter(|i| i["issue_type"] == "partial_file").count())
+            .map(|a| {
+                a.iter()
+                    .filter(|i| i["issue_type"] == "partial_file")
+                    .count()
+            })
             .unwrap_or(0);
         if found == 2 {
             break;

@@ -200,7 +200,10 @@ fn check(vman: &Vman, counts: &mut Counts) {
         counts.duplicate_qemus += pids.len().saturating_sub(1);
         let recorded = vms.iter().find(|v| v["id"] == id.as_str());
         let owned = recorded.is_some_and(|v| {
-            v["state"] == "running" && pids.iter().any(|p| v["pid"].as_i64() == Some(i64::from(*p)))
+            v["state"] == "running"
+                && pids
+                    .iter()
+                    .any(|p| v["pid"].as_i64() == Some(i64::from(*p)))
         });
         if !owned {
             eprintln!("QEMU {pids:?} of {id} not owned: {recorded:?}");
@@ -228,7 +231,10 @@ fn check(vman: &Vman, counts: &mut Counts) {
             counts.observer_mismatches += 1;
         }
     }
-    let live: Vec<i32> = qemu_processes(&vman.storage).into_iter().map(|(p, _)| p).collect();
+    let live: Vec<i32> = qemu_processes(&vman.storage)
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
     for v in vman.get("/vms").as_array().into_iter().flatten() {
         if v["state"] == "running" {
             let pid = v["pid"].as_i64().unwrap_or(0) as i32;
@@ -300,7 +306,10 @@ fn fault_injection_kill_9_and_sigstop_leave_one_qemu_per_vm_and_no_partials() {
                         .as_str()
                         .is_some_and(|e| e.contains("adoption pending"))
             }) {
-                assert!(start.elapsed() < GUEST, "seed {seed}: not adopted after SIGCONT");
+                assert!(
+                    start.elapsed() < GUEST,
+                    "seed {seed}: not adopted after SIGCONT"
+                );
                 std::thread::sleep(Duration::from_millis(100));
             }
         }

@@ -127,7 +127,10 @@ impl Vman {
     pub fn wait_recovered(&self) {
         let start = Instant::now();
         while self.get("/observer/status")["passes"].as_u64().unwrap_or(0) == 0 {
-            assert!(start.elapsed() < SERVER, "start-up adoption not done after {SERVER:?}");
+            assert!(
+                start.elapsed() < SERVER,
+                "start-up adoption not done after {SERVER:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

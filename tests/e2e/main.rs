@@ -3,9 +3,9 @@
 //! `scripts/build_boot_disk.sh`. They wait for what the guest itself prints
 //! on its serial console, never for a fixed time.
 
+mod adoption;
 #[path = "../common/mod.rs"]
 mod common;
-mod adoption;
 mod disks;
 mod faults;
 mod harness;
