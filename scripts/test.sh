@@ -18,4 +18,6 @@ cargo test --no-fail-fast -- --test-threads="${VMAN_TEST_THREADS:-4}" 2>&1 | tee
 # the last of which is the doc tests').
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "all: %d passed, %d failed\n", p, f }' "$log"
+# The figures of the fault-injection suite (tests/e2e/faults.rs).
+cat target/tmp/fault-injection.txt 2>/dev/null || true
 exit "$status"

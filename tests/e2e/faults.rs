@@ -263,6 +263,8 @@ fn fault_injection_kill_9_and_sigstop_leave_one_qemu_per_vm_and_no_partials() {
         .unwrap_or(ROUNDS);
     println!("fault injection: seed {seed} (VMAN_FAULT_SEED={seed} replays), {rounds} rounds");
     eprintln!("fault injection: seed {seed}, {rounds} rounds");
+    let summary_file = Path::new(env!("CARGO_TARGET_TMPDIR")).join("fault-injection.txt");
+    let _ = fs::remove_file(&summary_file);
     let mut rng = Rng(seed);
     let mut vman = Vman::builder()
         .with_tiny_default()
@@ -323,7 +325,7 @@ fn fault_injection_kill_9_and_sigstop_leave_one_qemu_per_vm_and_no_partials() {
             + counts.observer_mismatches;
         assert_eq!(bad, 0, "seed {seed}, round {round} ({op} {id}): {counts:?}");
     }
-    println!(
+    let summary = format!(
         "fault injection: seed {seed}, {} rounds in {:.0} s, {} kill -9 of vman, {} SIGSTOP/SIGCONT of QEMU, \
          ops {:?}; found: {} partials in use, {} partial files after restart, {} duplicate QEMUs, \
          {} unowned QEMUs, {} running without QEMU, {} observer mismatches",
@@ -339,4 +341,7 @@ fn fault_injection_kill_9_and_sigstop_leave_one_qemu_per_vm_and_no_partials() {
         counts.running_without_qemu,
         counts.observer_mismatches
     );
+    println!("{summary}");
+    // scripts/test.sh prints this line after the run (test output is captured).
+    let _ = fs::write(&summary_file, format!("{summary}\n"));
 }
