@@ -338,7 +338,11 @@ fn watch_exit(
         let guest_poweroff = qmp
             .last_shutdown()
             .is_some_and(|d| d["guest"].as_bool() == Some(true));
-        remove_runtime_files(&paths);
+        // Only while no other QEMU of this VM runs (a new start may already
+        // have launched one): the files are then its.
+        if find(&paths).is_none() {
+            remove_runtime_files(&paths);
+        }
         let _ = tx.send(Some(ExitInfo {
             status,
             guest_poweroff,
