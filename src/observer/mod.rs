@@ -153,11 +153,16 @@ pub async fn pass(service: &Arc<Service>) -> Vec<Issue> {
                 format!("QEMU pid {pid} runs from {prefix}{owner} but no VM {owner:?} exists"),
             ));
         } else if !service.is_live_pid(&owner, pid) {
-            issues.push(Issue::new(
+            let mut issue = Issue::new(
                 "orphan_process",
                 pid.to_string(),
                 format!("QEMU pid {pid} runs from VM {owner}'s folder but vman does not manage it"),
-            ));
+            );
+            issue.repaired = service.adopt_unmanaged(&owner).await;
+            if issue.repaired {
+                issue.details.push_str("; taken over");
+            }
+            issues.push(issue);
         }
     }
     issues.extend(service.disk_observations().await);

@@ -64,6 +64,25 @@ impl Service {
         }
     }
 
+    /// A QEMU with the command line of the known VM `owner` runs without
+    /// vman managing it (e.g. a start cut short by a crash of vman): under
+    /// the VM's lock, it is adopted, or recorded pending when it does not
+    /// answer. True when it is now managed or pending; false when another
+    /// QEMU is the VM's (a duplicate, only reported) or nothing was found.
+    pub async fn adopt_unmanaged(self: &Arc<Self>, owner: &str) -> bool {
+        let Ok(id) = Name::parse("id", owner) else {
+            return false;
+        };
+        let _guard = self.lock_vm(&id).await;
+        if self.is_live(&id) {
+            return false;
+        }
+        let Ok(vm) = self.store.get_vm(&id) else {
+            return false;
+        };
+        self.adopt_found(&vm).await
+    }
+
     pub fn record_observation(&self, issues: Vec<Issue>) {
         let mut report = self.observer.lock().unwrap_or_else(|p| p.into_inner());
         report.passes += 1;

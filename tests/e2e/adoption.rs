@@ -183,6 +183,28 @@ fn vm_folder_deleted_under_running_qemu_gives_no_second_qemu() {
     assert_eq!(qemus_of(&vman.storage, "gone").len(), 1);
 }
 
+/// Starts a QEMU (no guest) with the command line of VM `id`'s QEMU, as a
+/// vman that died before recording it would leave, and removes its pid file.
+fn stray_qemu(vman: &Vman, id: &str) -> std::process::Child {
+    let dir = vman.vm_dir(id);
+    fs::create_dir_all(&dir).expect("vm dir");
+    let stray = std::process::Command::new("qemu-system-x86_64")
+        .args(["-machine", "none", "-nodefaults", "-display", "none", "-S"])
+        .arg("-pidfile")
+        .arg(dir.join("qemu.pid"))
+        .args(["-qmp", "unix:qmp.sock,server=on,wait=off"])
+        .current_dir(&dir)
+        .spawn()
+        .expect("qemu");
+    let start = Instant::now();
+    while !dir.join("qmp.sock").exists() {
+        assert!(start.elapsed() < SERVER, "no QMP socket");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fs::remove_file(dir.join("qemu.pid")).expect("rm pid file");
+    stray
+}
+
 /// Hole 13: a QEMU of the VM that vman does not know (no record of it, no
 /// pid file) is found by its command line before a launch: the start adopts
 /// it instead of launching a second QEMU.
@@ -192,24 +214,8 @@ fn start_adopts_an_unmanaged_qemu_of_the_vm_instead_of_launching_a_second() {
     vman.template("tiny", 256);
     let (s, b) = vman.create_vm(json!({"template_name": "tiny", "name": "twin"}));
     assert_eq!(s, 201, "{b}");
-    let dir = vman.vm_dir("twin");
-    fs::create_dir_all(&dir).expect("vm dir");
-    // What a vman that died before writing anything would leave running.
-    let mut stray = std::process::Command::new("qemu-system-x86_64")
-        .args(["-machine", "none", "-nodefaults", "-display", "none", "-S"])
-        .arg("-pidfile")
-        .arg(dir.join("qemu.pid"))
-        .args(["-qmp", "unix:qmp.sock,server=on,wait=off"])
-        .current_dir(&dir)
-        .spawn()
-        .expect("qemu");
+    let mut stray = stray_qemu(&vman, "twin");
     let pid = stray.id() as i32;
-    let start = Instant::now();
-    while !dir.join("qmp.sock").exists() {
-        assert!(start.elapsed() < SERVER, "no QMP socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    fs::remove_file(dir.join("qemu.pid")).expect("rm pid file");
     let (s, b) = vman.start_vm("twin");
     assert_eq!(s, 202, "{b}");
     let vm = vman.vm("twin");
@@ -220,6 +226,27 @@ fn start_adopts_an_unmanaged_qemu_of_the_vm_instead_of_launching_a_second() {
     assert_eq!(s, 202, "{b}");
     let _ = stray.wait();
     assert!(qemus_of(&vman.storage, "twin").is_empty());
+}
+
+/// The observer takes over such a QEMU by itself: the record becomes true
+/// (`running` with its pid) within a pass or two, and a stop ends it.
+#[test]
+fn observer_takes_over_an_unmanaged_qemu_of_a_known_vm() {
+    let vman = Vman::builder()
+        .with_tiny_default()
+        .env("VMAN_OBSERVER_INTERVAL", "1")
+        .start();
+    vman.template("tiny", 256);
+    let (s, b) = vman.create_vm(json!({"template_name": "tiny", "name": "found"}));
+    assert_eq!(s, 201, "{b}");
+    let mut stray = stray_qemu(&vman, "found");
+    let pid = stray.id() as i32;
+    let vm = vman.wait_state("found", "running", SERVER);
+    assert_eq!(vm["pid"].as_i64(), Some(i64::from(pid)), "{vm}");
+    let (s, b) = vman.post("/vms/found/actions/stop", json!({"force": true}));
+    assert_eq!(s, 202, "{b}");
+    let _ = stray.wait();
+    assert!(qemus_of(&vman.storage, "found").is_empty());
 }
 
 /// Hole 12: a 63-character name under a storage path of 60 characters

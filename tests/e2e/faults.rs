@@ -223,8 +223,8 @@ fn check(vman: &Vman, counts: &mut Counts) {
     };
     for issue in status["last_issues"].as_array().into_iter().flatten() {
         let t = issue["issue_type"].as_str().unwrap_or("");
-        let unsettled = (t == "vm_state_mismatch" && issue["repaired"] != true)
-            || t == "orphan_process"
+        let unsettled = ((t == "vm_state_mismatch" || t == "orphan_process")
+            && issue["repaired"] != true)
             || t == "partial_file";
         if unsettled {
             eprintln!("observer: {issue}");
