@@ -327,13 +327,14 @@ fn fault_injection_kill_9_and_sigstop_leave_one_qemu_per_vm_and_no_partials() {
     }
     let summary = format!(
         "fault injection: seed {seed}, {} rounds in {:.0} s, {} kill -9 of vman, {} SIGSTOP/SIGCONT of QEMU, \
-         ops {:?}; found: {} partials in use, {} partial files after restart, {} duplicate QEMUs, \
+         ops {:?}, {} .partial copies removed at start-up; found: {} partials in use, {} partial files after restart, {} duplicate QEMUs, \
          {} unowned QEMUs, {} running without QEMU, {} observer mismatches",
         counts.rounds,
         started.elapsed().as_secs_f64(),
         counts.kills,
         counts.sigstops,
         counts.ops,
+        vman.log_count("left by an interrupted copy"),
         counts.partials_in_use,
         counts.partial_files_after_restart,
         counts.duplicate_qemus,
