@@ -28,4 +28,6 @@ fi
 # the last of which is the doc tests').
 awk -v p="$fuzz_p" -v f="$fuzz_f" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
      END { printf "all: %d passed, %d failed\n", p, f }' "$log"
+# The figures of the fault-injection suite (tests/e2e/faults.rs).
+cat target/tmp/fault-injection.txt 2>/dev/null || true
 exit "$status"

@@ -34,15 +34,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => tracing::info!("no default boot disk configured; new VMs get an empty disk"),
     }
     let service = Arc::new(Service::new(config.clone(), store, host));
-    service
-        .recover()
-        .await
-        .context("cannot recover running VMs")?;
-    service.recover_disk_attachments().await;
-    let interval = std::time::Duration::from_secs(config.observer_interval);
-    tokio::spawn(crate::observer::run(service.clone(), interval));
+    service.sweep_leftovers();
     let state = AppState {
-        service,
+        service: service.clone(),
         token: config.api_token.as_deref().map(Arc::from),
         vm_list: Arc::default(),
     };
@@ -51,6 +45,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
+    // Listen first: a QEMU that does not answer must not hold up the API.
+    // Adoption runs in parallel, with a bounded wait per VM; the observer
+    // starts once it is done (it would take a VM not adopted yet for dead).
+    let interval = std::time::Duration::from_secs(config.observer_interval);
+    tokio::spawn(async move {
+        if let Err(e) = service.recover().await {
+            tracing::error!("cannot recover running VMs: {e}");
+        }
+        service.recover_disk_attachments().await;
+        crate::observer::run(service, interval).await;
+    });
     tracing::info!(
         "vman {} listening on http://{local} (storage {}, database {})",
         env!("CARGO_PKG_VERSION"),

@@ -13,13 +13,14 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::model::VmState;
-use crate::operator::process;
+use crate::operator::{leftovers, process};
 use crate::service::Service;
 
 /// One thing the observer found.
 #[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
 pub struct Issue {
-    /// `vm_state_mismatch`, `orphan_process`, `missing_disk`, `stale_pid_file`, ...
+    /// `vm_state_mismatch`, `orphan_process`, `missing_disk`, `stale_pid_file`,
+    /// `unresponsive_qemu`, `partial_file`, ...
     pub issue_type: String,
     /// The VM or disk id (also for `orphan_process`: the VM whose folder
     /// the process runs from; its pid is in `details`).
@@ -121,18 +122,32 @@ pub async fn pass(service: &Arc<Service>) -> Vec<Issue> {
             ));
         }
     }
+    for (id, pid) in service.pending_vms() {
+        issues.push(Issue::new(
+            "unresponsive_qemu",
+            id.as_str(),
+            format!("QEMU pid {pid} runs but does not answer on QMP; adoption is retried"),
+        ));
+    }
+    for path in leftovers::find_partials(&service.config().storage_path) {
+        issues.push(Issue::new(
+            "partial_file",
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            format!(
+                "{} is an unfinished copy (in progress, or left by a crash and removed at the next start-up)",
+                path.display()
+            ),
+        ));
+    }
     let vms_dir = service.config().vms_dir();
     let prefix = format!("{}/", vms_dir.to_string_lossy());
     for (pid, args) in process::find_by_arg(&prefix) {
         if !args.first().is_some_and(|a| a.contains("qemu-system")) {
             continue;
         }
-        let owner = args
-            .iter()
-            .find_map(|a| a.split(&prefix).nth(1))
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or("")
-            .to_owned();
+        let owner = process::owner_under(&args, &prefix).unwrap_or_default();
         // As the first VMAN: the VM id (its folder) is the resource, the
         // pid is in the details.
         if !known.contains(&owner) {
@@ -142,11 +157,16 @@ pub async fn pass(service: &Arc<Service>) -> Vec<Issue> {
                 format!("QEMU pid {pid} runs from {prefix}{owner} but no VM {owner:?} exists"),
             ));
         } else if !service.is_live_pid(&owner, pid) {
-            issues.push(Issue::new(
+            let mut issue = Issue::new(
                 "orphan_process",
                 owner.as_str(),
                 format!("QEMU pid {pid} runs from VM {owner}'s folder but vman does not manage it"),
-            ));
+            );
+            issue.repaired = service.adopt_unmanaged(&owner).await;
+            if issue.repaired {
+                issue.details.push_str("; taken over");
+            }
+            issues.push(issue);
         }
     }
     issues.extend(service.disk_observations().await);

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 
 /// What GET /console returns at most.
@@ -107,7 +106,7 @@ pub struct Console {
 impl Console {
     /// Connects to `sock` and starts pumping into `log_path`.
     pub async fn attach(sock: &Path, log_path: &Path, max_bytes: u64) -> io::Result<Arc<Self>> {
-        let stream = UnixStream::connect(sock).await?;
+        let stream = super::unixsock::connect(sock).await?;
         let (mut read, write) = stream.into_split();
         let mut log = BoundedLog::open(log_path, max_bytes)?;
         let path = log_path.to_owned();

@@ -4,9 +4,11 @@
 pub mod console;
 pub mod hotplug;
 pub mod image;
+pub mod leftovers;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod unixsock;
 pub mod vm;
 
 use std::path::Path;

@@ -6,6 +6,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
+use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
@@ -30,11 +31,18 @@ impl std::fmt::Display for ExitStatus {
     }
 }
 
-/// Starts QEMU in its own process group (a Ctrl-C to vman does not reach
-/// it), with stdout and stderr appended to `log`. It is not killed when vman
-/// exits.
-pub fn spawn(binary: &Path, args: &[std::ffi::OsString], log: &Path) -> io::Result<Child> {
-    spawn_keeping(binary, args, log, Vec::new())
+/// Starts QEMU in its own session (a Ctrl-C to vman does not reach it, and
+/// when vman dies while QEMU is stopped, e.g. by SIGSTOP, the kernel sends
+/// it no SIGHUP as it would to a stopped member of a newly orphaned process
+/// group of vman's session), in the folder `cwd`, with stdout and stderr
+/// appended to `log`. It is not killed when vman exits.
+pub fn spawn(
+    binary: &Path,
+    args: &[std::ffi::OsString],
+    cwd: &Path,
+    log: &Path,
+) -> io::Result<Child> {
+    spawn_keeping(binary, args, cwd, log, Vec::new())
 }
 
 /// Lets a child inherit `fds`: clears their close-on-exec flag in the child
@@ -54,6 +62,7 @@ pub fn inherit_fds(fds: &[RawFd]) -> io::Result<()> {
 pub fn spawn_keeping(
     binary: &Path,
     args: &[std::ffi::OsString],
+    cwd: &Path,
     log: &Path,
     fds: Vec<RawFd>,
 ) -> io::Result<Child> {
@@ -72,12 +81,22 @@ pub fn spawn_keeping(
         }
     }
     cmd.args(args)
+        .current_dir(cwd)
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)
-        .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
+        .kill_on_drop(false);
+    // SAFETY: setsid(2) is async-signal-safe and touches no memory of the
+    // parent; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
 }
 
 /// Something whose exit can be awaited: our child, or an adopted pid.
@@ -136,17 +155,75 @@ pub fn cmdline(pid: i32) -> Option<Vec<String>> {
     )
 }
 
-/// True when `pid` runs a QEMU whose QMP socket is `qmp` — the check that
-/// keeps a reused pid from being mistaken for our VM.
-pub fn is_our_qemu(pid: i32, qmp: &Path) -> bool {
-    let Some(args) = cmdline(pid) else {
-        return false;
-    };
-    let wanted = format!(
+/// True when `args` are the command line of the QEMU of the VM whose pid
+/// file is `pid_file`: `-pidfile` names it (vman gives it by absolute path),
+/// or, for a QEMU started by an older vman, `-qmp` names its socket `qmp`
+/// by absolute path. This, not the pid file, is what identifies a VM's QEMU.
+pub fn is_vm_qemu(args: &[String], pid_file: &Path, qmp: &Path) -> bool {
+    let pid_arg = pid_file.to_string_lossy();
+    let old_qmp = format!(
         "unix:{},server=on,wait=off",
         qmp.to_string_lossy().replace(',', ",,")
     );
-    args.windows(2).any(|w| w[0] == "-qmp" && w[1] == wanted)
+    args.windows(2).any(|w| {
+        (w[0] == "-pidfile" && w[1] == pid_arg.as_ref()) || (w[0] == "-qmp" && w[1] == old_qmp)
+    })
+}
+
+/// True when `pid` is alive and runs the QEMU of the VM whose pid file is
+/// `pid_file` — the check that keeps a reused pid from being mistaken for
+/// our VM.
+pub fn is_our_qemu(pid: i32, pid_file: &Path, qmp: &Path) -> bool {
+    cmdline(pid).is_some_and(|args| is_vm_qemu(&args, pid_file, qmp))
+}
+
+/// Every live process whose command line is the QEMU of the VM whose pid
+/// file is `pid_file`, found by scanning `/proc` (the pid file may be gone).
+pub fn find_vm_qemus(pid_file: &Path, qmp: &Path) -> Vec<i32> {
+    let needle = pid_file.to_string_lossy().into_owned();
+    let old = qmp.to_string_lossy().into_owned();
+    let mut found: Vec<i32> = find_by_arg(&needle)
+        .into_iter()
+        .chain(find_by_arg(&old))
+        .filter(|(_, args)| is_vm_qemu(args, pid_file, qmp))
+        .map(|(pid, _)| pid)
+        .collect();
+    found.sort_unstable();
+    found.dedup();
+    found
+}
+
+/// The VM folder name under `prefix` (`{storage}/vms/`) that a QEMU command
+/// line belongs to: its `-pidfile`, else any argument inside the folder.
+pub fn owner_under(args: &[String], prefix: &str) -> Option<String> {
+    let in_folder = |a: &str| {
+        a.split(prefix)
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .filter(|o| !o.is_empty())
+            .map(str::to_owned)
+    };
+    args.windows(2)
+        .find(|w| w[0] == "-pidfile")
+        .and_then(|w| in_folder(&w[1]))
+        .or_else(|| args.iter().find_map(|a| in_folder(a)))
+}
+
+/// Kills `pid` with SIGKILL if, and only if, it still runs this VM's QEMU,
+/// and waits (up to `limit`) until it is gone. True when it is gone.
+pub async fn kill_vm_qemu(pid: i32, pid_file: &Path, qmp: &Path, limit: Duration) -> bool {
+    let watch = match Watch::adopt(pid) {
+        Ok(w) => w,
+        Err(_) => return !is_our_qemu(pid, pid_file, qmp),
+    };
+    // Checked after the pidfd is open: the pid cannot be reused under us.
+    if !is_our_qemu(pid, pid_file, qmp) {
+        return true;
+    }
+    if let Err(e) = kill(pid, libc::SIGKILL) {
+        tracing::warn!("kill -9 {pid}: {e}");
+    }
+    tokio::time::timeout(limit, watch.wait()).await.is_ok()
 }
 
 /// Reads a pid file written by QEMU.
@@ -192,7 +269,11 @@ mod tests {
             .spawn()
             .expect("spawn");
         let pid = child.id() as i32;
-        assert!(!is_our_qemu(pid, Path::new("/x/qmp.sock")));
+        assert!(!is_our_qemu(
+            pid,
+            Path::new("/x/qemu.pid"),
+            Path::new("/x/qmp.sock")
+        ));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !cmdline(pid).is_some_and(|c| c[0].ends_with("sleep")) {
             assert!(std::time::Instant::now() < deadline, "no cmdline for {pid}");
@@ -205,6 +286,28 @@ mod tests {
         assert!(Watch::adopt(pid).is_err() || cmdline(pid).is_none());
     }
 
+    #[test]
+    fn a_vm_qemu_is_known_by_its_pid_file_argument_or_old_absolute_qmp() {
+        let pid_file = Path::new("/s/vms/a/qemu.pid");
+        let qmp = Path::new("/s/vms/a/qmp.sock");
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let new = args(&[
+            "qemu",
+            "-pidfile",
+            "/s/vms/a/qemu.pid",
+            "-qmp",
+            "unix:qmp.sock",
+        ]);
+        assert!(is_vm_qemu(&new, pid_file, qmp));
+        let other = args(&["qemu", "-pidfile", "/s/vms/ab/qemu.pid"]);
+        assert!(!is_vm_qemu(&other, pid_file, qmp));
+        let old = args(&["qemu", "-qmp", "unix:/s/vms/a/qmp.sock,server=on,wait=off"]);
+        assert!(is_vm_qemu(&old, pid_file, qmp));
+        assert_eq!(owner_under(&new, "/s/vms/").as_deref(), Some("a"));
+        assert_eq!(owner_under(&old, "/s/vms/").as_deref(), Some("a"));
+        assert_eq!(owner_under(&args(&["qemu", "-m", "1"]), "/s/vms/"), None);
+    }
+
     #[tokio::test]
     async fn child_exit_status_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -212,6 +315,7 @@ mod tests {
         let child = spawn(
             Path::new("sh"),
             &["-c".into(), "echo hi; exit 3".into()],
+            dir.path(),
             &log,
         )
         .expect("spawn");

@@ -11,7 +11,17 @@ use serde_json::json;
 
 use super::image::{Chain, ImageFormat};
 
-/// The files of one VM, all inside `{storage}/vms/{vm_id}/`.
+/// File name of the QMP socket in a VM folder.
+pub const QMP_SOCK: &str = "qmp.sock";
+/// File name of the serial console socket in a VM folder.
+pub const CONSOLE_SOCK: &str = "console.sock";
+
+/// The files of one VM, all inside `{storage}/vms/{vm_id}/`. QEMU runs with
+/// that folder as its working directory and binds its sockets by their bare
+/// file names, so their paths never hit the 107-byte limit of a UNIX socket
+/// address whatever the storage path and VM name (`operator::unixsock`
+/// reaches them from vman). The absolute `-pidfile` path is what tells a
+/// VM's QEMU apart in the process table.
 #[derive(Debug, Clone)]
 pub struct VmPaths {
     pub dir: PathBuf,
@@ -29,8 +39,8 @@ impl VmPaths {
         Self {
             root: dir.join("root.qcow2"),
             pid: dir.join("qemu.pid"),
-            qmp: dir.join("qmp.sock"),
-            console_sock: dir.join("console.sock"),
+            qmp: dir.join(QMP_SOCK),
+            console_sock: dir.join(CONSOLE_SOCK),
             console: dir.join("console.txt"),
             log: dir.join("qemu.log"),
             dir,
@@ -136,12 +146,6 @@ pub fn disk_file_node(disk_id: &str) -> String {
     format!("{}-file", disk_node(disk_id))
 }
 
-/// QEMU's `-drive`/`-blockdev` values separate options with commas; a path
-/// containing one must double it.
-fn escape_commas(path: &Path) -> String {
-    path.to_string_lossy().replace(',', ",,")
-}
-
 /// Node names of the `i`th file of a chain whose top is `node`: the format
 /// node and its file (protocol) node. Fits QEMU's 31-byte limit for the
 /// names used here (`root`, `dk-<16 hex>`) and chains of up to 99 files.
@@ -235,12 +239,9 @@ pub fn argv(spec: &LaunchSpec) -> Vec<OsString> {
         "-pidfile".into(),
         p.pid.to_string_lossy().into_owned(),
         "-qmp".into(),
-        format!("unix:{},server=on,wait=off", escape_commas(&p.qmp)),
+        format!("unix:{QMP_SOCK},server=on,wait=off"),
         "-chardev".into(),
-        format!(
-            "socket,id=serial0,path={},server=on,wait=off",
-            escape_commas(&p.console_sock)
-        ),
+        format!("socket,id=serial0,path={CONSOLE_SOCK},server=on,wait=off"),
         "-serial".into(),
         "chardev:serial0".into(),
         "-smbios".into(),
@@ -366,7 +367,8 @@ mod tests {
             r#"{"backing":null,"driver":"qcow2","file":"root-file","node-name":"root"}"#
         ));
         assert!(line.contains("-machine q35,accel=tcg -cpu max -smp 2 -m 256M"));
-        assert!(line.contains("-qmp unix:/s/vms/vm1/qmp.sock,server=on,wait=off"));
+        assert!(line.contains("-qmp unix:qmp.sock,server=on,wait=off"));
+        assert!(line.contains("path=console.sock,server=on"));
         assert!(line.contains("-pidfile /s/vms/vm1/qemu.pid"));
         assert!(line.contains("pcie-root-port,id=hp1,chassis=2,slot=2"));
         let node = disk_node("d1");

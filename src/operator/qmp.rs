@@ -12,7 +12,6 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +62,9 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 impl Qmp {
     /// Connects, reads the greeting and negotiates capabilities.
     pub async fn connect(path: &Path) -> Result<Self, QmpError> {
-        let stream = UnixStream::connect(path).await.map_err(QmpError::Connect)?;
+        let stream = super::unixsock::connect(path)
+            .await
+            .map_err(QmpError::Connect)?;
         let (read, write) = stream.into_split();
         let mut lines = BufReader::new(read).lines();
         let greeting = tokio::time::timeout(COMMAND_TIMEOUT, lines.next_line())

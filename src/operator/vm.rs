@@ -36,14 +36,12 @@ pub enum LaunchError {
     },
     #[error("QEMU failed to start: {0}")]
     Failed(String),
+    #[error("a QEMU of this VM already runs (pid {0}); stop or delete the VM first")]
+    AlreadyRunning(i32),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdoptError {
-    #[error("no pid file")]
-    NoPidFile,
-    #[error("pid {0} is not this VM's QEMU (stale pid file)")]
-    NotOurs(i32),
     #[error("QEMU pid {0} is gone")]
     Gone(i32),
     #[error("QEMU pid {pid} does not answer on QMP: {reason}")]
@@ -199,14 +197,24 @@ pub async fn launch(
         path: paths.dir.display().to_string(),
         source,
     })?;
+    // Never a second QEMU for one VM, whatever the pid file says.
+    if let Some(pid) = find(paths) {
+        return Err(LaunchError::AlreadyRunning(pid));
+    }
     remove_runtime_files(paths);
     let log_offset = std::fs::metadata(&paths.log).map(|m| m.len()).unwrap_or(0);
     let args = qemu::argv(spec);
-    let mut child = process::spawn_keeping(binary, &args, &paths.log, qemu::passed_fds(spec))
-        .map_err(|source| LaunchError::Spawn {
-            binary: binary.display().to_string(),
-            source,
-        })?;
+    let mut child = process::spawn_keeping(
+        binary,
+        &args,
+        &paths.dir,
+        &paths.log,
+        qemu::passed_fds(spec),
+    )
+    .map_err(|source| LaunchError::Spawn {
+        binary: binary.display().to_string(),
+        source,
+    })?;
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
     let started = Instant::now();
     let qmp = loop {
@@ -250,27 +258,56 @@ pub async fn launch(
     ))
 }
 
-/// Takes over a QEMU left running by an earlier vman. The pid file alone is
-/// not trusted: the process must have this VM's QMP socket on its command
-/// line and answer on it.
-pub async fn adopt(paths: &VmPaths, console_max: u64) -> Result<Arc<Running>, AdoptError> {
-    let pid = process::read_pid(&paths.pid).ok_or(AdoptError::NoPidFile)?;
-    if process::cmdline(pid).is_none() {
+/// The live QEMU of this VM, if any: the pid file's process when its
+/// command line is this VM's, else whatever process in `/proc` has this VM's
+/// command line (the pid file may be gone with the folder).
+pub fn find(paths: &VmPaths) -> Option<i32> {
+    if let Some(pid) = process::read_pid(&paths.pid) {
+        if process::is_our_qemu(pid, &paths.pid, &paths.qmp) {
+            return Some(pid);
+        }
+    }
+    process::find_vm_qemus(&paths.pid, &paths.qmp)
+        .into_iter()
+        .next()
+}
+
+/// Takes over `pid`, a QEMU of this VM left running by an earlier vman
+/// (found by `find`): its command line must still be this VM's, and it must
+/// answer on QMP within `limit` (a stopped or hung QEMU does not).
+pub async fn adopt(
+    pid: i32,
+    paths: &VmPaths,
+    console_max: u64,
+    limit: Duration,
+) -> Result<Arc<Running>, AdoptError> {
+    let watch = Watch::adopt(pid).map_err(|_| AdoptError::Gone(pid))?;
+    // Checked after the pidfd is open, so the pid cannot be reused under us.
+    if !process::is_our_qemu(pid, &paths.pid, &paths.qmp) {
         return Err(AdoptError::Gone(pid));
     }
-    if !process::is_our_qemu(pid, &paths.qmp) {
-        return Err(AdoptError::NotOurs(pid));
-    }
-    let watch = Watch::adopt(pid).map_err(|_| AdoptError::Gone(pid))?;
-    let qmp = Qmp::connect(&paths.qmp)
-        .await
-        .map_err(|e| AdoptError::NoQmp {
-            pid,
-            reason: e.to_string(),
-        })?;
-    let console = Console::attach(&paths.console_sock, &paths.console, console_max)
-        .await
-        .ok();
+    let qmp = match tokio::time::timeout(limit, Qmp::connect(&paths.qmp)).await {
+        Ok(Ok(qmp)) => qmp,
+        Ok(Err(e)) => {
+            return Err(AdoptError::NoQmp {
+                pid,
+                reason: e.to_string(),
+            })
+        }
+        Err(_) => {
+            return Err(AdoptError::NoQmp {
+                pid,
+                reason: format!("no answer within {} s", limit.as_secs()),
+            })
+        }
+    };
+    let console = tokio::time::timeout(
+        limit,
+        Console::attach(&paths.console_sock, &paths.console, console_max),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok);
     Ok(watch_exit(
         pid,
         watch,
@@ -306,7 +343,11 @@ fn watch_exit(
         let guest_poweroff = qmp
             .last_shutdown()
             .is_some_and(|d| d["guest"].as_bool() == Some(true));
-        remove_runtime_files(&paths);
+        // Only while no other QEMU of this VM runs (a new start may already
+        // have launched one): the files are then its.
+        if find(&paths).is_none() {
+            remove_runtime_files(&paths);
+        }
         let _ = tx.send(Some(ExitInfo {
             status,
             guest_poweroff,

@@ -549,7 +549,11 @@ impl Service {
         }
     }
 
-    async fn reconcile_vm_disks(&self, vm: &Name, run: &Running) -> Result<(), ServiceError> {
+    pub(super) async fn reconcile_vm_disks(
+        &self,
+        vm: &Name,
+        run: &Running,
+    ) -> Result<(), ServiceError> {
         let plugged = hotplug::plugged(&run.qmp)
             .await
             .map_err(|e| ServiceError::Internal(e.to_string()))?;

@@ -76,7 +76,7 @@ impl Service {
         Ok(())
     }
 
-    fn release_memory(&self, id: &Name) {
+    pub(super) fn release_memory(&self, id: &Name) {
         self.memory
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -92,6 +92,10 @@ impl Service {
         let vm = self.store.get_vm(id).map_err(missing("VM"))?;
         if self.registered(id).is_some_and(|r| !r.has_exited()) {
             return Err(ServiceError::Rejected("VM is already running".into()));
+        }
+        // A QEMU of this VM that vman does not manage is adopted or refused.
+        if let super::adoption::Found::Adopted = self.check_before_launch(&vm).await? {
+            return Ok(());
         }
         if vm.state.next(VmEvent::Started).is_none() {
             return Err(ServiceError::Rejected("VM is already running".into()));
@@ -245,7 +249,26 @@ impl Service {
         let vm = self.store.get_vm(id).map_err(missing("VM"))?;
         let run = self.registered(id);
         let Some(run) = run.filter(|_| vm.state == VmState::Running) else {
-            return Err(ServiceError::Rejected("VM is not running".into()));
+            // An unresponsive (adoption pending) or unmanaged QEMU: by pid.
+            return match self.kill_unmanaged(id).await? {
+                Some(_) => {
+                    self.store.update_vm(
+                        id,
+                        &VmRuntime {
+                            state: Some(VmState::Stopped),
+                            pid: Some(None),
+                            last_error: Some(None),
+                            ..Default::default()
+                        },
+                    )?;
+                    tracing::info!("vm {id} stopped by SIGKILL (its QEMU was not adopted)");
+                    Ok(StopReport {
+                        method: StopMethod::Killed,
+                        elapsed: Duration::ZERO,
+                    })
+                }
+                None => Err(ServiceError::Rejected("VM is not running".into())),
+            };
         };
         let started = std::time::Instant::now();
         let method = run
@@ -289,6 +312,10 @@ impl Service {
             run.stop(true, Duration::ZERO).await;
             self.unregister(id, &run);
         }
+        // An unresponsive (adoption pending) or unmanaged QEMU of the VM is
+        // killed by pid; its files go only once no QEMU of it runs (a QEMU
+        // that survives SIGKILL keeps them, and the observer reports it).
+        self.kill_unmanaged(id).await?;
         let dir = self.paths(id).dir;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
@@ -299,52 +326,6 @@ impl Service {
             ),
         }
         tracing::info!("vm {id} deleted");
-        Ok(())
-    }
-
-    /// At start-up: take over every QEMU still running from our storage and
-    /// mark VMs whose QEMU died while vman was down.
-    pub async fn recover(self: &Arc<Self>) -> Result<(), ServiceError> {
-        for vm in self.store.list_vms(None)? {
-            let paths = self.paths(&vm.id);
-            match vm::adopt(&paths, self.config.console_max_bytes).await {
-                Ok(run) => {
-                    tracing::info!("vm {}: adopted running QEMU pid {}", vm.id, run.pid);
-                    self.memory
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(vm.id.clone(), vm.template.ram_mib);
-                    if vm.state != VmState::Running || vm.pid != Some(i64::from(run.pid)) {
-                        self.store.update_vm(
-                            &vm.id,
-                            &VmRuntime {
-                                state: Some(VmState::Running),
-                                pid: Some(Some(i64::from(run.pid))),
-                                last_error: Some(None),
-                                ..Default::default()
-                            },
-                        )?;
-                    }
-                    self.register(vm.id.clone(), run);
-                }
-                Err(e) if vm.state == VmState::Running => {
-                    let msg =
-                        with_console_tail(format!("QEMU was gone when vman started ({e})"), &paths);
-                    tracing::warn!("vm {}: {}", vm.id, msg.lines().next().unwrap_or(""));
-                    vm::remove_runtime_files(&paths);
-                    self.store.update_vm(
-                        &vm.id,
-                        &VmRuntime {
-                            state: Some(VmState::Error),
-                            pid: Some(None),
-                            last_error: Some(Some(msg)),
-                            ..Default::default()
-                        },
-                    )?;
-                }
-                Err(_) => {}
-            }
-        }
         Ok(())
     }
 
@@ -392,7 +373,7 @@ impl Service {
 
 /// `msg` followed by the last console lines of the VM, so the user sees why
 /// without hunting for files.
-fn with_console_tail(mut msg: String, paths: &VmPaths) -> String {
+pub(super) fn with_console_tail(mut msg: String, paths: &VmPaths) -> String {
     let tail = console::last_lines(&paths.console, 5);
     if !tail.is_empty() {
         msg.push_str("; last console lines:\n");

@@ -3,6 +3,7 @@
 //! it takes parsed inputs, asks the store and the operator, and answers with
 //! domain values or a `ServiceError`.
 
+mod adoption;
 mod blocking;
 pub mod database;
 mod disks;
@@ -100,6 +101,8 @@ pub struct Service {
     locks: Mutex<HashMap<Name, Arc<tokio::sync::Mutex<()>>>>,
     /// QEMU processes vman manages, by VM.
     running: Mutex<HashMap<Name, Arc<Running>>>,
+    /// Live QEMU processes of VMs that did not answer QMP yet (pid).
+    pending: Mutex<HashMap<Name, i32>>,
     /// Memory (MiB) of running and starting VMs, for admission.
     memory: Mutex<HashMap<Name, u64>>,
     /// The observer's last findings.
@@ -118,6 +121,7 @@ impl Service {
             tools: health::Tools::default(),
             locks: Mutex::default(),
             running: Mutex::default(),
+            pending: Mutex::default(),
             memory: Mutex::default(),
             observer: Mutex::default(),
             unrecorded: Mutex::default(),

@@ -10,17 +10,19 @@ use crate::observer::{Issue, Report};
 use crate::store::VmRuntime;
 
 impl Service {
-    /// A QEMU that vman manages runs for this VM.
+    /// A QEMU of this VM runs: one vman manages, or one whose adoption is
+    /// pending (it does not answer on QMP yet).
     pub fn is_live(&self, id: &Name) -> bool {
-        self.registered(id).is_some_and(|r| !r.has_exited())
+        self.registered(id).is_some_and(|r| !r.has_exited()) || self.pending_pid(id).is_some()
     }
 
     /// `pid` is the QEMU vman manages for the VM named `owner`.
     pub fn is_live_pid(&self, owner: &str, pid: i32) -> bool {
-        Name::parse("id", owner)
-            .ok()
-            .and_then(|id| self.registered(&id))
-            .is_some_and(|r| r.pid == pid && !r.has_exited())
+        Name::parse("id", owner).ok().is_some_and(|id| {
+            self.registered(&id)
+                .is_some_and(|r| r.pid == pid && !r.has_exited())
+                || self.pending_pid(&id) == Some(pid)
+        })
     }
 
     /// Marks a VM recorded `running` whose QEMU is gone as `error`. Checked
@@ -32,6 +34,11 @@ impl Service {
             return false;
         };
         if vm.state != VmState::Running || self.is_live(id) {
+            return false;
+        }
+        // Its QEMU may run unmanaged (found by command line): adopt it or
+        // mark it pending, never `error` while it lives.
+        if self.adopt_found(&vm).await {
             return false;
         }
         // A stop or exit that could not be recorded (full disk) is recorded
@@ -60,6 +67,25 @@ impl Service {
                 false
             }
         }
+    }
+
+    /// A QEMU with the command line of the known VM `owner` runs without
+    /// vman managing it (e.g. a start cut short by a crash of vman): under
+    /// the VM's lock, it is adopted, or recorded pending when it does not
+    /// answer. True when it is now managed or pending; false when another
+    /// QEMU is the VM's (a duplicate, only reported) or nothing was found.
+    pub async fn adopt_unmanaged(self: &Arc<Self>, owner: &str) -> bool {
+        let Ok(id) = Name::parse("id", owner) else {
+            return false;
+        };
+        let _guard = self.lock_vm(&id).await;
+        if self.is_live(&id) {
+            return false;
+        }
+        let Ok(vm) = self.store.get_vm(&id) else {
+            return false;
+        };
+        self.adopt_found(&vm).await
     }
 
     pub fn record_observation(&self, issues: Vec<Issue>) {

@@ -113,11 +113,32 @@ impl Vman {
         }
     }
 
-    /// A crash, then a start again on the same storage and database.
+    /// A crash, then a start again on the same storage and database; returns
+    /// once the API listens and start-up adoption is done.
     pub fn restart(&mut self) {
+        self.restart_listening();
+        self.wait_recovered();
+    }
+
+    /// A crash, then a start again; returns as soon as the API listens
+    /// (adoption of running QEMUs may still be under way).
+    pub fn restart_listening(&mut self) {
         self.kill9();
         self.server.restart();
         self.base = self.server.url("");
+    }
+
+    /// Waits until start-up adoption is done: the observer starts after it,
+    /// so its first pass marks the end.
+    pub fn wait_recovered(&self) {
+        let start = Instant::now();
+        while self.get("/observer/status")["passes"].as_u64().unwrap_or(0) == 0 {
+            assert!(
+                start.elapsed() < SERVER,
+                "start-up adoption not done after {SERVER:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {

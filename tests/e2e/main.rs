@@ -3,9 +3,11 @@
 //! `scripts/build_boot_disk.sh`. They wait for what the guest itself prints
 //! on its serial console, never for a fixed time.
 
+mod adoption;
 #[path = "../common/mod.rs"]
 mod common;
 mod disks;
+mod faults;
 mod full_disk;
 mod harness;
 mod hostile_images;
