@@ -73,8 +73,29 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(middleware::from_fn_with_state(guard, guard::enforce))
+        .layer(panic_answer())
         .layer(middleware::from_fn(log_request))
         .with_state(state)
+}
+
+/// A handler that panics (a bug) still answers: a JSON 500 instead of a
+/// dropped connection, and the panic message goes to the log only.
+fn panic_answer(
+) -> tower_http::catch_panic::CatchPanicLayer<fn(Box<dyn std::any::Any + Send>) -> Response> {
+    fn answer(panic: Box<dyn std::any::Any + Send>) -> Response {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("(no message)");
+        tracing::error!("handler panicked: {message}");
+        axum::response::IntoResponse::into_response(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "Internal error; the server log has the details",
+        ))
+    }
+    tower_http::catch_panic::CatchPanicLayer::custom(answer as fn(_) -> _)
 }
 
 async fn not_found() -> ApiError {
@@ -151,5 +172,35 @@ mod tests {
         assert!(same_token(b"abc", b"abc"));
         assert!(!same_token(b"abd", b"abc"));
         assert!(!same_token(b"ab", b"abc"));
+    }
+
+    use axum::body::Body;
+    use axum::routing::get;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_a_json_500_instead_of_dropping_the_connection() {
+        async fn boom() -> &'static str {
+            panic!("boom")
+        }
+        let app: Router = Router::new()
+            .route("/boom", get(boom))
+            .layer(panic_answer());
+        let reply = app
+            .oneshot(
+                Request::builder()
+                    .uri("/boom")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("an answer");
+        assert_eq!(reply.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(reply.into_body(), 4096)
+            .await
+            .expect("body");
+        let json: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(json["code"], "internal");
+        assert!(json["detail"].as_str().is_some_and(|d| !d.contains("boom")));
     }
 }
