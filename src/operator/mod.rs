@@ -1,9 +1,11 @@
 //! The LocalOperator: everything that touches QEMU and disk images on this
 //! host. It knows processes, QMP and files; it does not know HTTP or SQL.
 
+pub mod cgroup;
 pub mod console;
 pub mod hotplug;
 pub mod image;
+pub mod privilege;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -22,21 +24,33 @@ pub struct Host {
     pub accel_reason: String,
     pub sandbox: bool,
     pub mem_total_mib: u64,
+    /// The user QEMU switches to (none: it keeps vman's).
+    pub run_as: Option<privilege::RunAs>,
+    /// Where QEMU processes go for a lower CPU weight.
+    pub cpu: cgroup::CpuPolicy,
 }
 
 impl Host {
-    pub fn probe(config: &Config) -> Self {
+    /// Fails when `VMAN_QEMU_USER` names a user this host does not have, or
+    /// the storage cannot be closed to it.
+    pub fn probe(config: &Config) -> Result<Self, privilege::PrivilegeError> {
         let (accel, accel_reason) = match config.accel {
             config::Accel::Kvm => (Accel::Kvm, "VMAN_ACCEL=kvm".to_owned()),
             config::Accel::Tcg => (Accel::Tcg, "VMAN_ACCEL=tcg".to_owned()),
             config::Accel::Auto => qemu::detect_accel(),
         };
-        Self {
+        let run_as = privilege::resolve(&config.qemu_user, &config.qemu_binary)?;
+        if run_as.is_some() {
+            privilege::restrict(&config.storage_path)?;
+        }
+        Ok(Self {
             accel,
             accel_reason,
             sandbox: qemu::supports_sandbox(&config.qemu_binary),
             mem_total_mib: mem_total_mib(Path::new("/proc/meminfo")).unwrap_or(0),
-        }
+            run_as,
+            cpu: cgroup::CpuPolicy::probe(config.qemu_cpu_weight, &config.vms_dir()),
+        })
     }
 }
 

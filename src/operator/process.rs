@@ -10,6 +10,8 @@ use std::path::Path;
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 
+use super::cgroup::{self, Placement};
+
 /// How a QEMU process ended, as far as we can know. A process we spawned
 /// ourselves is our child and yields its status; one adopted after a vman
 /// restart is not, and only its disappearance is seen.
@@ -32,22 +34,48 @@ impl std::fmt::Display for ExitStatus {
 
 /// Starts QEMU in its own process group (a Ctrl-C to vman does not reach
 /// it), with stdout and stderr appended to `log`. It is not killed when vman
-/// exits.
-pub fn spawn(binary: &Path, args: &[std::ffi::OsString], log: &Path) -> io::Result<Child> {
+/// exits. `placement` lowers its CPU weight: a nice value set in the child
+/// before exec (inherited by every thread), or its cgroup, joined right
+/// after the fork (`cgroup.procs` moves all threads).
+pub fn spawn(
+    binary: &Path,
+    args: &[std::ffi::OsString],
+    log: &Path,
+    placement: &Placement,
+) -> io::Result<Child> {
     let out = OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", log.display())))?;
     let err = out.try_clone()?;
-    Command::new(binary)
-        .args(args)
+    let mut cmd = Command::new(binary);
+    cmd.args(args)
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(err)
         .process_group(0)
-        .kill_on_drop(false)
-        .spawn()
+        .kill_on_drop(false);
+    if let Some(nice) = placement.nice {
+        // SAFETY: the closure only calls setpriority(2), which is
+        // async-signal-safe, and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                Ok(())
+            });
+        }
+    }
+    let child = cmd.spawn()?;
+    if let (Some(group), Some(pid)) = (&placement.group, child.id()) {
+        if let Err(e) = cgroup::join(group, pid as i32) {
+            tracing::warn!(
+                "QEMU pid {pid}: cannot join cgroup {}: {e}",
+                group.display()
+            );
+        }
+    }
+    Ok(child)
 }
 
 /// Something whose exit can be awaited: our child, or an adopted pid.
@@ -176,6 +204,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_nice_placement_is_set_before_exec() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("log");
+        let placement = Placement {
+            group: None,
+            nice: Some(7),
+        };
+        let child = spawn(
+            Path::new("sh"),
+            &["-c".into(), "cut -d' ' -f19 /proc/self/stat".into()],
+            &log,
+            &placement,
+        )
+        .expect("spawn");
+        assert_eq!(Watch::Child(child).wait().await, ExitStatus::Code(0));
+        assert_eq!(std::fs::read_to_string(&log).expect("log"), "7\n");
+    }
+
+    #[tokio::test]
     async fn child_exit_status_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("log");
@@ -183,6 +230,7 @@ mod tests {
             Path::new("sh"),
             &["-c".into(), "echo hi; exit 3".into()],
             &log,
+            &Placement::default(),
         )
         .expect("spawn");
         assert_eq!(Watch::Child(child).wait().await, ExitStatus::Code(3));

@@ -4,6 +4,7 @@
 //! everybody else waits on its `watch` channel.
 
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -195,17 +196,24 @@ pub async fn launch(
     console_max: u64,
 ) -> Result<Arc<Running>, LaunchError> {
     let paths = &spec.paths;
-    std::fs::create_dir_all(&paths.dir).map_err(|source| LaunchError::Folder {
-        path: paths.dir.display().to_string(),
-        source,
-    })?;
+    std::fs::create_dir_all(&paths.dir)
+        .and_then(|()| {
+            // Not for the QEMU user's eyes (console log, root disk).
+            std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|source| LaunchError::Folder {
+            path: paths.dir.display().to_string(),
+            source,
+        })?;
     remove_runtime_files(paths);
     let log_offset = std::fs::metadata(&paths.log).map(|m| m.len()).unwrap_or(0);
     let args = qemu::argv(spec);
     let mut child =
-        process::spawn(binary, &args, &paths.log).map_err(|source| LaunchError::Spawn {
-            binary: binary.display().to_string(),
-            source,
+        process::spawn(binary, &args, &paths.log, &spec.placement).map_err(|source| {
+            LaunchError::Spawn {
+                binary: binary.display().to_string(),
+                source,
+            }
         })?;
     let pid = child.id().map(|p| p as i32).unwrap_or(0);
     let started = Instant::now();
@@ -247,6 +255,7 @@ pub async fn launch(
         Arc::new(qmp),
         console,
         paths.clone(),
+        spec.placement.group.clone(),
     ))
 }
 
@@ -277,17 +286,20 @@ pub async fn adopt(paths: &VmPaths, console_max: u64) -> Result<Arc<Running>, Ad
         Arc::new(qmp),
         console,
         paths.clone(),
+        None,
     ))
 }
 
 /// Spawns the exit task: it waits for the process, lets QMP deliver the
-/// last events, removes the runtime files and publishes the `ExitInfo`.
+/// last events, removes the runtime files (and the process's cgroup, when
+/// known) and publishes the `ExitInfo`.
 fn watch_exit(
     pid: i32,
     watch: Watch,
     qmp: Arc<Qmp>,
     console: Option<Arc<Console>>,
     paths: VmPaths,
+    group: Option<std::path::PathBuf>,
 ) -> Arc<Running> {
     let (tx, rx) = watch::channel(None);
     let stop_requested = Arc::new(AtomicBool::new(false));
@@ -307,6 +319,9 @@ fn watch_exit(
             .last_shutdown()
             .is_some_and(|d| d["guest"].as_bool() == Some(true));
         remove_runtime_files(&paths);
+        if let Some(group) = group {
+            let _ = std::fs::remove_dir(group);
+        }
         let _ = tx.send(Some(ExitInfo {
             status,
             guest_poweroff,

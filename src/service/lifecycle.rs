@@ -146,6 +146,8 @@ impl Service {
             hotplug_slots: self.config.hotplug_slots,
             sandbox: self.host.sandbox,
             data_disks: self.boot_disks(&vm.id)?,
+            run_as: self.host.run_as.clone(),
+            placement: self.host.cpu.placement(vm.id.as_str()),
         };
         let t1 = t0.elapsed();
         let run = vm::launch(

@@ -8,5 +8,6 @@ mod common;
 mod disks;
 mod harness;
 mod lifecycle;
+mod privilege;
 mod rootdisk;
 mod supervision;

@@ -1,0 +1,263 @@
+//! CPU weight of QEMU processes, so that guests saturating the CPUs leave
+//! vman's control plane responsive.
+//!
+//! Every QEMU goes into its own group `<hierarchy>/vman/<key>`, where
+//! `vman` carries the low weight (all guests together weigh that much
+//! against any other task of the host, vman included) and the VM groups
+//! share it equally. Backends, first that works:
+//! - cgroup v2 with the `cpu` controller: `cpu.weight` (1..10000, 100 is the
+//!   default of every other group);
+//! - cgroup v1 `cpu` hierarchy: `cpu.shares` = weight * 1024 / 100;
+//! - neither: the QEMU process gets a nice value (set in the child before
+//!   exec, so every thread QEMU creates inherits it).
+//!
+//! `VMAN_QEMU_CPU_WEIGHT=off` disables all of this. The group of a VM is
+//! named after the storage folder and the VM id, so it is found again for a
+//! QEMU adopted after a restart, and two vman instances never share one.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::config::CpuWeight;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Backend {
+    Off,
+    /// `vman` group under a cgroup v2 mount with the cpu controller.
+    V2(PathBuf),
+    /// `vman` group under the cgroup v1 cpu hierarchy.
+    V1(PathBuf),
+    Nice(i32),
+}
+
+/// Where QEMU processes go; probed once at start-up.
+#[derive(Debug, Clone)]
+pub struct CpuPolicy {
+    backend: Backend,
+    /// Prefix of this storage's group names.
+    prefix: String,
+}
+
+/// What `spawn` does for one QEMU.
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// The VM's group; the pid is written to its `cgroup.procs`.
+    pub group: Option<PathBuf>,
+    /// Nice value set in the child before exec.
+    pub nice: Option<i32>,
+}
+
+impl CpuPolicy {
+    /// Picks the backend and prepares the `vman` group. `vms_dir` names this
+    /// storage; empty groups it left behind (a crash) are removed.
+    pub fn probe(weight: CpuWeight, vms_dir: &Path) -> Self {
+        let prefix = format!(
+            "s{:08x}-",
+            fnv1a(vms_dir.to_string_lossy().as_bytes()) as u32
+        );
+        let backend = match weight {
+            CpuWeight::Off => Backend::Off,
+            CpuWeight::Weight(w) => pick_backend(w, &mounts()),
+        };
+        let policy = Self { backend, prefix };
+        policy.sweep();
+        policy
+    }
+
+    /// One line for the start-up log and /health.
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Off => "off".into(),
+            Backend::V2(p) => format!("cgroup v2 {}", p.display()),
+            Backend::V1(p) => format!("cgroup v1 {}", p.display()),
+            Backend::Nice(n) => format!("nice {n}"),
+        }
+    }
+
+    /// The group of the VM whose folder name is `vm_id`.
+    fn group(&self, vm_id: &str) -> Option<PathBuf> {
+        match &self.backend {
+            Backend::V2(p) | Backend::V1(p) => Some(p.join(format!("{}{vm_id}", self.prefix))),
+            Backend::Off | Backend::Nice(_) => None,
+        }
+    }
+
+    /// Creates the VM's group (when cgroups are used); never fails a start:
+    /// a group that cannot be made is logged and QEMU runs unweighted.
+    pub fn placement(&self, vm_id: &str) -> Placement {
+        if let Backend::Nice(n) = self.backend {
+            return Placement {
+                group: None,
+                nice: Some(n),
+            };
+        }
+        let Some(group) = self.group(vm_id) else {
+            return Placement::default();
+        };
+        match fs::create_dir(&group) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                tracing::warn!("vm {vm_id}: cannot create cgroup {}: {e}", group.display());
+                return Placement::default();
+            }
+        }
+        Placement {
+            group: Some(group),
+            nice: None,
+        }
+    }
+
+    /// Removes this storage's empty groups (populated ones refuse).
+    fn sweep(&self) {
+        let (Backend::V1(parent) | Backend::V2(parent)) = &self.backend else {
+            return;
+        };
+        for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(&self.prefix)
+            {
+                let _ = fs::remove_dir(entry.path());
+            }
+        }
+    }
+}
+
+/// Moves process `pid` (all its threads) into `group`.
+pub fn join(group: &Path, pid: i32) -> io::Result<()> {
+    fs::write(group.join("cgroup.procs"), pid.to_string())
+}
+
+/// cgroup mounts of this host: (fstype, mount point, super options).
+fn mounts() -> Vec<(String, PathBuf, String)> {
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let point = left.split_whitespace().nth(4)?;
+            let mut r = right.split_whitespace();
+            let fstype = r.next()?;
+            let _source = r.next()?;
+            let opts = r.next().unwrap_or("");
+            fstype
+                .starts_with("cgroup")
+                .then(|| (fstype.to_owned(), PathBuf::from(point), opts.to_owned()))
+        })
+        .collect()
+}
+
+fn pick_backend(weight: u32, mounts: &[(String, PathBuf, String)]) -> Backend {
+    for (fstype, point, opts) in mounts {
+        if fstype == "cgroup2" {
+            if let Some(parent) = setup_v2(point, weight) {
+                return Backend::V2(parent);
+            }
+        } else if fstype == "cgroup" && opts.split(',').any(|o| o == "cpu") {
+            if let Some(parent) = setup_v1(point, weight) {
+                return Backend::V1(parent);
+            }
+        }
+    }
+    Backend::Nice(nice_for(weight))
+}
+
+/// The `vman` group at the root of a v2 hierarchy (the root is exempt from
+/// the no-internal-process rule), with the cpu controller enabled for it
+/// and its children.
+fn setup_v2(mount: &Path, weight: u32) -> Option<PathBuf> {
+    let controllers = fs::read_to_string(mount.join("cgroup.controllers")).ok()?;
+    if !controllers.split_whitespace().any(|c| c == "cpu") {
+        return None;
+    }
+    let enable = |dir: &Path| fs::write(dir.join("cgroup.subtree_control"), "+cpu");
+    let parent = mount.join("vman");
+    let made = enable(mount)
+        .and_then(|()| mkdir_p(&parent))
+        .and_then(|()| fs::write(parent.join("cpu.weight"), weight.to_string()))
+        .and_then(|()| enable(&parent));
+    match made {
+        Ok(()) => Some(parent),
+        Err(e) => {
+            tracing::warn!("cgroup v2 at {} not usable: {e}", mount.display());
+            None
+        }
+    }
+}
+
+fn setup_v1(mount: &Path, weight: u32) -> Option<PathBuf> {
+    let parent = mount.join("vman");
+    let made = mkdir_p(&parent)
+        .and_then(|()| fs::write(parent.join("cpu.shares"), shares_for(weight).to_string()));
+    match made {
+        Ok(()) => Some(parent),
+        Err(e) => {
+            tracing::warn!("cgroup v1 cpu at {} not usable: {e}", mount.display());
+            None
+        }
+    }
+}
+
+fn mkdir_p(dir: &Path) -> io::Result<()> {
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// v1 `cpu.shares` for a v2 weight (1024 is v1's default, 100 v2's).
+fn shares_for(weight: u32) -> u64 {
+    (u64::from(weight) * 1024 / 100).max(2)
+}
+
+/// The nice value with about the same weight: each nice step is a factor
+/// of 1.25 in CFS.
+fn nice_for(weight: u32) -> i32 {
+    let steps = (100.0 / f64::from(weight)).ln() / 1.25_f64.ln();
+    (steps.round() as i32).clamp(0, 19)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_map_to_shares_and_nice() {
+        assert_eq!(shares_for(100), 1024);
+        assert_eq!(shares_for(10), 102);
+        assert_eq!(shares_for(1), 10);
+        assert_eq!(nice_for(100), 0);
+        assert_eq!(nice_for(10), 10);
+        assert_eq!(nice_for(1), 19);
+        assert_eq!(nice_for(10_000), 0);
+    }
+
+    #[test]
+    fn without_cgroups_it_is_nice_and_off_is_nothing() {
+        assert_eq!(pick_backend(10, &[]), Backend::Nice(10));
+        let off = CpuPolicy::probe(CpuWeight::Off, Path::new("/s/vms"));
+        assert_eq!(off.describe(), "off");
+        let p = off.placement("v1");
+        assert!(p.group.is_none() && p.nice.is_none());
+    }
+
+    #[test]
+    fn group_names_depend_on_storage_and_vm() {
+        let a = CpuPolicy {
+            backend: Backend::V1(PathBuf::from("/cg/vman")),
+            prefix: "sa-".into(),
+        };
+        assert_eq!(a.group("v1"), Some(PathBuf::from("/cg/vman/sa-v1")));
+        let p1 = CpuPolicy::probe(CpuWeight::Off, Path::new("/one/vms")).prefix;
+        let p2 = CpuPolicy::probe(CpuWeight::Off, Path::new("/two/vms")).prefix;
+        assert_ne!(p1, p2);
+    }
+}
