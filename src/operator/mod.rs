@@ -41,7 +41,7 @@ impl Host {
         };
         let run_as = privilege::resolve(&config.qemu_user, &config.qemu_binary)?;
         if run_as.is_some() {
-            privilege::restrict(&config.storage_path)?;
+            privilege::close_storage(&[&config.vms_dir(), &config.disks_dir()], &config.db_path())?;
         }
         Ok(Self {
             accel,

@@ -9,9 +9,9 @@
 //! no capabilities and the user's uid only, so:
 //! - disks hot-plugged later are opened by vman and passed over QMP as file
 //!   descriptors (`add-fd`, `/dev/fdset/N`): no disk file is ever chowned;
-//! - the storage folder is 0700 root, so the user cannot open any VM's disk,
-//!   console log or the database by path, even files that are 0644;
-//! - each VM folder is created 0700.
+//! - the VM and disk folders are 0700 root and the database 0600, so the
+//!   user cannot open any VM's disk, console log or the database by path,
+//!   even files that are 0644; each VM folder is 0700 too.
 //!
 //! QEMU's own `-sandbox elevateprivileges=deny` forbids the set*id calls that
 //! `-runas` makes (QEMU 7.2 dies with SIGSYS), so with a user it is
@@ -63,7 +63,7 @@ pub enum PrivilegeError {
     Root(String),
     #[error("{0} has neither -run-with user= nor -runas")]
     Unsupported(String),
-    #[error("cannot restrict {path} to mode 0700: {source}")]
+    #[error("cannot close {path} to other users: {source}")]
     Restrict { path: String, source: io::Error },
 }
 
@@ -136,14 +136,29 @@ pub fn lookup_user(name: &str) -> Option<(u32, u32)> {
     Some((pwd.pw_uid, pwd.pw_gid))
 }
 
-/// Makes `dir` reachable by its owner only (mode 0700).
-pub fn restrict(dir: &Path) -> Result<(), PrivilegeError> {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
-        PrivilegeError::Restrict {
-            path: dir.display().to_string(),
-            source,
+/// Closes what QEMU must not reach by path to everybody but root: the VM
+/// and disk folders (0700, created when missing) and the database (0600;
+/// SQLite gives its -wal and -shm files the same mode). The storage folder
+/// itself is left as it is: it may be a shared one.
+pub fn close_storage(dirs: &[&Path], db: &Path) -> Result<(), PrivilegeError> {
+    let fail = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| PrivilegeError::Restrict { path, source }
+    };
+    for dir in dirs {
+        std::fs::create_dir_all(dir).map_err(fail(dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail(dir))?;
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = db.as_os_str().to_owned();
+        file.push(suffix);
+        let file = Path::new(&file);
+        if file.exists() {
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o600))
+                .map_err(fail(file))?;
         }
-    })
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -176,6 +191,27 @@ mod tests {
             flag: RunAsFlag::RunWith,
         };
         assert_eq!(r.args(), ["-run-with", "user=vman-qemu"]);
+    }
+
+    #[test]
+    fn storage_is_closed_to_other_users() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (vms, disks, db) = (
+            dir.path().join("vms"),
+            dir.path().join("disks"),
+            dir.path().join("v.db"),
+        );
+        std::fs::create_dir(&vms).expect("vms");
+        std::fs::set_permissions(&vms, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::write(&db, "").expect("db");
+        std::fs::write(dir.path().join("v.db-wal"), "").expect("wal");
+        close_storage(&[&vms, &disks], &db).expect("close");
+        let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode(&vms), 0o700);
+        assert_eq!(mode(&disks), 0o700);
+        assert_eq!(mode(&db), 0o600);
+        assert_eq!(mode(&dir.path().join("v.db-wal")), 0o600);
+        assert!(!dir.path().join("v.db-shm").exists());
     }
 
     #[test]
