@@ -12,8 +12,9 @@
 //!   exec, so every thread QEMU creates inherits it).
 //!
 //! `VMAN_QEMU_CPU_WEIGHT=off` disables all of this. The group of a VM is
-//! named after the storage folder and the VM id, so it is found again for a
-//! QEMU adopted after a restart, and two vman instances never share one.
+//! named after the storage folder and the VM id, so two vman instances never
+//! share one. It is removed when its QEMU exits, and empty groups left by
+//! QEMUs that ended while vman was down are removed at vman's start.
 
 use std::fs;
 use std::io;
@@ -109,26 +110,32 @@ impl CpuPolicy {
         }
     }
 
-    /// Removes this storage's empty groups (populated ones refuse).
+    /// Removes empty VM groups left behind (a vman killed with its guests,
+    /// a test's storage gone); populated ones refuse. Another vman's fresh
+    /// group may go too before its QEMU joined: `join` recreates it.
     fn sweep(&self) {
         let (Backend::V1(parent) | Backend::V2(parent)) = &self.backend else {
             return;
         };
         for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
-            if entry
-                .file_name()
-                .to_string_lossy()
-                .starts_with(&self.prefix)
-            {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 let _ = fs::remove_dir(entry.path());
             }
         }
     }
 }
 
-/// Moves process `pid` (all its threads) into `group`.
+/// Moves process `pid` (all its threads) into `group`, making the group
+/// again when a sweep removed it in between.
 pub fn join(group: &Path, pid: i32) -> io::Result<()> {
-    fs::write(group.join("cgroup.procs"), pid.to_string())
+    let procs = group.join("cgroup.procs");
+    match fs::write(&procs, pid.to_string()) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            mkdir_p(group)?;
+            fs::write(&procs, pid.to_string())
+        }
+        other => other,
+    }
 }
 
 /// cgroup mounts of this host: (fstype, mount point, super options).
@@ -259,5 +266,17 @@ mod tests {
         let p1 = CpuPolicy::probe(CpuWeight::Off, Path::new("/one/vms")).prefix;
         let p2 = CpuPolicy::probe(CpuWeight::Off, Path::new("/two/vms")).prefix;
         assert_ne!(p1, p2);
+    }
+
+    #[test]
+    fn join_makes_a_swept_group_again() {
+        // A plain folder stands in for the cgroup file system.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let group = dir.path().join("sX-v1");
+        join(&group, 42).expect("join");
+        assert_eq!(
+            fs::read_to_string(group.join("cgroup.procs")).unwrap(),
+            "42"
+        );
     }
 }

@@ -79,13 +79,15 @@ pub fn resolve(user: &str, qemu: &Path) -> Result<Option<RunAs>, PrivilegeError>
     if uid == 0 {
         return Err(PrivilegeError::Root(user.into()));
     }
-    let help = std::process::Command::new(qemu)
-        .arg("-help")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default();
-    let flag = flag_from_help(&help)
-        .ok_or_else(|| PrivilegeError::Unsupported(qemu.display().to_string()))?;
+    let flag = match std::process::Command::new(qemu).arg("-help").output() {
+        Ok(o) => flag_from_help(&String::from_utf8_lossy(&o.stdout))
+            .ok_or_else(|| PrivilegeError::Unsupported(qemu.display().to_string()))?,
+        // No QEMU (yet): starts fail with their own clear error; vman runs.
+        Err(e) => {
+            tracing::warn!("cannot run {} -help ({e}); assuming -runas", qemu.display());
+            RunAsFlag::Runas
+        }
+    };
     Ok(Some(RunAs {
         user: user.into(),
         uid,
@@ -229,6 +231,14 @@ mod tests {
             assert!(matches!(
                 resolve("no-such-user-vman-test", Path::new("qemu-system-x86_64")),
                 Err(PrivilegeError::NoSuchUser(_))
+            ));
+            // Regression: a missing QEMU binary must not keep vman from
+            // starting (its starts then fail with a clear 400).
+            let r = resolve("vman-qemu", Path::new("/nonexistent/qemu"));
+            assert!(r.is_ok() || lookup_user("vman-qemu").is_none(), "{r:?}");
+            assert!(matches!(
+                resolve("vman-qemu", Path::new("/bin/true")),
+                Err(PrivilegeError::Unsupported(_)) | Err(PrivilegeError::NoSuchUser(_))
             ));
         }
     }
