@@ -101,7 +101,7 @@ pub struct Config {
     #[arg(long, env = "VMAN_QEMU_USER", default_value = "vman-qemu")]
     pub qemu_user: String,
 
-    /// CPU weight of all QEMU processes together against other processes
+    /// CPU weight of each QEMU process against other processes
     /// (100 = like any other; cgroup cpu.weight, or nice without cgroups),
     /// or `off`.
     #[arg(long, env = "VMAN_QEMU_CPU_WEIGHT", default_value = "10", value_parser = parse_cpu_weight)]

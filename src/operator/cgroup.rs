@@ -1,10 +1,12 @@
 //! CPU weight of QEMU processes, so that guests saturating the CPUs leave
 //! vman's control plane responsive.
 //!
-//! Every QEMU goes into its own group `<hierarchy>/vman/<key>`, where
-//! `vman` carries the low weight (all guests together weigh that much
-//! against any other task of the host, vman included) and the VM groups
-//! share it equally. Backends, first that works:
+//! Every QEMU goes into its own group `<hierarchy>/vman-<storage>-<vm>`
+//! at the top of the hierarchy, with the low weight: each guest weighs that
+//! much against any other process of the host (vman's included, 100), so a
+//! waking vman preempts a guest at once, while many guests together still
+//! get a share of a busy host (a common parent would squeeze all of them into
+//! one small share). Backends, first that works:
 //! - cgroup v2 with the `cpu` controller: `cpu.weight` (1..10000, 100 is the
 //!   default of every other group);
 //! - cgroup v1 `cpu` hierarchy: `cpu.shares` = weight * 1024 / 100;
@@ -25,12 +27,18 @@ use crate::config::CpuWeight;
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Backend {
     Off,
-    /// `vman` group under a cgroup v2 mount with the cpu controller.
-    V2(PathBuf),
-    /// `vman` group under the cgroup v1 cpu hierarchy.
-    V1(PathBuf),
+    /// A cgroup hierarchy (v2 with the cpu controller, or v1 `cpu`): its
+    /// mount point, and the weight file and value each VM group gets.
+    Cgroup {
+        mount: PathBuf,
+        file: &'static str,
+        value: String,
+    },
     Nice(i32),
 }
+
+/// Prefix of every VM group vman makes.
+const GROUP_PREFIX: &str = "vman-";
 
 /// Where QEMU processes go; probed once at start-up.
 #[derive(Debug, Clone)]
@@ -44,9 +52,38 @@ pub struct CpuPolicy {
 #[derive(Debug, Clone, Default)]
 pub struct Placement {
     /// The VM's group; the pid is written to its `cgroup.procs`.
-    pub group: Option<PathBuf>,
+    pub group: Option<Group>,
     /// Nice value set in the child before exec.
     pub nice: Option<i32>,
+}
+
+/// A VM's cgroup and the weight it must carry.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub dir: PathBuf,
+    file: &'static str,
+    value: String,
+}
+
+impl Group {
+    /// Makes the group (again) with its weight.
+    fn make(&self) -> io::Result<()> {
+        mkdir_p(&self.dir)?;
+        fs::write(self.dir.join(self.file), &self.value)
+    }
+
+    /// Moves process `pid` (all its threads) into the group, making the
+    /// group again when a sweep of another vman removed it in between.
+    pub fn join(&self, pid: i32) -> io::Result<()> {
+        let procs = self.dir.join("cgroup.procs");
+        match fs::write(&procs, pid.to_string()) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.make()?;
+                fs::write(&procs, pid.to_string())
+            }
+            other => other,
+        }
+    }
 }
 
 impl CpuPolicy {
@@ -54,7 +91,7 @@ impl CpuPolicy {
     /// storage; empty groups it left behind (a crash) are removed.
     pub fn probe(weight: CpuWeight, vms_dir: &Path) -> Self {
         let prefix = format!(
-            "s{:08x}-",
+            "{GROUP_PREFIX}{:08x}-",
             fnv1a(vms_dir.to_string_lossy().as_bytes()) as u32
         );
         let backend = match weight {
@@ -70,16 +107,21 @@ impl CpuPolicy {
     pub fn describe(&self) -> String {
         match &self.backend {
             Backend::Off => "off".into(),
-            Backend::V2(p) => format!("cgroup v2 {}", p.display()),
-            Backend::V1(p) => format!("cgroup v1 {}", p.display()),
+            Backend::Cgroup { mount, file, value } => {
+                format!("{file} {value} in {}/{GROUP_PREFIX}*", mount.display())
+            }
             Backend::Nice(n) => format!("nice {n}"),
         }
     }
 
     /// The group of the VM whose folder name is `vm_id`.
-    fn group(&self, vm_id: &str) -> Option<PathBuf> {
+    fn group(&self, vm_id: &str) -> Option<Group> {
         match &self.backend {
-            Backend::V2(p) | Backend::V1(p) => Some(p.join(format!("{}{vm_id}", self.prefix))),
+            Backend::Cgroup { mount, file, value } => Some(Group {
+                dir: mount.join(format!("{}{vm_id}", self.prefix)),
+                file,
+                value: value.clone(),
+            }),
             Backend::Off | Backend::Nice(_) => None,
         }
     }
@@ -96,13 +138,12 @@ impl CpuPolicy {
         let Some(group) = self.group(vm_id) else {
             return Placement::default();
         };
-        match fs::create_dir(&group) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                tracing::warn!("vm {vm_id}: cannot create cgroup {}: {e}", group.display());
-                return Placement::default();
-            }
+        if let Err(e) = group.make() {
+            tracing::warn!(
+                "vm {vm_id}: cannot make cgroup {}: {e}",
+                group.dir.display()
+            );
+            return Placement::default();
         }
         Placement {
             group: Some(group),
@@ -114,27 +155,19 @@ impl CpuPolicy {
     /// a test's storage gone); populated ones refuse. Another vman's fresh
     /// group may go too before its QEMU joined: `join` recreates it.
     fn sweep(&self) {
-        let (Backend::V1(parent) | Backend::V2(parent)) = &self.backend else {
+        let Backend::Cgroup { mount, .. } = &self.backend else {
             return;
         };
-        for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+        for entry in fs::read_dir(mount).into_iter().flatten().flatten() {
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with(GROUP_PREFIX)
+                && entry.file_type().is_ok_and(|t| t.is_dir())
+            {
                 let _ = fs::remove_dir(entry.path());
             }
         }
-    }
-}
-
-/// Moves process `pid` (all its threads) into `group`, making the group
-/// again when a sweep removed it in between.
-pub fn join(group: &Path, pid: i32) -> io::Result<()> {
-    let procs = group.join("cgroup.procs");
-    match fs::write(&procs, pid.to_string()) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            mkdir_p(group)?;
-            fs::write(&procs, pid.to_string())
-        }
-        other => other,
     }
 }
 
@@ -158,51 +191,37 @@ fn mounts() -> Vec<(String, PathBuf, String)> {
 
 fn pick_backend(weight: u32, mounts: &[(String, PathBuf, String)]) -> Backend {
     for (fstype, point, opts) in mounts {
-        if fstype == "cgroup2" {
-            if let Some(parent) = setup_v2(point, weight) {
-                return Backend::V2(parent);
-            }
+        if fstype == "cgroup2" && v2_has_cpu(point) {
+            return Backend::Cgroup {
+                mount: point.clone(),
+                file: "cpu.weight",
+                value: weight.to_string(),
+            };
         } else if fstype == "cgroup" && opts.split(',').any(|o| o == "cpu") {
-            if let Some(parent) = setup_v1(point, weight) {
-                return Backend::V1(parent);
-            }
+            return Backend::Cgroup {
+                mount: point.clone(),
+                file: "cpu.shares",
+                value: shares_for(weight).to_string(),
+            };
         }
     }
     Backend::Nice(nice_for(weight))
 }
 
-/// The `vman` group at the root of a v2 hierarchy (the root is exempt from
-/// the no-internal-process rule), with the cpu controller enabled for it
-/// and its children.
-fn setup_v2(mount: &Path, weight: u32) -> Option<PathBuf> {
-    let controllers = fs::read_to_string(mount.join("cgroup.controllers")).ok()?;
-    if !controllers.split_whitespace().any(|c| c == "cpu") {
-        return None;
+/// True when the v2 hierarchy at `mount` has the cpu controller, enabled
+/// for the groups at its top (the root is exempt from the
+/// no-internal-process rule, so vman can enable it).
+fn v2_has_cpu(mount: &Path) -> bool {
+    let has = fs::read_to_string(mount.join("cgroup.controllers"))
+        .is_ok_and(|c| c.split_whitespace().any(|c| c == "cpu"));
+    if !has {
+        return false;
     }
-    let enable = |dir: &Path| fs::write(dir.join("cgroup.subtree_control"), "+cpu");
-    let parent = mount.join("vman");
-    let made = enable(mount)
-        .and_then(|()| mkdir_p(&parent))
-        .and_then(|()| fs::write(parent.join("cpu.weight"), weight.to_string()))
-        .and_then(|()| enable(&parent));
-    match made {
-        Ok(()) => Some(parent),
+    match fs::write(mount.join("cgroup.subtree_control"), "+cpu") {
+        Ok(()) => true,
         Err(e) => {
-            tracing::warn!("cgroup v2 at {} not usable: {e}", mount.display());
-            None
-        }
-    }
-}
-
-fn setup_v1(mount: &Path, weight: u32) -> Option<PathBuf> {
-    let parent = mount.join("vman");
-    let made = mkdir_p(&parent)
-        .and_then(|()| fs::write(parent.join("cpu.shares"), shares_for(weight).to_string()));
-    match made {
-        Ok(()) => Some(parent),
-        Err(e) => {
-            tracing::warn!("cgroup v1 cpu at {} not usable: {e}", mount.display());
-            None
+            tracing::warn!("cgroup v2 at {}: cannot enable cpu: {e}", mount.display());
+            false
         }
     }
 }
@@ -259,10 +278,28 @@ mod tests {
     #[test]
     fn group_names_depend_on_storage_and_vm() {
         let a = CpuPolicy {
-            backend: Backend::V1(PathBuf::from("/cg/vman")),
-            prefix: "sa-".into(),
+            backend: Backend::Cgroup {
+                mount: PathBuf::from("/cg"),
+                file: "cpu.shares",
+                value: "102".into(),
+            },
+            prefix: "vman-sa-".into(),
         };
-        assert_eq!(a.group("v1"), Some(PathBuf::from("/cg/vman/sa-v1")));
+        let g = a.group("v1").expect("group");
+        assert_eq!(g.dir, PathBuf::from("/cg/vman-sa-v1"));
+        assert_eq!((g.file, g.value.as_str()), ("cpu.shares", "102"));
+        let mounts = [(
+            "cgroup".to_owned(),
+            PathBuf::from("/sys/fs/cgroup/cpu"),
+            "rw,cpu".to_owned(),
+        )];
+        assert!(matches!(
+            pick_backend(10, &mounts),
+            Backend::Cgroup {
+                file: "cpu.shares",
+                ..
+            }
+        ));
         let p1 = CpuPolicy::probe(CpuWeight::Off, Path::new("/one/vms")).prefix;
         let p2 = CpuPolicy::probe(CpuWeight::Off, Path::new("/two/vms")).prefix;
         assert_ne!(p1, p2);
@@ -272,11 +309,14 @@ mod tests {
     fn join_makes_a_swept_group_again() {
         // A plain folder stands in for the cgroup file system.
         let dir = tempfile::tempdir().expect("tempdir");
-        let group = dir.path().join("sX-v1");
-        join(&group, 42).expect("join");
-        assert_eq!(
-            fs::read_to_string(group.join("cgroup.procs")).unwrap(),
-            "42"
-        );
+        let group = Group {
+            dir: dir.path().join("vman-sX-v1"),
+            file: "cpu.shares",
+            value: "102".into(),
+        };
+        group.join(42).expect("join");
+        let read = |f: &str| fs::read_to_string(group.dir.join(f)).unwrap();
+        assert_eq!(read("cgroup.procs"), "42");
+        assert_eq!(read("cpu.shares"), "102");
     }
 }

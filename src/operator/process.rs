@@ -10,7 +10,7 @@ use std::path::Path;
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 
-use super::cgroup::{self, Placement};
+use super::cgroup::Placement;
 
 /// How a QEMU process ended, as far as we can know. A process we spawned
 /// ourselves is our child and yields its status; one adopted after a vman
@@ -68,10 +68,10 @@ pub fn spawn(
     }
     let child = cmd.spawn()?;
     if let (Some(group), Some(pid)) = (&placement.group, child.id()) {
-        if let Err(e) = cgroup::join(group, pid as i32) {
+        if let Err(e) = group.join(pid as i32) {
             tracing::warn!(
                 "QEMU pid {pid}: cannot join cgroup {}: {e}",
-                group.display()
+                group.dir.display()
             );
         }
     }

@@ -255,7 +255,7 @@ pub async fn launch(
         Arc::new(qmp),
         console,
         paths.clone(),
-        spec.placement.group.clone(),
+        spec.placement.group.as_ref().map(|g| g.dir.clone()),
     ))
 }
 

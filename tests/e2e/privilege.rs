@@ -129,7 +129,7 @@ fn qemu_runs_as_the_unprivileged_user_in_its_cgroup() {
         .expect("nice");
     let group = cgroups.lines().find_map(|l| {
         let (_, path) = l.rsplit_once(':')?;
-        (path.starts_with("/vman/") && path.ends_with("-un")).then(|| path.to_owned())
+        (path.starts_with("/vman-") && path.ends_with("-un")).then(|| path.to_owned())
     });
     assert!(
         group.is_some() || nice > 0,
