@@ -27,7 +27,8 @@ json=(-H 'Content-Type: application/json')
 
 sampler=""
 trap '[ -z "$sampler" ] || kill "$sampler" 2>/dev/null; bench_cleanup' EXIT
-cat_consoles() { cat "$work"/storage/vms/g*/console.txt 2>/dev/null || true; }
+# How many guests' consoles show $1.
+count_consoles() { grep -ls -- "$1" "$work"/storage/vms/g*/console.txt 2>/dev/null | wc -l || true; }
 
 storm() { # $1 = label; prints one result line into $work/result.$1
     local label=$1
@@ -67,8 +68,8 @@ PY
     done
     local booted=0 panicked=0 deadline=$((SECONDS + ${STORM_TIMEOUT:-900}))
     while [ $((booted + panicked)) -lt "$N" ] && [ "$SECONDS" -lt "$deadline" ]; do
-        booted=$(cat_consoles | grep -c "boot ok hostname=" || true)
-        panicked=$(cat_consoles | grep -c "Kernel panic" || true)
+        booted=$(count_consoles "boot ok hostname=")
+        panicked=$(count_consoles "Kernel panic - not syncing")
         sleep 0.1
     done
     local t1; t1=$(date +%s.%N)
