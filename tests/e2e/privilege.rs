@@ -108,11 +108,18 @@ fn qemu_runs_as_the_unprivileged_user_in_its_cgroup() {
     assert_eq!(status_field(pid, "Uid"), format!("{uid} {uid} {uid} {uid}"));
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
     assert_eq!(status_field(pid, "Seccomp"), "2", "sandbox filter active");
-    let mode = fs::metadata(&vman.storage)
-        .expect("storage")
+    for dir in ["vms", "disks"] {
+        let mode = fs::metadata(vman.storage.join(dir))
+            .expect(dir)
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700, "{dir} closed to the QEMU user");
+    }
+    let mode = fs::metadata(vman.storage.join("vman.db"))
+        .expect("db")
         .permissions()
         .mode();
-    assert_eq!(mode & 0o777, 0o700, "storage closed to the QEMU user");
+    assert_eq!(mode & 0o777, 0o600, "database closed to the QEMU user");
     let mode = fs::metadata(vman.vm_dir("un"))
         .expect("vm dir")
         .permissions()
