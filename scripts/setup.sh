@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what vman needs on a Debian machine (as root): QEMU with a
 # matching qemu-img, the tools scripts/build_boot_disk.sh uses, wrk for
-# the benchmarks and python3-venv for scripts/fuzz.sh (which installs its
-# pinned schemathesis into target/fuzz-venv itself). Safe to run again: it only installs what is missing.
+# the benchmarks, python3-venv for scripts/fuzz.sh (which installs its
+# pinned schemathesis into target/fuzz-venv itself), and the vman-qemu user
+# QEMU runs as. Safe to run again: it only installs what is missing.
 set -euo pipefail
 
 need=()
@@ -48,4 +49,11 @@ if ! qemu_ok; then
         "qemu-system-x86=$v" "qemu-utils=$v" "qemu-block-extra=$v" >/dev/null
 fi
 qemu_ok || { echo "setup: qemu-system-x86_64 and qemu-img still missing or mismatched" >&2; exit 1; }
+# QEMU runs as this unprivileged user (VMAN_QEMU_USER): no home, no shell,
+# no password, its own group, in no other group.
+if ! getent passwd vman-qemu >/dev/null; then
+    echo "setup: creating system user vman-qemu"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin vman-qemu
+fi
 echo "setup: $(qemu-system-x86_64 --version | head -n1)"

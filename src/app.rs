@@ -19,12 +19,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let db = config.db_path();
     let store = Store::open_with(&db, &crate::store::OpenOptions::for_serve(&config))
         .with_context(|| format!("cannot open database {}", db.display()))?;
-    let host = Host::probe(&config);
+    let host = Host::probe(&config)?;
     tracing::info!(
-        "accelerator {} ({}), QEMU sandbox {}",
+        "accelerator {} ({}), QEMU sandbox {}, QEMU user {}, QEMU CPU weight {}",
         host.accel.as_str(),
         host.accel_reason,
-        if host.sandbox { "on" } else { "unsupported" }
+        if host.sandbox { "on" } else { "unsupported" },
+        host.run_as
+            .as_ref()
+            .map_or("unchanged", |r| r.user.as_str()),
+        host.cpu.describe()
     );
     match &config.default_boot_disk {
         Some(d) if !d.is_file() => {

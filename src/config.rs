@@ -125,6 +125,35 @@ pub struct Config {
     /// a full filesystem so that state changes can still be recorded (0: none).
     #[arg(long, env = "VMAN_DB_RESERVE_MIB", default_value_t = 4)]
     pub db_reserve_mib: u64,
+
+    /// Unprivileged user QEMU switches to (created by scripts/setup.sh).
+    /// Empty, or vman not running as root: QEMU keeps vman's user.
+    #[arg(long, env = "VMAN_QEMU_USER", default_value = "vman-qemu")]
+    pub qemu_user: String,
+
+    /// CPU weight of each QEMU process against other processes
+    /// (100 = like any other; cgroup cpu.weight, or nice without cgroups),
+    /// or `off`.
+    #[arg(long, env = "VMAN_QEMU_CPU_WEIGHT", default_value = "10", value_parser = parse_cpu_weight)]
+    pub qemu_cpu_weight: CpuWeight,
+}
+
+/// `VMAN_QEMU_CPU_WEIGHT`: off, or 1..=10000 on cgroup v2's scale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuWeight {
+    Off,
+    Weight(u32),
+}
+
+fn parse_cpu_weight(raw: &str) -> Result<CpuWeight, String> {
+    let raw = raw.trim();
+    if raw.eq_ignore_ascii_case("off") {
+        return Ok(CpuWeight::Off);
+    }
+    match raw.parse::<u32>() {
+        Ok(w) if (1..=10_000).contains(&w) => Ok(CpuWeight::Weight(w)),
+        _ => Err("expected off or a weight from 1 to 10000 (100 = like any other process)".into()),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -294,6 +323,19 @@ mod tests {
         assert_eq!(parse_log_level("WARNING"), Ok(LogLevel::Warning));
         assert_eq!(parse_log_level("Info"), Ok(LogLevel::Info));
         assert!(parse_log_level("loud").is_err());
+    }
+
+    #[test]
+    fn cpu_weight_is_off_or_1_to_10000() {
+        assert_eq!(parse_cpu_weight("off"), Ok(CpuWeight::Off));
+        assert_eq!(parse_cpu_weight("OFF"), Ok(CpuWeight::Off));
+        assert_eq!(parse_cpu_weight("10"), Ok(CpuWeight::Weight(10)));
+        for bad in ["0", "10001", "-1", "", "ten"] {
+            assert!(parse_cpu_weight(bad).is_err(), "{bad}");
+        }
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.qemu_cpu_weight, CpuWeight::Weight(10));
+        assert_eq!(c.qemu_user, "vman-qemu");
     }
 
     #[test]

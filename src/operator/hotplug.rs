@@ -11,6 +11,7 @@
 //! Every sequence is all-or-nothing: when a step fails, what the earlier
 //! steps added is removed again before the error is returned.
 
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::time::Duration;
 
@@ -34,6 +35,13 @@ pub enum HotplugError {
     /// stays pending in the guest, the device and its nodes are still there.
     #[error("the guest did not release the device within {0} s")]
     NotReleased(u64),
+    /// vman could not open the disk file to pass it to QEMU.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// QEMU answered something this module does not understand.
     #[error("unexpected QMP answer to {step}: {detail}")]
     Unexpected { step: &'static str, detail: String },
@@ -58,17 +66,7 @@ pub struct Plug<'a> {
 pub async fn attach(qmp: &Qmp, disk: &Plug<'_>) -> Result<(), HotplugError> {
     let file_node = disk_file_node(disk.id);
     let node = disk_node(disk.id);
-    qmp.execute(
-        "blockdev-add",
-        Some(json!({
-            "driver": "file",
-            "filename": disk.path,
-            "node-name": file_node,
-            "cache": {"direct": false},
-        })),
-    )
-    .await
-    .map_err(step("blockdev-add (file)"))?;
+    add_file_node(qmp, disk.path, &file_node).await?;
     // The format is the pinned one, and a qcow2 never opens a backing file
     // named in its header (data disks have none; one that grew one since
     // is refused before this, and this makes sure QEMU would not follow it).
@@ -105,6 +103,55 @@ pub async fn attach(qmp: &Qmp, disk: &Plug<'_>) -> Result<(), HotplugError> {
         return Err(step("device_add")(e));
     }
     Ok(())
+}
+
+/// Adds the `file` node of a disk. vman opens the file and hands QEMU the
+/// descriptor (`add-fd`, then `/dev/fdset/N`): QEMU runs as an unprivileged
+/// user that cannot open disk files by path (see `privilege`). The fd set
+/// is removed right after; the node keeps its own copy of the descriptor.
+async fn add_file_node(qmp: &Qmp, path: &Path, file_node: &str) -> Result<(), HotplugError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| HotplugError::Open {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+    let added = qmp
+        .execute_with_fd(
+            "add-fd",
+            Some(json!({ "opaque": format!("vman {file_node}") })),
+            file.as_fd(),
+        )
+        .await
+        .map_err(step("add-fd"))?;
+    drop(file);
+    let Some(set) = added.get("fdset-id").and_then(Value::as_u64) else {
+        return Err(HotplugError::Unexpected {
+            step: "add-fd",
+            detail: added.to_string(),
+        });
+    };
+    let result = qmp
+        .execute(
+            "blockdev-add",
+            Some(json!({
+                "driver": "file",
+                "filename": format!("/dev/fdset/{set}"),
+                "node-name": file_node,
+                "cache": {"direct": false},
+            })),
+        )
+        .await
+        .map_err(step("blockdev-add (file)"));
+    if let Err(e) = qmp
+        .execute("remove-fd", Some(json!({ "fdset-id": set })))
+        .await
+    {
+        tracing::warn!("remove-fd {set}: {e}");
+    }
+    result.map(|_| ())
 }
 
 /// Best-effort removal of block nodes, top first; failures are logged.

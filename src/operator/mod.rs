@@ -1,10 +1,12 @@
 //! The LocalOperator: everything that touches QEMU and disk images on this
 //! host. It knows processes, QMP and files; it does not know HTTP or SQL.
 
+pub mod cgroup;
 pub mod console;
 pub mod hotplug;
 pub mod image;
 pub mod leftovers;
+pub mod privilege;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
@@ -26,22 +28,34 @@ pub struct Host {
     pub mem_total_mib: u64,
     /// Which files may be used as images (built once here).
     pub images: image::ImagePolicy,
+    /// The user QEMU switches to (none: it keeps vman's).
+    pub run_as: Option<privilege::RunAs>,
+    /// Where QEMU processes go for a lower CPU weight.
+    pub cpu: cgroup::CpuPolicy,
 }
 
 impl Host {
-    pub fn probe(config: &Config) -> Self {
+    /// Fails when `VMAN_QEMU_USER` names a user this host does not have, or
+    /// the storage cannot be closed to it.
+    pub fn probe(config: &Config) -> Result<Self, privilege::PrivilegeError> {
         let (accel, accel_reason) = match config.accel {
             config::Accel::Kvm => (Accel::Kvm, "VMAN_ACCEL=kvm".to_owned()),
             config::Accel::Tcg => (Accel::Tcg, "VMAN_ACCEL=tcg".to_owned()),
             config::Accel::Auto => qemu::detect_accel(),
         };
-        Self {
+        let run_as = privilege::resolve(&config.qemu_user, &config.qemu_binary)?;
+        if run_as.is_some() {
+            privilege::close_storage(&[&config.vms_dir(), &config.disks_dir()], &config.db_path())?;
+        }
+        Ok(Self {
             accel,
             accel_reason,
             sandbox: qemu::supports_sandbox(&config.qemu_binary),
             mem_total_mib: mem_total_mib(Path::new("/proc/meminfo")).unwrap_or(0),
             images: image::ImagePolicy::from_config(config),
-        }
+            run_as,
+            cpu: cgroup::CpuPolicy::probe(config.qemu_cpu_weight, &config.vms_dir()),
+        })
     }
 }
 

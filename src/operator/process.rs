@@ -11,6 +11,8 @@ use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 
+use super::cgroup::Placement;
+
 /// How a QEMU process ended, as far as we can know. A process we spawned
 /// ourselves is our child and yields its status; one adopted after a vman
 /// restart is not, and only its disappearance is seen.
@@ -35,14 +37,18 @@ impl std::fmt::Display for ExitStatus {
 /// when vman dies while QEMU is stopped, e.g. by SIGSTOP, the kernel sends
 /// it no SIGHUP as it would to a stopped member of a newly orphaned process
 /// group of vman's session), in the folder `cwd`, with stdout and stderr
-/// appended to `log`. It is not killed when vman exits.
+/// appended to `log`. It is not killed when vman exits. `placement` lowers
+/// its CPU weight: a nice value set in the child before exec (inherited by
+/// every thread), or its cgroup, joined right after the fork
+/// (`cgroup.procs` moves all threads).
 pub fn spawn(
     binary: &Path,
     args: &[std::ffi::OsString],
     cwd: &Path,
     log: &Path,
+    placement: &Placement,
 ) -> io::Result<Child> {
-    spawn_keeping(binary, args, cwd, log, Vec::new())
+    spawn_keeping(binary, args, cwd, log, placement, Vec::new())
 }
 
 /// Lets a child inherit `fds`: clears their close-on-exec flag in the child
@@ -64,6 +70,7 @@ pub fn spawn_keeping(
     args: &[std::ffi::OsString],
     cwd: &Path,
     log: &Path,
+    placement: &Placement,
     fds: Vec<RawFd>,
 ) -> io::Result<Child> {
     let out = OpenOptions::new()
@@ -96,7 +103,26 @@ pub fn spawn_keeping(
             Ok(())
         });
     }
-    cmd.spawn()
+    if let Some(nice) = placement.nice {
+        // SAFETY: the closure only calls setpriority(2), which is
+        // async-signal-safe, and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+                Ok(())
+            });
+        }
+    }
+    let child = cmd.spawn()?;
+    if let (Some(group), Some(pid)) = (&placement.group, child.id()) {
+        if let Err(e) = group.join(pid as i32) {
+            tracing::warn!(
+                "QEMU pid {pid}: cannot join cgroup {}: {e}",
+                group.dir.display()
+            );
+        }
+    }
+    Ok(child)
 }
 
 /// Something whose exit can be awaited: our child, or an adopted pid.
@@ -309,6 +335,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_nice_placement_is_set_before_exec() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("log");
+        let placement = Placement {
+            group: None,
+            nice: Some(7),
+        };
+        let child = spawn(
+            Path::new("sh"),
+            &["-c".into(), "cut -d' ' -f19 /proc/self/stat".into()],
+            dir.path(),
+            &log,
+            &placement,
+        )
+        .expect("spawn");
+        assert_eq!(Watch::Child(child).wait().await, ExitStatus::Code(0));
+        assert_eq!(std::fs::read_to_string(&log).expect("log"), "7\n");
+    }
+
+    #[tokio::test]
     async fn child_exit_status_is_reported() {
         let dir = tempfile::tempdir().expect("tempdir");
         let log = dir.path().join("log");
@@ -317,6 +363,7 @@ mod tests {
             &["-c".into(), "echo hi; exit 3".into()],
             dir.path(),
             &log,
+            &Placement::default(),
         )
         .expect("spawn");
         assert_eq!(Watch::Child(child).wait().await, ExitStatus::Code(3));

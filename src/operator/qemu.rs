@@ -7,6 +7,8 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::cgroup::Placement;
+use super::privilege::RunAs;
 use serde_json::json;
 
 use super::image::{Chain, ImageFormat};
@@ -118,6 +120,10 @@ pub struct LaunchSpec {
     pub hotplug_slots: u8,
     pub sandbox: bool,
     pub data_disks: Vec<BootDisk>,
+    /// The user QEMU switches to once its start-up files are open.
+    pub run_as: Option<RunAs>,
+    /// The CPU weight of the process (see `cgroup`).
+    pub placement: Placement,
 }
 
 /// Id of the `n`th hot-pluggable PCIe root port.
@@ -277,11 +283,29 @@ pub fn argv(spec: &LaunchSpec) -> Vec<OsString> {
             slot_id(d.slot)
         ));
     }
-    if spec.sandbox {
-        a.push("-sandbox".into());
-        a.push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into());
-    }
+    a.extend(privilege_args(spec));
     a.into_iter().map(OsString::from).collect()
+}
+
+/// `-runas` and `-sandbox`: QEMU's own user switch needs the set*id calls
+/// that `elevateprivileges=deny` forbids (see `privilege`).
+fn privilege_args(spec: &LaunchSpec) -> Vec<String> {
+    let mut a = Vec::new();
+    if let Some(run_as) = &spec.run_as {
+        a.extend(run_as.args());
+    }
+    if spec.sandbox {
+        let elevate = if spec.run_as.is_some() {
+            "allow"
+        } else {
+            "deny"
+        };
+        a.push("-sandbox".into());
+        a.push(format!(
+            "on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"
+        ));
+    }
+    a
 }
 
 /// Picks the accelerator for `auto`: KVM only when `/dev/kvm` opens and the
@@ -349,6 +373,8 @@ mod tests {
                 },
                 slot: 1,
             }],
+            run_as: None,
+            placement: Placement::default(),
         }
     }
 
@@ -377,6 +403,25 @@ mod tests {
         )));
         assert!(line.contains("-sandbox on"));
         assert!(!line.contains("if=ide"));
+    }
+
+    #[test]
+    fn runas_keeps_the_sandbox_but_allows_the_user_switch() {
+        let mut s = spec();
+        assert!(joined(&s).contains(
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+        ));
+        assert!(!joined(&s).contains("-runas"));
+        s.run_as = Some(RunAs {
+            user: "vman-qemu".into(),
+            uid: 999,
+            gid: 999,
+            flag: super::super::privilege::RunAsFlag::Runas,
+        });
+        let line = joined(&s);
+        assert!(line.contains(
+            "-runas vman-qemu -sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+        ));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! can tell a guest power-off from a crash.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
+use tokio::net::UnixStream;
 use tokio::sync::{broadcast, oneshot};
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +104,26 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        self.execute_inner(command, arguments, None).await
+    }
+
+    /// Runs one command with `fd` passed along (SCM_RIGHTS), as `add-fd` and
+    /// `getfd` expect. QEMU gets its own copy; the caller may close `fd`.
+    pub async fn execute_with_fd(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        self.execute_inner(command, arguments, Some(fd)).await
+    }
+
+    async fn execute_inner(
+        &self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, QmpError> {
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;
@@ -117,7 +139,11 @@ impl Qmp {
             }
             shared.pending.push_back(tx);
         }
-        if let Err(e) = writer.write_all(line.as_bytes()).await {
+        let sent = match fd {
+            Some(fd) => send_with_fd(&mut writer, line.as_bytes(), fd).await,
+            None => writer.write_all(line.as_bytes()).await,
+        };
+        if let Err(e) = sent {
             lock(&self.shared).pending.pop_back();
             return Err(e.into());
         }
@@ -152,6 +178,59 @@ impl Qmp {
     pub async fn closed(&self) {
         let mut rx = self.closed.clone();
         let _ = rx.wait_for(|c| *c).await;
+    }
+}
+
+/// Writes `bytes` with `fd` attached to the first of them, then the rest.
+async fn send_with_fd(
+    writer: &mut OwnedWriteHalf,
+    bytes: &[u8],
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let stream: &UnixStream = writer.as_ref();
+    let sent = loop {
+        stream.writable().await?;
+        match stream.try_io(tokio::io::Interest::WRITABLE, || {
+            sendmsg_fd(stream.as_raw_fd(), bytes, fd.as_raw_fd())
+        }) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    };
+    writer.write_all(&bytes[sent..]).await
+}
+
+/// One sendmsg(2) carrying `fd` as SCM_RIGHTS; returns the bytes sent.
+fn sendmsg_fd(sock: RawFd, bytes: &[u8], fd: RawFd) -> std::io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: a zeroed msghdr is valid; the fields set below point to
+    // `iov` and `control`, which outlive the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: `control` holds CMSG_SPACE(sizeof fd) bytes, so the first
+    // header and its data fit in it.
+    let sent = unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL)
+    };
+    if sent < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(sent as usize)
     }
 }
 

@@ -4,6 +4,7 @@
 //! everybody else waits on its `watch` channel.
 
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -193,10 +194,15 @@ pub async fn launch(
     console_max: u64,
 ) -> Result<Arc<Running>, LaunchError> {
     let paths = &spec.paths;
-    std::fs::create_dir_all(&paths.dir).map_err(|source| LaunchError::Folder {
-        path: paths.dir.display().to_string(),
-        source,
-    })?;
+    std::fs::create_dir_all(&paths.dir)
+        .and_then(|()| {
+            // Not for the QEMU user's eyes (console log, root disk).
+            std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o700))
+        })
+        .map_err(|source| LaunchError::Folder {
+            path: paths.dir.display().to_string(),
+            source,
+        })?;
     // Never a second QEMU for one VM, whatever the pid file says.
     if let Some(pid) = find(paths) {
         return Err(LaunchError::AlreadyRunning(pid));
@@ -209,6 +215,7 @@ pub async fn launch(
         &args,
         &paths.dir,
         &paths.log,
+        &spec.placement,
         qemu::passed_fds(spec),
     )
     .map_err(|source| LaunchError::Spawn {
@@ -255,6 +262,7 @@ pub async fn launch(
         Arc::new(qmp),
         console,
         paths.clone(),
+        spec.placement.group.as_ref().map(|g| g.dir.clone()),
     ))
 }
 
@@ -314,17 +322,20 @@ pub async fn adopt(
         Arc::new(qmp),
         console,
         paths.clone(),
+        None,
     ))
 }
 
 /// Spawns the exit task: it waits for the process, lets QMP deliver the
-/// last events, removes the runtime files and publishes the `ExitInfo`.
+/// last events, removes the runtime files (and the process's cgroup, when
+/// known) and publishes the `ExitInfo`.
 fn watch_exit(
     pid: i32,
     watch: Watch,
     qmp: Arc<Qmp>,
     console: Option<Arc<Console>>,
     paths: VmPaths,
+    group: Option<std::path::PathBuf>,
 ) -> Arc<Running> {
     let (tx, rx) = watch::channel(None);
     let stop_requested = Arc::new(AtomicBool::new(false));
@@ -347,6 +358,9 @@ fn watch_exit(
         // have launched one): the files are then its.
         if find(&paths).is_none() {
             remove_runtime_files(&paths);
+        }
+        if let Some(group) = group {
+            let _ = std::fs::remove_dir(group);
         }
         let _ = tx.send(Some(ExitInfo {
             status,

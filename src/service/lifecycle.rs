@@ -151,6 +151,8 @@ impl Service {
             hotplug_slots: self.config.hotplug_slots,
             sandbox: self.host.sandbox,
             data_disks: self.boot_disks(&vm.id)?,
+            run_as: self.host.run_as.clone(),
+            placement: self.host.cpu.placement(vm.id.as_str()),
         };
         if root.pin_qcow2_path.is_some() || root.pin_boot_disk.is_some() {
             self.store

@@ -12,5 +12,6 @@ mod full_disk;
 mod harness;
 mod hostile_images;
 mod lifecycle;
+mod privilege;
 mod rootdisk;
 mod supervision;
