@@ -555,7 +555,15 @@ impl Server {
     pub fn storage_entries_besides_db_and_logs(&self) -> BTreeSet<String> {
         self.storage_entries()
             .into_iter()
-            .filter(|p| !p.starts_with("vman.db") && p != "logs" && !p.starts_with("logs/"))
+            // `vms/` and `disks/` themselves are made (closed to the QEMU
+            // user) at start-up; what they hold is what a request made.
+            .filter(|p| {
+                !p.starts_with("vman.db")
+                    && p != "logs"
+                    && !p.starts_with("logs/")
+                    && p != "vms"
+                    && p != "disks"
+            })
             .collect()
     }
 }
