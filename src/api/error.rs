@@ -7,7 +7,7 @@ use axum::Json;
 use serde::Serialize;
 
 use crate::model::Invalid;
-use crate::service::ServiceError;
+use crate::service::{Reason, ServiceError};
 
 /// An error as the client sees it.
 #[derive(Debug)]
@@ -45,15 +45,45 @@ impl From<Invalid> for ApiError {
     }
 }
 
-/// The status of each service error. Kept tiny and unit-tested.
+/// The status and `code` of each service error: the one place that decides
+/// them (documented in docs/errors.md, unit-tested below).
 pub fn status_of(e: &ServiceError) -> (StatusCode, &'static str) {
     match e {
         ServiceError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
         ServiceError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-        ServiceError::Rejected(_) => (StatusCode::BAD_REQUEST, "rejected"),
+        // Every refusal is a 400, as the first VMAN answered them.
+        ServiceError::Refused(r) => (StatusCode::BAD_REQUEST, code_of(&r.reason)),
         ServiceError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         ServiceError::NoSpace(_) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
         ServiceError::DatabaseDamaged(_) => (StatusCode::INTERNAL_SERVER_ERROR, "database_damaged"),
+    }
+}
+
+/// The stable code of each refusal reason: clients branch on it, so a code,
+/// once published, never changes.
+fn code_of(reason: &Reason) -> &'static str {
+    match reason {
+        Reason::AlreadyExists => "already_exists",
+        Reason::TemplateMissing => "template_missing",
+        Reason::InUse => "in_use",
+        Reason::AlreadyRunning(_) => "already_running",
+        Reason::NotRunning => "not_running",
+        Reason::AdoptionPending => "adoption_pending",
+        Reason::Unkillable => "unkillable",
+        Reason::NoMemory => "no_memory",
+        Reason::QemuFailed(_) => "qemu_failed",
+        Reason::ConsoleNotConnected => "console_not_connected",
+        Reason::ConsoleWriteFailed(_) => "console_write_failed",
+        Reason::ImageRefused(_) => "image_refused",
+        Reason::ImageFailed(_) => "image_failed",
+        Reason::DiskFileRefused(_) => "disk_file_refused",
+        Reason::DiskAttached => "disk_attached",
+        Reason::NotAttached => "not_attached",
+        Reason::DiskBusy => "disk_busy",
+        Reason::NoFreeSlot => "no_free_slot",
+        Reason::CannotShrink => "cannot_shrink",
+        Reason::GuestDidNotRelease => "guest_did_not_release",
+        Reason::HotplugFailed(_) => "hotplug_failed",
     }
 }
 
