@@ -334,10 +334,9 @@ impl Service {
         };
         tracing::warn!("vm {id}: killing its unresponsive or unmanaged QEMU pid {pid}");
         if !process::kill_vm_qemu(pid, &paths.pid, &paths.qmp, KILL_WAIT).await {
-            return Err(ServiceError::refused(
-                Reason::Unkillable,
-                format!("QEMU pid {pid} of this VM did not exit after SIGKILL; try again"),
-            ));
+            return Err(Reason::Unkillable.refuse(format!(
+                "QEMU pid {pid} of this VM did not exit after SIGKILL; try again"
+            )));
         }
         self.forget_pending(id);
         Ok(Some(pid))
@@ -361,11 +360,8 @@ impl Service {
 }
 
 fn unresponsive(pid: i32) -> ServiceError {
-    ServiceError::refused(
-        Reason::AdoptionPending,
-        format!(
-            "VM is already running: its QEMU (pid {pid}) does not answer on QMP yet (adoption \
+    Reason::AdoptionPending.refuse(format!(
+        "VM is already running: its QEMU (pid {pid}) does not answer on QMP yet (adoption \
          pending); stop or delete the VM to end it"
-        ),
-    )
+    ))
 }

@@ -88,7 +88,7 @@ fn store_err(e: StoreError) -> ServiceError {
 /// A data disk's file refused: `Reason::DiskFileRefused` with `e` kept.
 fn file_refused(e: ImageError, detail: impl FnOnce(&ImageError) -> String) -> ServiceError {
     let detail = detail(&e);
-    ServiceError::refused(Reason::DiskFileRefused(Some(e)), detail)
+    Reason::DiskFileRefused(Some(e)).refuse(detail)
 }
 
 fn hotplug_rejected(what: &str, e: HotplugError) -> ServiceError {
@@ -142,13 +142,10 @@ fn check_file_of(images: &ImagePolicy, disk: &Disk, writable: bool) -> Result<Ch
             e => file_refused(e, |e| format!("Disk {} file cannot be used: {e}", disk.id)),
         })?;
     if chain.files.len() > 1 || chain.top().backing_file.is_some() {
-        return Err(ServiceError::refused(
-            Reason::DiskFileRefused(None),
-            format!(
-                "Disk {} file {} has a backing file; data disks cannot have one",
-                disk.id, disk.path
-            ),
-        ));
+        return Err(Reason::DiskFileRefused(None).refuse(format!(
+            "Disk {} file {} has a backing file; data disks cannot have one",
+            disk.id, disk.path
+        )));
     }
     Ok(chain)
 }
@@ -173,8 +170,7 @@ impl Service {
     /// Creates `{storage}/disks/{id}.qcow2` and its record.
     pub async fn create_disk(&self, input: CreateDisk) -> Result<DiskView, ServiceError> {
         let id = input.id.unwrap_or_else(Name::generate);
-        let exists =
-            || ServiceError::refused(Reason::AlreadyExists, "Disk with this ID already exists");
+        let exists = || Reason::AlreadyExists.refuse("Disk with this ID already exists");
         match self.store.get_disk(&id) {
             Ok(_) => return Err(exists()),
             Err(StoreError::NotFound) => {}
@@ -198,14 +194,11 @@ impl Service {
         match created {
             Ok(()) => {}
             Err(ImageError::Exists { path }) => {
-                return Err(ServiceError::refused(
-                    Reason::AlreadyExists,
-                    format!(
-                        "Disk with this ID already exists: {} is there (without a record); \
+                return Err(Reason::AlreadyExists.refuse(format!(
+                    "Disk with this ID already exists: {} is there (without a record); \
                      remove the file or choose another name",
-                        path.display()
-                    ),
-                ))
+                    path.display()
+                )))
             }
             Err(e) if super::space::image_no_space(&e) => {
                 return Err(ServiceError::NoSpace(format!(
@@ -263,10 +256,9 @@ impl Service {
     /// Deletes an unattached disk: its record, then its file.
     pub fn delete_disk(&self, id: &Name) -> Result<(), ServiceError> {
         match self.store.delete_disk(id).map_err(store_err)? {
-            DiskDelete::Attached(vm) => Err(ServiceError::refused(
-                Reason::DiskAttached,
-                format!("Disk is attached to VM {vm}"),
-            )),
+            DiskDelete::Attached(vm) => {
+                Err(Reason::DiskAttached.refuse(format!("Disk is attached to VM {vm}")))
+            }
             DiskDelete::Deleted(disk) => {
                 match std::fs::remove_file(&disk.path) {
                     Ok(()) => {}
@@ -291,12 +283,9 @@ impl Service {
             .collect();
         let slots = self.config.hotplug_slots;
         (0..slots).find(|s| !used.contains(s)).ok_or_else(|| {
-            ServiceError::refused(
-                Reason::NoFreeSlot,
-                format!(
+            Reason::NoFreeSlot.refuse(format!(
                 "VM {vm} has no free hot-plug slot: all {slots} (VMAN_HOTPLUG_SLOTS) are in use"
-            ),
-            )
+            ))
         })
     }
 
@@ -318,20 +307,18 @@ impl Service {
         let vm = self.store.get_vm(vm_id).map_err(missing("VM"))?;
         let disk = self.store.get_disk(id).map_err(store_err)?;
         if let Some((owner, _)) = &disk.attachment {
-            return Err(ServiceError::refused(
-                Reason::DiskAttached,
-                format!("Disk is already attached to VM {owner}"),
-            ));
+            return Err(
+                Reason::DiskAttached.refuse(format!("Disk is already attached to VM {owner}"))
+            );
         }
         self.check_file(&disk, false).await?;
         let slot = self.free_slot(vm_id)?;
         match self.store.claim_disk(id, vm_id, slot) {
             Ok(DiskClaim::Claimed) => {}
             Ok(DiskClaim::Attached(owner)) => {
-                return Err(ServiceError::refused(
-                    Reason::DiskAttached,
-                    format!("Disk is already attached to VM {owner}"),
-                ))
+                return Err(
+                    Reason::DiskAttached.refuse(format!("Disk is already attached to VM {owner}"))
+                )
             }
             Err(StoreError::NotFound) => {
                 // The disk or the VM went away after the reads above.
@@ -375,10 +362,7 @@ impl Service {
         for _ in 0..3 {
             let disk = self.store.get_disk(id).map_err(store_err)?;
             let Some((vm_id, _)) = disk.attachment else {
-                return Err(ServiceError::refused(
-                    Reason::NotAttached,
-                    "Disk is not attached",
-                ));
+                return Err(Reason::NotAttached.refuse("Disk is not attached"));
             };
             let _guard = self.lock_vm(&vm_id).await;
             let disk = self.store.get_disk(id).map_err(store_err)?;
@@ -398,15 +382,12 @@ impl Service {
                         tracing::warn!(
                             "disk {id}: the guest of vm {vm_id} did not release it within {secs} s"
                         );
-                        return Err(ServiceError::refused(
-                            Reason::GuestDidNotRelease,
-                            format!(
-                                "The guest of VM {vm_id} did not release the disk within {secs} s \
+                        return Err(Reason::GuestDidNotRelease.refuse(format!(
+                            "The guest of VM {vm_id} did not release the disk within {secs} s \
                              (VMAN_DETACH_TIMEOUT); it stays attached. The unplug request stays \
                              pending in the guest: if the guest releases the disk later, vman \
                              completes the detach"
-                            ),
-                        ));
+                        )));
                     }
                     Err(e) => {
                         tracing::warn!("disk {id}: unplug from vm {vm_id} failed: {e}");
@@ -419,10 +400,7 @@ impl Service {
             self.store.release_disk(id, &vm_id)?;
             return self.get_disk(id).await;
         }
-        Err(ServiceError::refused(
-            Reason::DiskBusy,
-            "Disk is being moved by another request; try again",
-        ))
+        Err(Reason::DiskBusy.refuse("Disk is being moved by another request; try again"))
     }
 
     /// After a detach timed out: when the guest releases the device later,
@@ -472,13 +450,10 @@ impl Service {
         // Read again under the lock.
         let disk = self.store.get_disk(id).map_err(store_err)?;
         if size_gb < disk.size_gb {
-            return Err(ServiceError::refused(
-                Reason::CannotShrink,
-                format!(
-                    "Disks can only grow: disk {id} is {} GiB, {size_gb} GiB asked",
-                    disk.size_gb
-                ),
-            ));
+            return Err(Reason::CannotShrink.refuse(format!(
+                "Disks can only grow: disk {id} is {} GiB, {size_gb} GiB asked",
+                disk.size_gb
+            )));
         }
         if size_gb == disk.size_gb {
             return self.get_disk(id).await;
@@ -532,14 +507,11 @@ impl Service {
             let slot = (0..self.config.hotplug_slots)
                 .find(|s| !used.contains(s))
                 .ok_or_else(|| {
-                    ServiceError::refused(
-                        Reason::NoFreeSlot,
-                        format!(
+                    Reason::NoFreeSlot.refuse(format!(
                         "VM {vm} has {} data disks but only {} hot-plug slots (VMAN_HOTPLUG_SLOTS)",
                         disks.len(),
                         self.config.hotplug_slots
-                    ),
-                    )
+                    ))
                 })?;
             used.insert(slot);
             self.store.set_disk_attachment(&d.id, vm, slot)?;

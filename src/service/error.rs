@@ -160,6 +160,13 @@ pub enum Reason {
     HotplugFailed(HotplugError),
 }
 
+impl Reason {
+    /// The refusal for this reason; `detail` is the message the client sees.
+    pub(crate) fn refuse(self, detail: impl Into<String>) -> ServiceError {
+        ServiceError::refused(self, detail)
+    }
+}
+
 impl From<ImageError> for Reason {
     /// An image the checks refuse; an image operation that failed is
     /// `Reason::ImageFailed`, built by hand.

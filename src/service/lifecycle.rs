@@ -66,14 +66,11 @@ impl Service {
         let mut reserved = self.memory.lock().unwrap_or_else(|p| p.into_inner());
         let used: u64 = reserved.values().sum();
         if self.host.mem_total_mib > 0 && used + mib > limit {
-            return Err(ServiceError::refused(
-                Reason::NoMemory,
-                format!(
-                    "Not enough memory: VM {id} needs {mib} MiB but {used} MiB of the {limit} MiB \
+            return Err(Reason::NoMemory.refuse(format!(
+                "Not enough memory: VM {id} needs {mib} MiB but {used} MiB of the {limit} MiB \
                  allowed (host {} MiB x VMAN_MEMORY_OVERCOMMIT {}) are used by running VMs",
-                    self.host.mem_total_mib, self.config.memory_overcommit
-                ),
-            ));
+                self.host.mem_total_mib, self.config.memory_overcommit
+            )));
         }
         reserved.insert(id.clone(), mib);
         Ok(())
@@ -94,20 +91,14 @@ impl Service {
     async fn start_locked(self: &Arc<Self>, id: &Name) -> Result<(), ServiceError> {
         let vm = self.store.get_vm(id).map_err(missing("VM"))?;
         if self.registered(id).is_some_and(|r| !r.has_exited()) {
-            return Err(ServiceError::refused(
-                Reason::AlreadyRunning(None),
-                "VM is already running",
-            ));
+            return Err(Reason::AlreadyRunning(None).refuse("VM is already running"));
         }
         // A QEMU of this VM that vman does not manage is adopted or refused.
         if let super::adoption::Found::Adopted = self.check_before_launch(&vm).await? {
             return Ok(());
         }
         if vm.state.next(VmEvent::Started).is_none() {
-            return Err(ServiceError::refused(
-                Reason::AlreadyRunning(None),
-                "VM is already running",
-            ));
+            return Err(Reason::AlreadyRunning(None).refuse("VM is already running"));
         }
         self.reserve_memory(id, vm.template.ram_mib)?;
         match self.launch(&vm).await {
@@ -276,10 +267,7 @@ impl Service {
                         elapsed: Duration::ZERO,
                     })
                 }
-                None => Err(ServiceError::refused(
-                    Reason::NotRunning,
-                    "VM is not running",
-                )),
+                None => Err(Reason::NotRunning.refuse("VM is not running")),
             };
         };
         let started = std::time::Instant::now();
@@ -357,10 +345,11 @@ impl Service {
         let run = self
             .registered(id)
             .filter(|r| !r.has_exited())
-            .ok_or_else(|| ServiceError::refused(Reason::NotRunning, "VM is not running"))?;
-        let console = run.console.as_ref().ok_or_else(|| {
-            ServiceError::refused(Reason::ConsoleNotConnected, "VM console is not connected")
-        })?;
+            .ok_or_else(|| Reason::NotRunning.refuse("VM is not running"))?;
+        let console = run
+            .console
+            .as_ref()
+            .ok_or_else(|| Reason::ConsoleNotConnected.refuse("VM console is not connected"))?;
         console
             .write(data)
             .await

@@ -108,10 +108,9 @@ impl Service {
                 tracing::info!("template {} created", template.name);
                 Ok(template)
             }
-            Err(StoreError::AlreadyExists) => Err(ServiceError::refused(
-                Reason::AlreadyExists,
-                "Template already exists",
-            )),
+            Err(StoreError::AlreadyExists) => {
+                Err(Reason::AlreadyExists.refuse("Template already exists"))
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -130,10 +129,9 @@ impl Service {
                 tracing::info!("template {name} deleted");
                 Ok(())
             }
-            Err(StoreError::InUse(n)) => Err(ServiceError::refused(
-                Reason::InUse,
-                format!("Template is in use by {n} VM(s)"),
-            )),
+            Err(StoreError::InUse(n)) => {
+                Err(Reason::InUse.refuse(format!("Template is in use by {n} VM(s)")))
+            }
             Err(e) => Err(missing("Template")(e)),
         }
     }
@@ -171,14 +169,12 @@ impl Service {
                 tracing::info!("vm {} created from template {}", vm.id, vm.template.name);
                 Ok(vm)
             }
-            Err(StoreError::AlreadyExists) => Err(ServiceError::refused(
-                Reason::AlreadyExists,
-                "VM with this ID already exists",
-            )),
-            Err(StoreError::TemplateMissing) => Err(ServiceError::refused(
-                Reason::TemplateMissing,
-                "Template not found",
-            )),
+            Err(StoreError::AlreadyExists) => {
+                Err(Reason::AlreadyExists.refuse("VM with this ID already exists"))
+            }
+            Err(StoreError::TemplateMissing) => {
+                Err(Reason::TemplateMissing.refuse("Template not found"))
+            }
             Err(e) => Err(e.into()),
         }
     }

@@ -61,6 +61,10 @@ fn refused(e: ImageError) -> ServiceError {
     ServiceError::because(e, ToString::to_string)
 }
 
+fn failed(e: ImageError) -> ServiceError {
+    ServiceError::image_failed(e, ToString::to_string)
+}
+
 fn field_refused(field: &'static str) -> impl Fn(ImageError) -> ServiceError {
     move |e| ServiceError::because(e, |e| format!("{field}: {e}"))
 }
@@ -161,8 +165,7 @@ pub fn choose(
     };
     let Some((kind, source)) = source else {
         let size = grow_to.unwrap_or(0).max(EMPTY_ROOT_BYTES);
-        image::create_empty(qemu_img, &paths.root, size)
-            .map_err(|e| ServiceError::image_failed(e, ToString::to_string))?;
+        image::create_empty(qemu_img, &paths.root, size).map_err(failed)?;
         tracing::info!(
             "vm {}: no boot disk to copy; created an empty {} GB root disk {}",
             vm.id,
