@@ -211,6 +211,70 @@ impl From<StoreError> for ServiceError {
     }
 }
 
+/// One example of every reason, in the order they are declared, for the
+/// api layer's test of their codes. A new reason is added here too (the
+/// match below fails to compile until it is).
+#[cfg(test)]
+pub(crate) fn every_reason() -> Vec<Reason> {
+    fn io() -> std::io::Error {
+        std::io::Error::other("boom")
+    }
+    fn image() -> ImageError {
+        ImageError::Exists { path: "/x".into() }
+    }
+    let all = vec![
+        Reason::AlreadyExists,
+        Reason::TemplateMissing,
+        Reason::InUse,
+        Reason::AlreadyRunning(None),
+        Reason::AlreadyRunning(Some(LaunchError::AlreadyRunning(42))),
+        Reason::NotRunning,
+        Reason::AdoptionPending,
+        Reason::Unkillable,
+        Reason::NoMemory,
+        Reason::QemuFailed(LaunchError::Failed("exit 1".into())),
+        Reason::ConsoleNotConnected,
+        Reason::ConsoleWriteFailed(io()),
+        Reason::ImageRefused(image()),
+        Reason::ImageFailed(image()),
+        Reason::DiskFileRefused(None),
+        Reason::DiskFileRefused(Some(image())),
+        Reason::DiskAttached,
+        Reason::NotAttached,
+        Reason::DiskBusy,
+        Reason::NoFreeSlot,
+        Reason::CannotShrink,
+        Reason::GuestDidNotRelease,
+        Reason::HotplugFailed(HotplugError::NotReleased(3)),
+    ];
+    for r in &all {
+        match r {
+            Reason::AlreadyExists
+            | Reason::TemplateMissing
+            | Reason::InUse
+            | Reason::AlreadyRunning(_)
+            | Reason::NotRunning
+            | Reason::AdoptionPending
+            | Reason::Unkillable
+            | Reason::NoMemory
+            | Reason::QemuFailed(_)
+            | Reason::ConsoleNotConnected
+            | Reason::ConsoleWriteFailed(_)
+            | Reason::ImageRefused(_)
+            | Reason::ImageFailed(_)
+            | Reason::DiskFileRefused(_)
+            | Reason::DiskAttached
+            | Reason::NotAttached
+            | Reason::DiskBusy
+            | Reason::NoFreeSlot
+            | Reason::CannotShrink
+            | Reason::GuestDidNotRelease
+            | Reason::HotplugFailed(_) => {}
+        }
+    }
+    all
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,6 +15,8 @@ pub mod rootdisk;
 mod space;
 
 pub use disks::{CreateDisk, DiskState, DiskView};
+#[cfg(test)]
+pub(crate) use error::every_reason;
 pub use error::{Reason, Refusal, ServiceError};
 pub use lifecycle::StopReport;
 
