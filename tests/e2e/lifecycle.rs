@@ -84,6 +84,7 @@ fn seed_workflow_boots_the_default_disk_and_reuses_it() {
         (s, b["detail"].as_str()),
         (400, Some("VM is already running"))
     );
+    assert_eq!(b["code"], "already_running", "{b}");
 }
 
 #[test]
