@@ -174,6 +174,7 @@ fn admission_refuses_a_start_beyond_host_memory() {
         detail.contains("256 MiB") && detail.contains("allowed"),
         "{detail}"
     );
+    assert_eq!(b["code"], "no_memory", "{b}");
     assert!(qemu_processes(&vman.storage).is_empty());
     assert_ne!(vman.vm("big")["state"], "running");
 }
@@ -196,6 +197,7 @@ fn qemu_that_cannot_start_gives_its_reason() {
         detail.to_lowercase().contains("cpus"),
         "QEMU's reason missing: {detail}"
     );
+    assert_eq!(b["code"], "qemu_failed", "{b}");
     let vm = vman.vm("nope");
     assert_eq!(vm["state"], "error");
     assert!(
@@ -228,6 +230,7 @@ fn missing_qemu_binary_is_a_clear_400() {
             .contains("/nonexistent/qemu-system-x86_64"),
         "{b}"
     );
+    assert_eq!(b["code"], "qemu_failed", "{b}");
 }
 
 #[test]
