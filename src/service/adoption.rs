@@ -13,7 +13,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Service, ServiceError};
+use super::{Reason, Service, ServiceError};
 use crate::model::{Name, VmState};
 use crate::operator::vm::{self, AdoptError, Running};
 use crate::operator::{leftovers, process};
@@ -334,7 +334,7 @@ impl Service {
         };
         tracing::warn!("vm {id}: killing its unresponsive or unmanaged QEMU pid {pid}");
         if !process::kill_vm_qemu(pid, &paths.pid, &paths.qmp, KILL_WAIT).await {
-            return Err(ServiceError::Rejected(format!(
+            return Err(Reason::Unkillable.refuse(format!(
                 "QEMU pid {pid} of this VM did not exit after SIGKILL; try again"
             )));
         }
@@ -360,7 +360,7 @@ impl Service {
 }
 
 fn unresponsive(pid: i32) -> ServiceError {
-    ServiceError::Rejected(format!(
+    Reason::AdoptionPending.refuse(format!(
         "VM is already running: its QEMU (pid {pid}) does not answer on QMP yet (adoption \
          pending); stop or delete the VM to end it"
     ))

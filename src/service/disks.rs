@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::blocking::blocking;
-use super::{missing, Service, ServiceError};
+use super::{missing, Reason, Service, ServiceError};
 use crate::model::{Name, VmState, GIB};
 use crate::operator::hotplug::{self, HotplugError, Plug};
 use crate::operator::image::{self, Chain, ImageError, ImageFormat, ImagePolicy, Top};
@@ -85,8 +85,14 @@ fn store_err(e: StoreError) -> ServiceError {
     missing("Disk")(e)
 }
 
+/// A data disk's file refused: `Reason::DiskFileRefused` with `e` kept.
+fn file_refused(e: ImageError, detail: impl FnOnce(&ImageError) -> String) -> ServiceError {
+    let detail = detail(&e);
+    Reason::DiskFileRefused(Some(e)).refuse(detail)
+}
+
 fn hotplug_rejected(what: &str, e: HotplugError) -> ServiceError {
-    ServiceError::Rejected(format!("{what}: {e}"))
+    ServiceError::because(e, |e| format!("{what}: {e}"))
 }
 
 /// The disk as the API shows it: the record plus a probe of its file.
@@ -124,17 +130,19 @@ fn check_file_of(images: &ImagePolicy, disk: &Disk, writable: bool) -> Result<Ch
             writable,
         )
         .map_err(|e| match e {
-            ImageError::NotFound { .. } => {
-                ServiceError::Rejected(format!("Disk {} file {} has vanished", disk.id, disk.path))
-            }
-            ImageError::FormatChanged { found, .. } => ServiceError::Rejected(format!(
-                "Disk {} file {} is now a {found} image, not {}",
-                disk.id, disk.path, disk.format
-            )),
-            e => ServiceError::Rejected(format!("Disk {} file cannot be used: {e}", disk.id)),
+            e @ ImageError::NotFound { .. } => file_refused(e, |_| {
+                format!("Disk {} file {} has vanished", disk.id, disk.path)
+            }),
+            e @ ImageError::FormatChanged { found, .. } => file_refused(e, |_| {
+                format!(
+                    "Disk {} file {} is now a {found} image, not {}",
+                    disk.id, disk.path, disk.format
+                )
+            }),
+            e => file_refused(e, |e| format!("Disk {} file cannot be used: {e}", disk.id)),
         })?;
     if chain.files.len() > 1 || chain.top().backing_file.is_some() {
-        return Err(ServiceError::Rejected(format!(
+        return Err(Reason::DiskFileRefused(None).refuse(format!(
             "Disk {} file {} has a backing file; data disks cannot have one",
             disk.id, disk.path
         )));
@@ -162,7 +170,7 @@ impl Service {
     /// Creates `{storage}/disks/{id}.qcow2` and its record.
     pub async fn create_disk(&self, input: CreateDisk) -> Result<DiskView, ServiceError> {
         let id = input.id.unwrap_or_else(Name::generate);
-        let exists = || ServiceError::Rejected("Disk with this ID already exists".into());
+        let exists = || Reason::AlreadyExists.refuse("Disk with this ID already exists");
         match self.store.get_disk(&id) {
             Ok(_) => return Err(exists()),
             Err(StoreError::NotFound) => {}
@@ -186,7 +194,7 @@ impl Service {
         match created {
             Ok(()) => {}
             Err(ImageError::Exists { path }) => {
-                return Err(ServiceError::Rejected(format!(
+                return Err(Reason::AlreadyExists.refuse(format!(
                     "Disk with this ID already exists: {} is there (without a record); \
                      remove the file or choose another name",
                     path.display()
@@ -199,9 +207,9 @@ impl Service {
             }
             // No permission, no qemu-img: the caller can act on it.
             Err(e) => {
-                return Err(ServiceError::Rejected(format!(
-                    "cannot create the disk: {e}"
-                )))
+                return Err(ServiceError::image_failed(e, |e| {
+                    format!("cannot create the disk: {e}")
+                }))
             }
         }
         let new = NewDisk {
@@ -248,9 +256,9 @@ impl Service {
     /// Deletes an unattached disk: its record, then its file.
     pub fn delete_disk(&self, id: &Name) -> Result<(), ServiceError> {
         match self.store.delete_disk(id).map_err(store_err)? {
-            DiskDelete::Attached(vm) => Err(ServiceError::Rejected(format!(
-                "Disk is attached to VM {vm}"
-            ))),
+            DiskDelete::Attached(vm) => {
+                Err(Reason::DiskAttached.refuse(format!("Disk is attached to VM {vm}")))
+            }
             DiskDelete::Deleted(disk) => {
                 match std::fs::remove_file(&disk.path) {
                     Ok(()) => {}
@@ -275,7 +283,7 @@ impl Service {
             .collect();
         let slots = self.config.hotplug_slots;
         (0..slots).find(|s| !used.contains(s)).ok_or_else(|| {
-            ServiceError::Rejected(format!(
+            Reason::NoFreeSlot.refuse(format!(
                 "VM {vm} has no free hot-plug slot: all {slots} (VMAN_HOTPLUG_SLOTS) are in use"
             ))
         })
@@ -299,18 +307,18 @@ impl Service {
         let vm = self.store.get_vm(vm_id).map_err(missing("VM"))?;
         let disk = self.store.get_disk(id).map_err(store_err)?;
         if let Some((owner, _)) = &disk.attachment {
-            return Err(ServiceError::Rejected(format!(
-                "Disk is already attached to VM {owner}"
-            )));
+            return Err(
+                Reason::DiskAttached.refuse(format!("Disk is already attached to VM {owner}"))
+            );
         }
         self.check_file(&disk, false).await?;
         let slot = self.free_slot(vm_id)?;
         match self.store.claim_disk(id, vm_id, slot) {
             Ok(DiskClaim::Claimed) => {}
             Ok(DiskClaim::Attached(owner)) => {
-                return Err(ServiceError::Rejected(format!(
-                    "Disk is already attached to VM {owner}"
-                )))
+                return Err(
+                    Reason::DiskAttached.refuse(format!("Disk is already attached to VM {owner}"))
+                )
             }
             Err(StoreError::NotFound) => {
                 // The disk or the VM went away after the reads above.
@@ -354,7 +362,7 @@ impl Service {
         for _ in 0..3 {
             let disk = self.store.get_disk(id).map_err(store_err)?;
             let Some((vm_id, _)) = disk.attachment else {
-                return Err(ServiceError::Rejected("Disk is not attached".into()));
+                return Err(Reason::NotAttached.refuse("Disk is not attached"));
             };
             let _guard = self.lock_vm(&vm_id).await;
             let disk = self.store.get_disk(id).map_err(store_err)?;
@@ -374,7 +382,7 @@ impl Service {
                         tracing::warn!(
                             "disk {id}: the guest of vm {vm_id} did not release it within {secs} s"
                         );
-                        return Err(ServiceError::Rejected(format!(
+                        return Err(Reason::GuestDidNotRelease.refuse(format!(
                             "The guest of VM {vm_id} did not release the disk within {secs} s \
                              (VMAN_DETACH_TIMEOUT); it stays attached. The unplug request stays \
                              pending in the guest: if the guest releases the disk later, vman \
@@ -392,9 +400,7 @@ impl Service {
             self.store.release_disk(id, &vm_id)?;
             return self.get_disk(id).await;
         }
-        Err(ServiceError::Rejected(
-            "Disk is being moved by another request; try again".into(),
-        ))
+        Err(Reason::DiskBusy.refuse("Disk is being moved by another request; try again"))
     }
 
     /// After a detach timed out: when the guest releases the device later,
@@ -444,7 +450,7 @@ impl Service {
         // Read again under the lock.
         let disk = self.store.get_disk(id).map_err(store_err)?;
         if size_gb < disk.size_gb {
-            return Err(ServiceError::Rejected(format!(
+            return Err(Reason::CannotShrink.refuse(format!(
                 "Disks can only grow: disk {id} is {} GiB, {size_gb} GiB asked",
                 disk.size_gb
             )));
@@ -466,7 +472,7 @@ impl Service {
                 image::grow(&qemu_img, Path::new(&path), format, bytes)
             })
             .await?
-            .map_err(|e| ServiceError::Rejected(format!("Cannot grow the disk: {e}")))?;
+            .map_err(|e| ServiceError::image_failed(e, |e| format!("Cannot grow the disk: {e}")))?;
         }
         self.store.set_disk_size(id, size_gb)?;
         tracing::info!("disk {id} grown to {size_gb} GiB");
@@ -484,7 +490,7 @@ impl Service {
         let mut files = std::collections::HashMap::new();
         for d in &disks {
             let chain = check_file_of(&self.host.images, d, true).map_err(|e| {
-                ServiceError::Rejected(format!(
+                e.reworded(|e| format!(
                     "{e}; it is attached to VM {vm}: detach it (POST /disks/{}/detach) to start without it",
                     d.id
                 ))
@@ -501,7 +507,7 @@ impl Service {
             let slot = (0..self.config.hotplug_slots)
                 .find(|s| !used.contains(s))
                 .ok_or_else(|| {
-                    ServiceError::Rejected(format!(
+                    Reason::NoFreeSlot.refuse(format!(
                         "VM {vm} has {} data disks but only {} hot-plug slots (VMAN_HOTPLUG_SLOTS)",
                         disks.len(),
                         self.config.hotplug_slots

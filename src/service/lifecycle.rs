@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{missing, Service, ServiceError};
+use super::{missing, Reason, Service, ServiceError};
 use crate::model::{Name, VmEvent, VmState};
 use crate::operator::console;
 use crate::operator::qemu::{LaunchSpec, VmPaths};
@@ -66,7 +66,7 @@ impl Service {
         let mut reserved = self.memory.lock().unwrap_or_else(|p| p.into_inner());
         let used: u64 = reserved.values().sum();
         if self.host.mem_total_mib > 0 && used + mib > limit {
-            return Err(ServiceError::Rejected(format!(
+            return Err(Reason::NoMemory.refuse(format!(
                 "Not enough memory: VM {id} needs {mib} MiB but {used} MiB of the {limit} MiB \
                  allowed (host {} MiB x VMAN_MEMORY_OVERCOMMIT {}) are used by running VMs",
                 self.host.mem_total_mib, self.config.memory_overcommit
@@ -91,14 +91,14 @@ impl Service {
     async fn start_locked(self: &Arc<Self>, id: &Name) -> Result<(), ServiceError> {
         let vm = self.store.get_vm(id).map_err(missing("VM"))?;
         if self.registered(id).is_some_and(|r| !r.has_exited()) {
-            return Err(ServiceError::Rejected("VM is already running".into()));
+            return Err(Reason::AlreadyRunning(None).refuse("VM is already running"));
         }
         // A QEMU of this VM that vman does not manage is adopted or refused.
         if let super::adoption::Found::Adopted = self.check_before_launch(&vm).await? {
             return Ok(());
         }
         if vm.state.next(VmEvent::Started).is_none() {
-            return Err(ServiceError::Rejected("VM is already running".into()));
+            return Err(Reason::AlreadyRunning(None).refuse("VM is already running"));
         }
         self.reserve_memory(id, vm.template.ram_mib)?;
         match self.launch(&vm).await {
@@ -165,7 +165,7 @@ impl Service {
             self.config.console_max_bytes,
         )
         .await
-        .map_err(|e| ServiceError::Rejected(e.to_string()))?;
+        .map_err(|e| ServiceError::because(e, ToString::to_string))?;
         let updated = self.store.update_vm(
             &vm.id,
             &VmRuntime {
@@ -269,7 +269,7 @@ impl Service {
                         elapsed: Duration::ZERO,
                     })
                 }
-                None => Err(ServiceError::Rejected("VM is not running".into())),
+                None => Err(Reason::NotRunning.refuse("VM is not running")),
             };
         };
         let started = std::time::Instant::now();
@@ -347,15 +347,15 @@ impl Service {
         let run = self
             .registered(id)
             .filter(|r| !r.has_exited())
-            .ok_or_else(|| ServiceError::Rejected("VM is not running".into()))?;
+            .ok_or_else(|| Reason::NotRunning.refuse("VM is not running"))?;
         let console = run
             .console
             .as_ref()
-            .ok_or_else(|| ServiceError::Rejected("VM console is not connected".into()))?;
+            .ok_or_else(|| Reason::ConsoleNotConnected.refuse("VM console is not connected"))?;
         console
             .write(data)
             .await
-            .map_err(|e| ServiceError::Rejected(format!("cannot write to the console: {e}")))
+            .map_err(|e| ServiceError::because(e, |e| format!("cannot write to the console: {e}")))
     }
 
     /// Host memory × `VMAN_MEMORY_OVERCOMMIT`, in MiB.

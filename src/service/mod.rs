@@ -7,6 +7,7 @@ mod adoption;
 mod blocking;
 pub mod database;
 mod disks;
+mod error;
 mod health;
 mod lifecycle;
 mod observe;
@@ -14,57 +15,21 @@ pub mod rootdisk;
 mod space;
 
 pub use disks::{CreateDisk, DiskState, DiskView};
+#[cfg(test)]
+pub(crate) use error::every_reason;
+pub use error::{Reason, Refusal, ServiceError};
 pub use lifecycle::StopReport;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::config::Config;
-use crate::model::{Invalid, Metadata, MetadataPatch, Name, Template, Vm, VmState};
+use crate::model::{Metadata, MetadataPatch, Name, Template, Vm, VmState};
 use crate::operator::vm::Running;
 use crate::operator::Host;
 use crate::store::{NewVm, Store, StoreError};
 
 pub use health::{Check, HealthReport};
-
-/// Why a request to the service could not be done. The api layer maps each
-/// variant to a status in one place (`api::error`).
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    /// A value the caller gave is out of its allowed range or shape.
-    #[error("{0}")]
-    Invalid(#[from] Invalid),
-    /// The named resource does not exist.
-    #[error("{0} not found")]
-    NotFound(&'static str),
-    /// The request is well-formed but conflicts with the current state.
-    #[error("{0}")]
-    Rejected(String),
-    /// Something failed inside vman or the host; details are logged.
-    #[error("internal error: {0}")]
-    Internal(String),
-    /// The filesystem is full: nothing was changed (ENOSPC, SQLite's
-    /// "database or disk is full").
-    #[error("{0}")]
-    NoSpace(String),
-    /// The database file is damaged; /health reports it too.
-    #[error("database damaged: {0}")]
-    DatabaseDamaged(String),
-}
-
-impl From<StoreError> for ServiceError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound => Self::NotFound("resource"),
-            StoreError::Full(e) => {
-                tracing::warn!("database write refused: {e}");
-                Self::NoSpace(space::NO_SPACE.into())
-            }
-            StoreError::Damaged(e) => Self::DatabaseDamaged(e),
-            other => Self::Internal(other.to_string()),
-        }
-    }
-}
 
 /// Maps "not found" of the store to the resource the caller asked for.
 fn missing(what: &'static str) -> impl Fn(StoreError) -> ServiceError {
@@ -146,7 +111,7 @@ impl Service {
                 Ok(template)
             }
             Err(StoreError::AlreadyExists) => {
-                Err(ServiceError::Rejected("Template already exists".into()))
+                Err(Reason::AlreadyExists.refuse("Template already exists"))
             }
             Err(e) => Err(e.into()),
         }
@@ -166,9 +131,9 @@ impl Service {
                 tracing::info!("template {name} deleted");
                 Ok(())
             }
-            Err(StoreError::InUse(n)) => Err(ServiceError::Rejected(format!(
-                "Template is in use by {n} VM(s)"
-            ))),
+            Err(StoreError::InUse(n)) => {
+                Err(Reason::InUse.refuse(format!("Template is in use by {n} VM(s)")))
+            }
             Err(e) => Err(missing("Template")(e)),
         }
     }
@@ -206,11 +171,11 @@ impl Service {
                 tracing::info!("vm {} created from template {}", vm.id, vm.template.name);
                 Ok(vm)
             }
-            Err(StoreError::AlreadyExists) => Err(ServiceError::Rejected(
-                "VM with this ID already exists".into(),
-            )),
+            Err(StoreError::AlreadyExists) => {
+                Err(Reason::AlreadyExists.refuse("VM with this ID already exists"))
+            }
             Err(StoreError::TemplateMissing) => {
-                Err(ServiceError::Rejected("Template not found".into()))
+                Err(Reason::TemplateMissing.refuse("Template not found"))
             }
             Err(e) => Err(e.into()),
         }

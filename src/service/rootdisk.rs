@@ -21,6 +21,7 @@ use crate::config::{BootDiskMode, Config};
 use crate::model::{RootDiskSource, Vm};
 use crate::operator::image::{self, Chain, ImageError, ImageFormat, ImagePolicy, Provision, Top};
 use crate::operator::qemu::VmPaths;
+use crate::operator::vm::LaunchError;
 
 /// Size of the root disk made when there is nothing to copy.
 pub const EMPTY_ROOT_BYTES: u64 = 10 * crate::model::GIB;
@@ -57,11 +58,15 @@ impl RootDisk {
 }
 
 fn refused(e: ImageError) -> ServiceError {
-    ServiceError::Rejected(e.to_string())
+    ServiceError::because(e, ToString::to_string)
+}
+
+fn failed(e: ImageError) -> ServiceError {
+    ServiceError::image_failed(e, ToString::to_string)
 }
 
 fn field_refused(field: &'static str) -> impl Fn(ImageError) -> ServiceError {
-    move |e| ServiceError::Rejected(format!("{field}: {e}"))
+    move |e| ServiceError::because(e, |e| format!("{field}: {e}"))
 }
 
 /// A user-given image accepted at creation: canonical path and the format
@@ -136,7 +141,7 @@ pub fn choose(
             });
             let chain = policy
                 .open_chain(default, Top::Trusted, pinned, false)
-                .map_err(|e| ServiceError::Rejected(format!("default boot disk: {e}")))?;
+                .map_err(|e| ServiceError::because(e, |e| format!("default boot disk: {e}")))?;
             Some((RootDiskSource::Default, chain))
         }
         (None, Some(default)) => {
@@ -148,11 +153,9 @@ pub fn choose(
         }
         (None, None) => None,
     };
-    std::fs::create_dir_all(&paths.dir).map_err(|e| {
-        ServiceError::Rejected(format!(
-            "cannot create the VM folder {}: {e}",
-            paths.dir.display()
-        ))
+    std::fs::create_dir_all(&paths.dir).map_err(|source| {
+        let path = paths.dir.display().to_string();
+        ServiceError::because(LaunchError::Folder { path, source }, ToString::to_string)
     })?;
     let made = |kind| {
         policy
@@ -162,7 +165,7 @@ pub fn choose(
     };
     let Some((kind, source)) = source else {
         let size = grow_to.unwrap_or(0).max(EMPTY_ROOT_BYTES);
-        image::create_empty(qemu_img, &paths.root, size).map_err(refused)?;
+        image::create_empty(qemu_img, &paths.root, size).map_err(failed)?;
         tracing::info!(
             "vm {}: no boot disk to copy; created an empty {} GB root disk {}",
             vm.id,
@@ -179,10 +182,9 @@ pub fn choose(
     };
     let from = source.top().path.clone();
     let report = image::provision(qemu_img, &source, &paths.root, mode, grow_to).map_err(|e| {
-        ServiceError::Rejected(format!(
-            "cannot prepare the root disk from {}: {e}",
-            from.display()
-        ))
+        ServiceError::image_failed(e, |e| {
+            format!("cannot prepare the root disk from {}: {e}", from.display())
+        })
     })?;
     tracing::info!(
         "vm {}: {} boot disk {} {} to {} ({} bytes by {} in {:.1} ms)",

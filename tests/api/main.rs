@@ -5,6 +5,7 @@
 mod common;
 
 mod auth;
+mod codes;
 mod concurrency;
 mod config;
 mod cross_site;

@@ -277,6 +277,7 @@ fn bad_requests_get_clear_errors_and_records_follow_the_rules() {
         b["detail"].as_str().is_some_and(|d| d.contains("vanished")),
         "{b}"
     );
+    assert_eq!(b["code"], "disk_file_refused", "{b}");
     assert_eq!(vman.get("/disks/d3")["state"], "error");
     let (s, _) = vman.call("DELETE", "/disks/d3", None);
     assert_eq!(s, 204);
@@ -615,6 +616,7 @@ fn a_deaf_guest_gets_a_400_and_the_disk_stays_attached() {
             .is_some_and(|d| d.contains("did not release")),
         "{b}"
     );
+    assert_eq!(b["code"], "guest_did_not_release", "{b}");
     let d = vman.get("/disks/sticky");
     assert_eq!(
         (d["state"].as_str(), d["vm_id"].as_str()),

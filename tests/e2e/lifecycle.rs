@@ -84,6 +84,7 @@ fn seed_workflow_boots_the_default_disk_and_reuses_it() {
         (s, b["detail"].as_str()),
         (400, Some("VM is already running"))
     );
+    assert_eq!(b["code"], "already_running", "{b}");
 }
 
 #[test]
@@ -173,6 +174,7 @@ fn admission_refuses_a_start_beyond_host_memory() {
         detail.contains("256 MiB") && detail.contains("allowed"),
         "{detail}"
     );
+    assert_eq!(b["code"], "no_memory", "{b}");
     assert!(qemu_processes(&vman.storage).is_empty());
     assert_ne!(vman.vm("big")["state"], "running");
 }
@@ -195,6 +197,7 @@ fn qemu_that_cannot_start_gives_its_reason() {
         detail.to_lowercase().contains("cpus"),
         "QEMU's reason missing: {detail}"
     );
+    assert_eq!(b["code"], "qemu_failed", "{b}");
     let vm = vman.vm("nope");
     assert_eq!(vm["state"], "error");
     assert!(
@@ -227,6 +230,7 @@ fn missing_qemu_binary_is_a_clear_400() {
             .contains("/nonexistent/qemu-system-x86_64"),
         "{b}"
     );
+    assert_eq!(b["code"], "qemu_failed", "{b}");
 }
 
 #[test]

@@ -286,6 +286,7 @@ fn a_full_disk_during_the_copy_is_a_clear_400() {
             .is_some_and(|d| d.contains("No space left")),
         "{b}"
     );
+    assert_eq!(b["code"], "image_failed", "{b}");
     let left: Vec<_> = fs::read_dir(vms.join("full"))
         .map(|d| d.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
