@@ -13,8 +13,8 @@ pub mod vm;
 
 use std::path::Path;
 
-use crate::config::{self, Config};
-pub use qemu::Accel;
+use crate::config::Config;
+use crate::model::Accel;
 
 /// Facts about this host that decide how QEMU is started; probed once at
 /// start-up.
@@ -31,9 +31,8 @@ pub struct Host {
 impl Host {
     pub fn probe(config: &Config) -> Self {
         let (accel, accel_reason) = match config.accel {
-            config::Accel::Kvm => (Accel::Kvm, "VMAN_ACCEL=kvm".to_owned()),
-            config::Accel::Tcg => (Accel::Tcg, "VMAN_ACCEL=tcg".to_owned()),
-            config::Accel::Auto => qemu::detect_accel(),
+            Some(forced) => (forced, format!("VMAN_ACCEL={}", forced.as_str())),
+            None => qemu::detect_accel(),
         };
         Self {
             accel,

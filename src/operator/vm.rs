@@ -15,6 +15,7 @@ use super::console::Console;
 use super::process::{self, ExitStatus, Watch};
 use super::qemu::{self, LaunchSpec, VmPaths};
 use super::qmp::Qmp;
+use crate::model::StopMethod;
 
 /// How long QEMU may take to open its QMP socket after being spawned.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -66,20 +67,6 @@ impl ExitInfo {
             || (self.guest_poweroff
                 && matches!(self.status, ExitStatus::Code(0) | ExitStatus::Unknown))
     }
-}
-
-/// How a stop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum StopMethod {
-    /// The guest powered off after the ACPI power button.
-    Acpi,
-    /// QEMU quit on QMP `quit`.
-    Quit,
-    /// QEMU was killed with SIGKILL.
-    Killed,
-    /// QEMU was already gone.
-    AlreadyExited,
 }
 
 /// A live QEMU that vman manages.
