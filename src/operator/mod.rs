@@ -8,6 +8,7 @@ pub mod leftovers;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod tools;
 pub mod unixsock;
 pub mod vm;
 

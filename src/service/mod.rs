@@ -5,6 +5,7 @@
 
 mod adoption;
 mod blocking;
+mod coherence;
 pub mod database;
 mod disks;
 mod health;
@@ -13,6 +14,7 @@ mod observe;
 pub mod rootdisk;
 mod space;
 
+pub use coherence::{Issue, Report};
 pub use disks::{CreateDisk, DiskState, DiskView};
 pub use lifecycle::StopReport;
 
@@ -106,7 +108,7 @@ pub struct Service {
     /// Memory (MiB) of running and starting VMs, for admission.
     memory: Mutex<HashMap<Name, u64>>,
     /// The observer's last findings.
-    observer: Mutex<crate::observer::Report>,
+    observer: Mutex<Report>,
     /// State changes that happened but could not be recorded (full disk);
     /// the observer records them (`space.rs`).
     unrecorded: Mutex<HashMap<Name, crate::store::VmRuntime>>,

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 
 use super::Service;
+use super::{Issue, Report};
 use crate::model::{Name, VmState};
-use crate::observer::{Issue, Report};
 use crate::store::VmRuntime;
 use crate::sync::LockExt;
 

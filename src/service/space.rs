@@ -7,9 +7,9 @@
 
 use std::collections::HashMap;
 
+use super::Issue;
 use super::{Service, ServiceError};
 use crate::model::{Name, Vm};
-use crate::observer::Issue;
 use crate::operator::image::ImageError;
 use crate::store::{StoreError, VmRuntime};
 use crate::sync::LockExt;
