@@ -345,6 +345,26 @@ mod tests {
     }
 
     #[test]
+    fn accel_auto_is_decided_at_start_up_and_kvm_or_tcg_force_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = dir.path().to_str().expect("utf8");
+        for (arg, want) in [
+            ("auto", None),
+            ("kvm", Some(Accel::Kvm)),
+            ("tcg", Some(Accel::Tcg)),
+        ] {
+            let c = parse(&["--storage-path", storage, "--accel", arg]).expect("parses");
+            assert_eq!(c.accel, want, "{arg}");
+        }
+        for bad in ["", "KVM", "hvf", "none"] {
+            assert!(
+                parse(&["--storage-path", storage, "--accel", bad]).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
     fn allowed_hosts_are_names_without_port() {
         assert_eq!(parse_allowed_host(" VMAN.lan. "), Ok("vman.lan".into()));
         assert_eq!(parse_allowed_host("[::1]"), Ok("[::1]".into()));
