@@ -264,6 +264,17 @@ pub fn find(paths: &VmPaths) -> Option<i32> {
         .next()
 }
 
+/// `msg` followed by the last console lines of the VM, so the user sees why
+/// without hunting for files.
+pub fn with_console_tail(mut msg: String, paths: &VmPaths) -> String {
+    let tail = super::console::last_lines(&paths.console, 5);
+    if !tail.is_empty() {
+        msg.push_str("; last console lines:\n");
+        msg.push_str(&tail);
+    }
+    msg
+}
+
 /// Every live QEMU process running from a VM folder under `prefix`
 /// (`{storage}/vms/`), with the folder's name (the VM id it belongs to,
 /// whether or not that VM exists): the observer's process scan.

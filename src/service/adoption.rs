@@ -82,10 +82,7 @@ impl Service {
                 }
             }
             None if vm.state == VmState::Running => {
-                let msg = super::lifecycle::with_console_tail(
-                    "QEMU was gone when vman started".into(),
-                    &paths,
-                );
+                let msg = vm::with_console_tail("QEMU was gone when vman started".into(), &paths);
                 tracing::warn!("vm {id}: {}", msg.lines().next().unwrap_or(""));
                 // No live process has this VM's command line: its files
                 // belong to nobody.

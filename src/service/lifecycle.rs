@@ -15,7 +15,7 @@ use super::{missing, Service, ServiceError};
 use crate::model::{Name, StopMethod, VmEvent, VmState};
 use crate::operator::console;
 use crate::operator::qemu::{LaunchSpec, VmPaths};
-use crate::operator::vm::{self, ExitInfo, Running};
+use crate::operator::vm::{self, with_console_tail, ExitInfo, Running};
 use crate::store::VmRuntime;
 use crate::sync::LockExt;
 
@@ -363,15 +363,4 @@ impl Service {
     pub fn memory_in_use(&self) -> u64 {
         self.memory.lock_or_recover().values().sum()
     }
-}
-
-/// `msg` followed by the last console lines of the VM, so the user sees why
-/// without hunting for files.
-pub(super) fn with_console_tail(mut msg: String, paths: &VmPaths) -> String {
-    let tail = console::last_lines(&paths.console, 5);
-    if !tail.is_empty() {
-        msg.push_str("; last console lines:\n");
-        msg.push_str(&tail);
-    }
-    msg
 }
