@@ -3,8 +3,11 @@
 //! overriding the environment), then defaults. The doc comments become
 //! `--help`. `.env.example` lists every variable with its default.
 
+use clap::builder::TypedValueParser;
 use clap::{Args, ValueEnum};
 use std::net::IpAddr;
+
+use crate::model::Accel;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Args)]
@@ -77,9 +80,14 @@ pub struct Config {
     #[arg(long, env = "VMAN_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_connections: u32,
 
-    /// Accelerator: auto (KVM when a probe guest runs, else TCG), kvm, tcg.
-    #[arg(long, env = "VMAN_ACCEL", value_enum, default_value_t = Accel::Auto)]
-    pub accel: Accel,
+    /// Accelerator: auto = KVM when /dev/kvm opens and this host is not
+    /// itself a VM (no `hypervisor` CPU flag), else TCG, so a nested host
+    /// gets TCG (nested KVM guests fail); kvm or tcg force one.
+    // `std::option::Option` spelled out: clap reads the value (`auto` = None)
+    // instead of making the flag optional.
+    #[arg(long, env = "VMAN_ACCEL", default_value = "auto",
+          value_parser = clap::builder::PossibleValuesParser::new(["auto", "kvm", "tcg"]).map(|s| parse_accel(&s)))]
+    pub accel: std::option::Option<Accel>,
 
     /// QEMU system emulator binary.
     #[arg(long, env = "VMAN_QEMU_BINARY", default_value = "qemu-system-x86_64")]
@@ -162,13 +170,6 @@ pub enum BootDiskMode {
     Overlay,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Accel {
-    Auto,
-    Kvm,
-    Tcg,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogLevel {
     Debug,
@@ -219,6 +220,16 @@ fn parse_allowed_host(raw: &str) -> Result<String, String> {
         Err(format!(
             "{raw:?} is not a host name (give names like vman.example.org or [::1], without scheme or port, or *)"
         ))
+    }
+}
+
+/// `VMAN_ACCEL`: `kvm` or `tcg`, or None for `auto` (decided at start-up
+/// by `operator::qemu::detect_accel`).
+fn parse_accel(raw: &str) -> Option<Accel> {
+    match raw {
+        "kvm" => Some(Accel::Kvm),
+        "tcg" => Some(Accel::Tcg),
+        _ => None,
     }
 }
 
@@ -371,6 +382,26 @@ mod tests {
             assert!(
                 matches!(c.validate(), Err(ConfigError::WeakToken)),
                 "{token:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn accel_auto_is_decided_at_start_up_and_kvm_or_tcg_force_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = dir.path().to_str().expect("utf8");
+        for (arg, want) in [
+            ("auto", None),
+            ("kvm", Some(Accel::Kvm)),
+            ("tcg", Some(Accel::Tcg)),
+        ] {
+            let c = parse(&["--storage-path", storage, "--accel", arg]).expect("parses");
+            assert_eq!(c.accel, want, "{arg}");
+        }
+        for bad in ["", "KVM", "hvf", "none"] {
+            assert!(
+                parse(&["--storage-path", storage, "--accel", bad]).is_err(),
+                "{bad:?}"
             );
         }
     }

@@ -9,3 +9,4 @@ pub mod observer;
 pub mod operator;
 pub mod service;
 pub mod store;
+pub mod sync;

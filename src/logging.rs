@@ -15,6 +15,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogLevel;
+use crate::sync::LockExt;
 
 /// The `timestamp | LEVEL | module | message` line format.
 pub struct LineFormat;
@@ -109,7 +110,7 @@ pub struct RotatingWriter<'a>(&'a RotatingFile);
 
 impl Write for RotatingWriter<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.0.state.lock_or_recover();
         if self.0.max_bytes > 0 && state.1 > 0 && state.1 + buf.len() as u64 > self.0.max_bytes {
             self.0.rotate(&mut state)?;
         }

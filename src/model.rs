@@ -223,6 +223,37 @@ pub struct Template {
     pub created_at: String,
 }
 
+/// The accelerator a VM runs with (`VMAN_ACCEL`; `auto` picks one of
+/// these at start-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Kvm => "kvm",
+            Self::Tcg => "tcg",
+        }
+    }
+}
+
+/// How a stop ended (the operator does it; the API reports it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMethod {
+    /// The guest powered off after the ACPI power button.
+    Acpi,
+    /// QEMU quit on QMP `quit`.
+    Quit,
+    /// QEMU was killed with SIGKILL.
+    Killed,
+    /// QEMU was already gone.
+    AlreadyExited,
+}
+
 /// The format of a disk image, as vman pins it and passes it to QEMU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -11,7 +11,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{parse_json, Body, PathName};
 use super::AppState;
-use crate::operator::vm::StopMethod;
+use crate::model::StopMethod;
 
 /// Optional body of stop and restart.
 #[derive(Debug, Default, Deserialize, ToSchema)]

@@ -62,7 +62,7 @@ pub struct ObserverStatus {
     pub passes: u64,
     pub last_check_at: Option<String>,
     pub last_issues_count: usize,
-    pub last_issues: Vec<crate::observer::Issue>,
+    pub last_issues: Vec<crate::service::Issue>,
 }
 
 /// What the last coherence pass found.

@@ -17,6 +17,7 @@ use super::templates::TemplateResponse;
 use super::AppState;
 use crate::model::{Invalid, Name, RootDiskSource, Vm, VmState};
 use crate::service::CreateVm;
+use crate::sync::LockExt;
 
 /// Body of POST /vms.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -136,14 +137,14 @@ pub struct ListCache(std::sync::Mutex<HashMap<Option<VmState>, (u64, Bytes)>>);
 
 impl ListCache {
     fn get(&self, state: Option<VmState>, generation: u64) -> Option<Bytes> {
-        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let map = self.0.lock_or_recover();
         map.get(&state)
             .filter(|(g, _)| *g == generation)
             .map(|(_, b)| b.clone())
     }
 
     fn put(&self, state: Option<VmState>, generation: u64, body: Bytes) {
-        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.0.lock_or_recover();
         map.insert(state, (generation, body));
     }
 }

@@ -10,13 +10,14 @@ pub mod privilege;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod tools;
 pub mod unixsock;
 pub mod vm;
 
 use std::path::Path;
 
-use crate::config::{self, Config};
-pub use qemu::Accel;
+use crate::config::Config;
+use crate::model::Accel;
 
 /// Facts about this host that decide how QEMU is started; probed once at
 /// start-up.
@@ -39,9 +40,8 @@ impl Host {
     /// the storage cannot be closed to it.
     pub fn probe(config: &Config) -> Result<Self, privilege::PrivilegeError> {
         let (accel, accel_reason) = match config.accel {
-            config::Accel::Kvm => (Accel::Kvm, "VMAN_ACCEL=kvm".to_owned()),
-            config::Accel::Tcg => (Accel::Tcg, "VMAN_ACCEL=tcg".to_owned()),
-            config::Accel::Auto => qemu::detect_accel(),
+            Some(forced) => (forced, format!("VMAN_ACCEL={}", forced.as_str())),
+            None => qemu::detect_accel(),
         };
         let run_as = privilege::resolve(&config.qemu_user, &config.qemu_binary)?;
         if run_as.is_some() {

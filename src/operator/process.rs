@@ -238,12 +238,15 @@ pub fn owner_under(args: &[String], prefix: &str) -> Option<String> {
 /// Kills `pid` with SIGKILL if, and only if, it still runs this VM's QEMU,
 /// and waits (up to `limit`) until it is gone. True when it is gone.
 pub async fn kill_vm_qemu(pid: i32, pid_file: &Path, qmp: &Path, limit: Duration) -> bool {
-    let watch = match Watch::adopt(pid) {
+    let Some(pid) = Pid::new(pid) else {
+        return true; // 0, 1 or negative: no QEMU of ours
+    };
+    let watch = match Watch::adopt(pid.get()) {
         Ok(w) => w,
-        Err(_) => return !is_our_qemu(pid, pid_file, qmp),
+        Err(_) => return !is_our_qemu(pid.get(), pid_file, qmp),
     };
     // Checked after the pidfd is open: the pid cannot be reused under us.
-    if !is_our_qemu(pid, pid_file, qmp) {
+    if !is_our_qemu(pid.get(), pid_file, qmp) {
         return true;
     }
     if let Err(e) = kill(pid, libc::SIGKILL) {
@@ -253,18 +256,37 @@ pub async fn kill_vm_qemu(pid: i32, pid_file: &Path, qmp: &Path, limit: Duration
 }
 
 /// Reads a pid file written by QEMU.
-pub fn read_pid(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path)
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|p| *p > 1)
+pub fn read_pid(path: &Path) -> Option<Pid> {
+    Pid::new(std::fs::read_to_string(path).ok()?.trim().parse().ok()?)
 }
 
-pub fn kill(pid: i32, signal: i32) -> io::Result<()> {
-    // SAFETY: kill(2) has no memory effects.
-    if unsafe { libc::kill(pid, signal) } == 0 {
+/// A process id that may be signalled: greater than 1, so never 0 (our
+/// own process group), -1 (every process we may signal) or 1 (init).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Pid(i32);
+
+impl Pid {
+    /// `raw` as a `Pid`; None when it is 1 or less.
+    pub fn new(raw: i32) -> Option<Self> {
+        (raw > 1).then_some(Self(raw))
+    }
+
+    pub fn get(self) -> i32 {
+        self.0
+    }
+}
+
+impl std::fmt::Display for Pid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Sends `signal` to the one process `pid`.
+pub fn kill(pid: Pid, signal: i32) -> io::Result<()> {
+    // SAFETY: kill(2) has no memory effects; `Pid` is > 1, so this signals
+    // one process, never a group or every process.
+    if unsafe { libc::kill(pid.get(), signal) } == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
@@ -306,10 +328,29 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         let watch = Watch::adopt(pid).expect("pidfd");
-        kill(pid, libc::SIGKILL).expect("kill");
+        kill(Pid::new(pid).expect("pid > 1"), libc::SIGKILL).expect("kill");
         let _ = child.wait();
         assert_eq!(watch.wait().await, ExitStatus::Unknown);
         assert!(Watch::adopt(pid).is_err() || cmdline(pid).is_none());
+    }
+
+    #[test]
+    fn a_pid_of_one_or_less_cannot_be_killed() {
+        for raw in [i32::MIN, -1, 0, 1] {
+            assert_eq!(Pid::new(raw), None, "{raw}");
+        }
+        assert_eq!(Pid::new(2).map(Pid::get), Some(2));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("qemu.pid");
+        for (text, want) in [
+            ("1\n", None),
+            ("-1", None),
+            ("0", None),
+            ("4242\n", Some(4242)),
+        ] {
+            std::fs::write(&file, text).expect("write");
+            assert_eq!(read_pid(&file).map(Pid::get), want, "{text:?}");
+        }
     }
 
     #[test]

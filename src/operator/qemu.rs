@@ -12,6 +12,7 @@ use super::privilege::RunAs;
 use serde_json::json;
 
 use super::image::{Chain, ImageFormat};
+use crate::model::Accel;
 
 /// File name of the QMP socket in a VM folder.
 pub const QMP_SOCK: &str = "qmp.sock";
@@ -52,22 +53,6 @@ impl VmPaths {
     /// Files that belong to a running QEMU only; removed after it is gone.
     pub fn runtime_files(&self) -> [&Path; 3] {
         [&self.pid, &self.qmp, &self.console_sock]
-    }
-}
-
-/// The accelerator a VM actually runs with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accel {
-    Kvm,
-    Tcg,
-}
-
-impl Accel {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Kvm => "kvm",
-            Self::Tcg => "tcg",
-        }
     }
 }
 

@@ -16,6 +16,7 @@ use super::console::Console;
 use super::process::{self, ExitStatus, Watch};
 use super::qemu::{self, LaunchSpec, VmPaths};
 use super::qmp::Qmp;
+use crate::model::StopMethod;
 
 /// How long QEMU may take to open its QMP socket after being spawned.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(30);
@@ -67,20 +68,6 @@ impl ExitInfo {
             || (self.guest_poweroff
                 && matches!(self.status, ExitStatus::Code(0) | ExitStatus::Unknown))
     }
-}
-
-/// How a stop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum StopMethod {
-    /// The guest powered off after the ACPI power button.
-    Acpi,
-    /// QEMU quit on QMP `quit`.
-    Quit,
-    /// QEMU was killed with SIGKILL.
-    Killed,
-    /// QEMU was already gone.
-    AlreadyExited,
 }
 
 /// A live QEMU that vman manages.
@@ -153,8 +140,13 @@ impl Running {
         if self.wait_exit_for(Duration::from_millis(700)).await {
             return StopMethod::Quit;
         }
-        if let Err(e) = process::kill(self.pid, libc::SIGKILL) {
-            tracing::warn!("kill -9 {}: {e}", self.pid);
+        match process::Pid::new(self.pid) {
+            Some(pid) => {
+                if let Err(e) = process::kill(pid, libc::SIGKILL) {
+                    tracing::warn!("kill -9 {pid}: {e}");
+                }
+            }
+            None => tracing::error!("QEMU pid {} cannot be signalled", self.pid),
         }
         if !self.wait_exit_for(Duration::from_millis(700)).await {
             tracing::error!("QEMU pid {} still there after SIGKILL", self.pid);
@@ -270,7 +262,7 @@ pub async fn launch(
 /// command line is this VM's, else whatever process in `/proc` has this VM's
 /// command line (the pid file may be gone with the folder).
 pub fn find(paths: &VmPaths) -> Option<i32> {
-    if let Some(pid) = process::read_pid(&paths.pid) {
+    if let Some(pid) = process::read_pid(&paths.pid).map(process::Pid::get) {
         if process::is_our_qemu(pid, &paths.pid, &paths.qmp) {
             return Some(pid);
         }
@@ -278,6 +270,28 @@ pub fn find(paths: &VmPaths) -> Option<i32> {
     process::find_vm_qemus(&paths.pid, &paths.qmp)
         .into_iter()
         .next()
+}
+
+/// `msg` followed by the last console lines of the VM, so the user sees why
+/// without hunting for files.
+pub fn with_console_tail(mut msg: String, paths: &VmPaths) -> String {
+    let tail = super::console::last_lines(&paths.console, 5);
+    if !tail.is_empty() {
+        msg.push_str("; last console lines:\n");
+        msg.push_str(&tail);
+    }
+    msg
+}
+
+/// Every live QEMU process running from a VM folder under `prefix`
+/// (`{storage}/vms/`), with the folder's name (the VM id it belongs to,
+/// whether or not that VM exists): the observer's process scan.
+pub fn qemus_under(prefix: &str) -> Vec<(i32, String)> {
+    process::find_by_arg(prefix)
+        .into_iter()
+        .filter(|(_, args)| args.first().is_some_and(|a| a.contains("qemu-system")))
+        .map(|(pid, args)| (pid, process::owner_under(&args, prefix).unwrap_or_default()))
+        .collect()
 }
 
 /// Takes over `pid`, a QEMU of this VM left running by an earlier vman

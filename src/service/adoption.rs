@@ -18,6 +18,7 @@ use crate::model::{Name, VmState};
 use crate::operator::vm::{self, AdoptError, Running};
 use crate::operator::{leftovers, process};
 use crate::store::VmRuntime;
+use crate::sync::LockExt;
 
 /// How long one adoption attempt waits for QMP to answer.
 const ADOPT_WAIT: Duration = Duration::from_secs(5);
@@ -81,10 +82,7 @@ impl Service {
                 }
             }
             None if vm.state == VmState::Running => {
-                let msg = super::lifecycle::with_console_tail(
-                    "QEMU was gone when vman started".into(),
-                    &paths,
-                );
+                let msg = vm::with_console_tail("QEMU was gone when vman started".into(), &paths);
                 tracing::warn!("vm {id}: {}", msg.lines().next().unwrap_or(""));
                 // No live process has this VM's command line: its files
                 // belong to nobody.
@@ -136,10 +134,7 @@ impl Service {
     ) -> Result<(), ServiceError> {
         tracing::info!("vm {id}: adopted running QEMU pid {}", run.pid);
         self.set_pending(id, None);
-        self.memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), ram_mib);
+        self.memory.lock_or_recover().insert(id.clone(), ram_mib);
         self.store.update_vm(
             id,
             &VmRuntime {
@@ -163,10 +158,7 @@ impl Service {
         why: &str,
     ) -> Result<(), ServiceError> {
         tracing::warn!("vm {id}: {why}; adoption pending, retried every {RETRY_EVERY:?}");
-        self.memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), ram_mib);
+        self.memory.lock_or_recover().insert(id.clone(), ram_mib);
         let first = self.set_pending(id, Some(pid)) != Some(pid);
         self.store.update_vm(
             id,
@@ -190,7 +182,7 @@ impl Service {
 
     /// Sets (or clears) the pending pid of a VM; returns the previous one.
     fn set_pending(&self, id: &Name, pid: Option<i32>) -> Option<i32> {
-        let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.pending.lock_or_recover();
         match pid {
             Some(pid) => map.insert(id.clone(), pid),
             None => map.remove(id),
@@ -199,11 +191,7 @@ impl Service {
 
     /// The pid of the VM's unresponsive QEMU, while it still runs.
     pub(crate) fn pending_pid(&self, id: &Name) -> Option<i32> {
-        let pid = *self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)?;
+        let pid = *self.pending.lock_or_recover().get(id)?;
         let paths = self.paths(id);
         process::is_our_qemu(pid, &paths.pid, &paths.qmp).then_some(pid)
     }
@@ -212,8 +200,7 @@ impl Service {
     pub(crate) fn pending_vms(&self) -> Vec<(Name, i32)> {
         let mut v: Vec<_> = self
             .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_or_recover()
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
@@ -226,26 +213,14 @@ impl Service {
     async fn retry_adoption(self: Arc<Self>, id: Name, pid: i32) {
         loop {
             tokio::time::sleep(RETRY_EVERY).await;
-            if self
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                != Some(&pid)
-            {
+            if self.pending.lock_or_recover().get(&id) != Some(&pid) {
                 return;
             }
             let paths = self.paths(&id);
             // The attempt runs without the lock, so stop/delete are not held up.
             let attempt = vm::adopt(pid, &paths, self.config.console_max_bytes, ADOPT_WAIT).await;
             let _guard = self.lock_vm(&id).await;
-            if self
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&id)
-                != Some(&pid)
-            {
+            if self.pending.lock_or_recover().get(&id) != Some(&pid) {
                 return; // stopped or deleted meanwhile; `attempt` is dropped
             }
             let ram = self
@@ -324,7 +299,7 @@ impl Service {
     /// the pending one, or one found by its command line. Returns its pid;
     /// refuses when it would not die.
     pub(crate) async fn kill_unmanaged(&self, id: &Name) -> Result<Option<i32>, ServiceError> {
-        if self.registered(id).is_some_and(|r| !r.has_exited()) {
+        if self.live(id).is_some() {
             return Ok(None); // managed: stopped through its `Running`
         }
         let paths = self.paths(id);

@@ -23,6 +23,7 @@ use crate::operator::image::{self, Chain, ImageError, ImageFormat, ImagePolicy, 
 use crate::operator::qemu::{BootDisk, DiskFile};
 use crate::operator::vm::Running;
 use crate::store::{Disk, DiskClaim, DiskDelete, NewDisk, StoreError};
+use crate::sync::LockExt;
 
 /// Linux reads at most this many bytes of a virtio-blk serial, so the guest
 /// names the disk `/dev/disk/by-id/virtio-<first 20 bytes of the id>`.
@@ -160,11 +161,6 @@ impl Service {
     async fn view(&self, disk: Disk) -> Result<DiskView, ServiceError> {
         let qemu_img = self.config.qemu_img.clone();
         blocking("disk probe", move || view_of(&qemu_img, disk)).await
-    }
-
-    /// A live QEMU of this VM, when there is one. Call under the VM lock.
-    fn live(&self, vm: &Name) -> Option<Arc<Running>> {
-        self.registered(vm).filter(|r| !r.has_exited())
     }
 
     /// Creates `{storage}/disks/{id}.qcow2` and its record.
@@ -696,7 +692,7 @@ impl Service {
         };
         for vm in vms {
             let lock = {
-                let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+                let locks = self.locks.lock_or_recover();
                 locks.get(&vm.id).cloned()
             };
             let _guard = match &lock {

@@ -4,10 +4,10 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::OnceLock;
 
 use super::Service;
+use crate::operator::tools::tool_version;
 
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Check {
@@ -40,24 +40,6 @@ impl HealthReport {
     pub fn ok(&self) -> bool {
         self.checks.values().all(|c| c.ok)
     }
-}
-
-/// First line of `binary --version`, or why it could not run.
-pub(crate) fn tool_version(binary: &Path) -> Result<String, String> {
-    let out = Command::new(binary)
-        .arg("--version")
-        .output()
-        .map_err(|e| format!("{} not usable: {e}", binary.display()))?;
-    if !out.status.success() {
-        return Err(format!("{} --version failed", binary.display()));
-    }
-    let version = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_owned();
-    Ok(format!("{}: {version}", binary.display()))
 }
 
 fn storage_writable(dir: &Path) -> Result<String, String> {

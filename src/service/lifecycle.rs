@@ -12,11 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::{missing, Reason, Service, ServiceError};
-use crate::model::{Name, VmEvent, VmState};
+use crate::model::{Name, StopMethod, VmEvent, VmState};
 use crate::operator::console;
 use crate::operator::qemu::{LaunchSpec, VmPaths};
-use crate::operator::vm::{self, ExitInfo, Running, StopMethod};
+use crate::operator::vm::{self, with_console_tail, ExitInfo, Running};
 use crate::store::VmRuntime;
+use crate::sync::LockExt;
 
 /// What a stop did.
 #[derive(Debug, Clone, Copy)]
@@ -33,22 +34,24 @@ impl Service {
     /// The lock that serialises actions on one VM.
     pub(crate) async fn lock_vm(&self, id: &Name) -> tokio::sync::OwnedMutexGuard<()> {
         let lock = {
-            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut locks = self.locks.lock_or_recover();
             locks.entry(id.clone()).or_default().clone()
         };
         lock.lock_owned().await
     }
 
     pub(crate) fn registered(&self, id: &Name) -> Option<Arc<Running>> {
-        self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        self.running.lock_or_recover().get(id).cloned()
+    }
+
+    /// The QEMU vman manages for this VM, while it runs (registered and not
+    /// exited). Call under the VM lock for an answer that stays true.
+    pub(crate) fn live(&self, id: &Name) -> Option<Arc<Running>> {
+        self.registered(id).filter(|r| !r.has_exited())
     }
 
     fn unregister(&self, id: &Name, run: &Arc<Running>) -> bool {
-        let mut map = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.running.lock_or_recover();
         match map.get(id) {
             Some(r) if Arc::ptr_eq(r, run) => {
                 map.remove(id);
@@ -63,7 +66,7 @@ impl Service {
     /// host memory × `VMAN_MEMORY_OVERCOMMIT`.
     fn reserve_memory(&self, id: &Name, mib: u64) -> Result<(), ServiceError> {
         let limit = self.memory_limit_mib();
-        let mut reserved = self.memory.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reserved = self.memory.lock_or_recover();
         let used: u64 = reserved.values().sum();
         if self.host.mem_total_mib > 0 && used + mib > limit {
             return Err(Reason::NoMemory.refuse(format!(
@@ -77,10 +80,7 @@ impl Service {
     }
 
     pub(super) fn release_memory(&self, id: &Name) {
-        self.memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        self.memory.lock_or_recover().remove(id);
     }
 
     pub async fn start_vm(self: &Arc<Self>, id: &Name) -> Result<(), ServiceError> {
@@ -90,7 +90,7 @@ impl Service {
 
     async fn start_locked(self: &Arc<Self>, id: &Name) -> Result<(), ServiceError> {
         let vm = self.store.get_vm(id).map_err(missing("VM"))?;
-        if self.registered(id).is_some_and(|r| !r.has_exited()) {
+        if self.live(id).is_some() {
             return Err(Reason::AlreadyRunning(None).refuse("VM is already running"));
         }
         // A QEMU of this VM that vman does not manage is adopted or refused.
@@ -202,8 +202,7 @@ impl Service {
     /// Records a live QEMU and spawns the task that notices its exit.
     pub(crate) fn register(self: &Arc<Self>, id: Name, run: Arc<Running>) {
         self.running
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .lock_or_recover()
             .insert(id.clone(), run.clone());
         let service = self.clone();
         tokio::spawn(async move {
@@ -345,8 +344,7 @@ impl Service {
     pub async fn console_input(&self, id: &Name, data: &[u8]) -> Result<(), ServiceError> {
         self.store.get_vm(id).map_err(missing("VM"))?;
         let run = self
-            .registered(id)
-            .filter(|r| !r.has_exited())
+            .live(id)
             .ok_or_else(|| Reason::NotRunning.refuse("VM is not running"))?;
         let console = run
             .console
@@ -365,21 +363,6 @@ impl Service {
 
     /// Memory reserved by running VMs, in MiB.
     pub fn memory_in_use(&self) -> u64 {
-        self.memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .sum()
+        self.memory.lock_or_recover().values().sum()
     }
-}
-
-/// `msg` followed by the last console lines of the VM, so the user sees why
-/// without hunting for files.
-pub(super) fn with_console_tail(mut msg: String, paths: &VmPaths) -> String {
-    let tail = console::last_lines(&paths.console, 5);
-    if !tail.is_empty() {
-        msg.push_str("; last console lines:\n");
-        msg.push_str(&tail);
-    }
-    msg
 }

@@ -5,6 +5,7 @@
 
 mod adoption;
 mod blocking;
+mod coherence;
 pub mod database;
 mod disks;
 mod error;
@@ -14,6 +15,7 @@ mod observe;
 pub mod rootdisk;
 mod space;
 
+pub use coherence::{Issue, Report};
 pub use disks::{CreateDisk, DiskState, DiskView};
 #[cfg(test)]
 pub(crate) use error::every_reason;
@@ -71,7 +73,7 @@ pub struct Service {
     /// Memory (MiB) of running and starting VMs, for admission.
     memory: Mutex<HashMap<Name, u64>>,
     /// The observer's last findings.
-    observer: Mutex<crate::observer::Report>,
+    observer: Mutex<Report>,
     /// State changes that happened but could not be recorded (full disk);
     /// the observer records them (`space.rs`).
     unrecorded: Mutex<HashMap<Name, crate::store::VmRuntime>>,

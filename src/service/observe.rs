@@ -5,23 +5,22 @@
 use std::sync::Arc;
 
 use super::Service;
+use super::{Issue, Report};
 use crate::model::{Name, VmState};
-use crate::observer::{Issue, Report};
 use crate::store::VmRuntime;
+use crate::sync::LockExt;
 
 impl Service {
     /// A QEMU of this VM runs: one vman manages, or one whose adoption is
     /// pending (it does not answer on QMP yet).
     pub fn is_live(&self, id: &Name) -> bool {
-        self.registered(id).is_some_and(|r| !r.has_exited()) || self.pending_pid(id).is_some()
+        self.live(id).is_some() || self.pending_pid(id).is_some()
     }
 
     /// `pid` is the QEMU vman manages for the VM named `owner`.
     pub fn is_live_pid(&self, owner: &str, pid: i32) -> bool {
         Name::parse("id", owner).ok().is_some_and(|id| {
-            self.registered(&id)
-                .is_some_and(|r| r.pid == pid && !r.has_exited())
-                || self.pending_pid(&id) == Some(pid)
+            self.live(&id).is_some_and(|r| r.pid == pid) || self.pending_pid(&id) == Some(pid)
         })
     }
 
@@ -89,17 +88,14 @@ impl Service {
     }
 
     pub fn record_observation(&self, issues: Vec<Issue>) {
-        let mut report = self.observer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut report = self.observer.lock_or_recover();
         report.passes += 1;
         report.last_check_at = Some(crate::model::now());
         report.issues = issues;
     }
 
     pub fn observer_report(&self) -> Report {
-        self.observer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.observer.lock_or_recover().clone()
     }
 
     /// Findings about data disks: files without records and the reverse,

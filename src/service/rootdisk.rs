@@ -3,7 +3,7 @@
 //! 2. an existing `vms/{id}/root.qcow2`, used as is;
 //! 3. its own `boot_disk`, else `VMAN_DEFAULT_BOOT_DISK` when the file
 //!    exists, copied (or overlaid) into `root.qcow2`;
-//! 4. a new empty 10 GB qcow2.
+//! 4. a new empty 10 GiB qcow2.
 //!
 //! Only the precedence lives here; every image used (the explicit disk, an
 //! existing root disk, the boot disk or default copied from, and the root
@@ -18,15 +18,13 @@ use std::path::{Path, PathBuf};
 
 use super::ServiceError;
 use crate::config::{BootDiskMode, Config};
-use crate::model::{RootDiskSource, Vm};
+use crate::model::{RootDiskSource, Vm, GIB};
 use crate::operator::image::{self, Chain, ImageError, ImageFormat, ImagePolicy, Provision, Top};
 use crate::operator::qemu::VmPaths;
 use crate::operator::vm::LaunchError;
 
 /// Size of the root disk made when there is nothing to copy.
-pub const EMPTY_ROOT_BYTES: u64 = 10 * crate::model::GIB;
-
-const GB: u64 = crate::model::GIB;
+pub const EMPTY_ROOT_BYTES: u64 = 10 * GIB;
 
 #[derive(Debug, Clone)]
 pub struct RootDisk {
@@ -126,7 +124,7 @@ pub fn choose(
             .map_err(refused)?;
         return Ok(RootDisk::new(RootDiskSource::Existing, chain));
     }
-    let grow_to = vm.template.disk_size_gb.map(|gb| gb * GB);
+    let grow_to = vm.template.disk_size_gb.map(|gb| gb * GIB);
     let source = match (&vm.boot_disk, &config.default_boot_disk) {
         (Some(own), _) => {
             let chain = policy
@@ -167,9 +165,9 @@ pub fn choose(
         let size = grow_to.unwrap_or(0).max(EMPTY_ROOT_BYTES);
         image::create_empty(qemu_img, &paths.root, size).map_err(failed)?;
         tracing::info!(
-            "vm {}: no boot disk to copy; created an empty {} GB root disk {}",
+            "vm {}: no boot disk to copy; created an empty {} GiB root disk {}",
             vm.id,
-            size / GB,
+            size / GIB,
             paths.root.display()
         );
         return made(RootDiskSource::Empty);

@@ -7,11 +7,12 @@
 
 use std::collections::HashMap;
 
+use super::Issue;
 use super::{Service, ServiceError};
 use crate::model::{Name, Vm};
-use crate::observer::Issue;
 use crate::operator::image::ImageError;
 use crate::store::{StoreError, VmRuntime};
+use crate::sync::LockExt;
 
 /// The detail of a 507.
 pub(crate) const NO_SPACE: &str =
@@ -65,7 +66,7 @@ impl Service {
     }
 
     fn unrecorded_map(&self) -> std::sync::MutexGuard<'_, HashMap<Name, VmRuntime>> {
-        self.unrecorded.lock().unwrap_or_else(|p| p.into_inner())
+        self.unrecorded.lock_or_recover()
     }
 
     /// The change `record_after` could not write for this VM, if any.

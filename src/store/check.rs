@@ -10,6 +10,7 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 
 use super::{reserve::Reserve, Store, StoreError};
+use crate::sync::LockExt;
 
 /// How much of the file is read before it is trusted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -260,7 +261,7 @@ impl Store {
             Some(f) => Some(f),
             None => take_lock(path, opts.lock)?,
         };
-        *store.lock.lock().unwrap_or_else(|p| p.into_inner()) = held;
+        *store.lock.lock_or_recover() = held;
         Ok(store)
     }
 
@@ -281,7 +282,7 @@ impl Store {
             }
             Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
                 let msg = err.to_string();
-                let mut trouble = self.trouble.lock().unwrap_or_else(|p| p.into_inner());
+                let mut trouble = self.trouble.lock_or_recover();
                 if trouble.is_none() {
                     tracing::error!(
                         "the database is damaged ({msg}); stop vman and restore a backup \
@@ -297,16 +298,13 @@ impl Store {
 
     /// The first damage any query met, if one did.
     pub fn trouble(&self) -> Option<String> {
-        self.trouble
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.trouble.lock_or_recover().clone()
     }
 
     /// Moves every committed page from the WAL into the database file and
     /// empties the WAL (graceful shutdown).
     pub fn checkpoint(&self) -> Result<(), StoreError> {
-        let conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let conn = self.writer.lock_or_recover();
         let (busy, log, done): (i64, i64, i64) = conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))

@@ -7,8 +7,8 @@
 use rusqlite::OptionalExtension;
 
 use super::{Store, StoreError};
+use crate::model::ImageFormat;
 use crate::model::Name;
-use crate::operator::image::ImageFormat;
 
 /// A data disk as recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,6 +6,26 @@
 //! Schema changes are the numbered files in `migrations/`, applied in order
 //! at open and tracked in `PRAGMA user_version`.
 
+/// The one list of a template's columns, in the order `template_row_at`
+/// reads them, each with the table prefix `$t` (`""` or `"t."`). Defined
+/// before the submodules so they can use it.
+macro_rules! template_columns {
+    ($t:literal) => {
+        concat!(
+            $t,
+            "name, ",
+            $t,
+            "cpu_count, ",
+            $t,
+            "ram_mib, ",
+            $t,
+            "disk_size_gb, ",
+            $t,
+            "created_at"
+        )
+    };
+}
+
 mod check;
 mod disks;
 mod reserve;
@@ -17,6 +37,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use crate::model::{Name, Template};
+use crate::sync::LockExt;
 
 pub use check::{backup, CheckLevel, Holdings, Lock, OpenOptions};
 pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
@@ -128,9 +149,7 @@ impl Store {
                 return f(&conn).map_err(|e| self.classify(e));
             }
         }
-        let conn = self.readers[start % self.readers.len()]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let conn = self.readers[start % self.readers.len()].lock_or_recover();
         f(&conn).map_err(|e| self.classify(e))
     }
 
@@ -139,7 +158,7 @@ impl Store {
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let mut conn = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut conn = self.writer.lock_or_recover();
         let done = (|| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let out = f(&tx)?;
@@ -169,8 +188,11 @@ impl Store {
     pub fn insert_template(&self, t: &Template) -> Result<(), StoreError> {
         self.write(|tx| {
             let n = tx.execute(
-                "INSERT INTO templates (name, cpu_count, ram_mib, disk_size_gb, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(name) DO NOTHING",
+                concat!(
+                    "INSERT INTO templates (",
+                    template_columns!(""),
+                    ") VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(name) DO NOTHING"
+                ),
                 rusqlite::params![
                     t.name.as_str(),
                     t.cpu_count,
@@ -189,9 +211,11 @@ impl Store {
 
     pub fn list_templates(&self) -> Result<Vec<Template>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT name, cpu_count, ram_mib, disk_size_gb, created_at FROM templates ORDER BY name",
-            )?;
+            let mut stmt = c.prepare_cached(concat!(
+                "SELECT ",
+                template_columns!(""),
+                " FROM templates ORDER BY name"
+            ))?;
             let rows = stmt.query_map([], template_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
@@ -199,9 +223,11 @@ impl Store {
 
     pub fn get_template(&self, name: &Name) -> Result<Template, StoreError> {
         self.read(|c| {
-            c.prepare_cached(
-                "SELECT name, cpu_count, ram_mib, disk_size_gb, created_at FROM templates WHERE name = ?1",
-            )?
+            c.prepare_cached(concat!(
+                "SELECT ",
+                template_columns!(""),
+                " FROM templates WHERE name = ?1"
+            ))?
             .query_row([name.as_str()], template_row)
             .optional()?
             .ok_or(StoreError::NotFound)
@@ -228,12 +254,18 @@ impl Store {
 }
 
 fn template_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Template> {
+    template_row_at(r, 0)
+}
+
+/// A template read from the columns `template_columns!` lists, the first
+/// at index `at`.
+fn template_row_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Template> {
     Ok(Template {
-        name: Name::from_trusted(r.get(0)?),
-        cpu_count: r.get(1)?,
-        ram_mib: r.get(2)?,
-        disk_size_gb: r.get(3)?,
-        created_at: r.get(4)?,
+        name: Name::from_trusted(r.get(at)?),
+        cpu_count: r.get(at + 1)?,
+        ram_mib: r.get(at + 2)?,
+        disk_size_gb: r.get(at + 3)?,
+        created_at: r.get(at + 4)?,
     })
 }
 

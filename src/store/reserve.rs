@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use super::{Store, StoreError};
+use crate::sync::LockExt;
 
 pub(super) struct Reserve {
     path: Option<PathBuf>,
@@ -44,7 +45,7 @@ impl Reserve {
     }
 
     fn missing(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.missing.lock().unwrap_or_else(|p| p.into_inner())
+        self.missing.lock_or_recover()
     }
 }
 

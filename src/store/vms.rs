@@ -2,7 +2,7 @@
 
 use rusqlite::OptionalExtension;
 
-use super::{template_row, Store, StoreError};
+use super::{template_row, template_row_at, Store, StoreError};
 use crate::model::{ImageFormat, Metadata, MetadataPatch, Name, RootDiskSource, Vm, VmState};
 
 /// What POST /vms records.
@@ -29,11 +29,13 @@ pub struct VmRuntime {
     pub root_disk_format: Option<ImageFormat>,
 }
 
-const VM_SELECT: &str = "SELECT v.id, v.state, v.local_ip, v.qcow2_path, v.boot_disk,
+const VM_SELECT: &str = concat!(
+    "SELECT v.id, v.state, v.local_ip, v.qcow2_path, v.boot_disk,
         v.root_disk_source, v.root_disk_path, v.root_disk_size, v.pid, v.last_error,
-        v.created_at, v.updated_at, v.qcow2_path_format, v.boot_disk_format, v.root_disk_format,
-        t.name, t.cpu_count, t.ram_mib, t.disk_size_gb, t.created_at
-    FROM vms v JOIN templates t ON t.name = v.template_name";
+        v.created_at, v.updated_at, v.qcow2_path_format, v.boot_disk_format, v.root_disk_format, ",
+    template_columns!("t."),
+    " FROM vms v JOIN templates t ON t.name = v.template_name"
+);
 
 fn vm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Vm> {
     let state: String = r.get(1)?;
@@ -63,16 +65,6 @@ fn vm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Vm> {
     })
 }
 
-fn template_row_at(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<crate::model::Template> {
-    Ok(crate::model::Template {
-        name: Name::from_trusted(r.get(at)?),
-        cpu_count: r.get(at + 1)?,
-        ram_mib: r.get(at + 2)?,
-        disk_size_gb: r.get(at + 3)?,
-        created_at: r.get(at + 4)?,
-    })
-}
-
 impl Store {
     /// Records a new stopped VM. `AlreadyExists` when the id is taken,
     /// `TemplateMissing` when the template is not there (checked in the same
@@ -81,7 +73,11 @@ impl Store {
         self.write(|tx| {
             let template = tx
                 .query_row(
-                    "SELECT name, cpu_count, ram_mib, disk_size_gb, created_at FROM templates WHERE name = ?1",
+                    concat!(
+                        "SELECT ",
+                        template_columns!(""),
+                        " FROM templates WHERE name = ?1"
+                    ),
                     [new.template.as_str()],
                     template_row,
                 )

@@ -12,8 +12,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::qemu_img::absolute;
-use super::{io_err, ImageError};
+use super::{absolute, io_err, ImageError};
 
 /// Bytes per `copy_file_range` call; each chunk's writeback is started at
 /// once so the final fsync has little left to do (measured best at 4-32 MiB).

@@ -93,6 +93,11 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ImageError {
     move |source| ImageError::Io { what, source }
 }
 
+/// An absolute path, so that qemu never reads `name:rest` as a protocol.
+fn absolute(path: &std::path::Path) -> Result<PathBuf, ImageError> {
+    std::path::absolute(path).map_err(io_err(format!("cannot make {} absolute", path.display())))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ImageInfo {
     pub format: ImageFormat,

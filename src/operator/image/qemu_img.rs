@@ -6,13 +6,13 @@
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use serde::Deserialize;
 
 use super::atomic::{read_full_at, remove_stale_partials, split_dest, Partial};
-use super::{io_err, round_up_sector, ImageError, ImageFormat, ImageInfo, SECTOR};
+use super::{absolute, io_err, round_up_sector, ImageError, ImageFormat, ImageInfo, SECTOR};
 
 /// The part of `qemu-img info --output=json` we read.
 #[derive(Deserialize)]
@@ -124,11 +124,6 @@ pub(super) fn qemu_img_do(
             action: action.to_string(),
             detail,
         })
-}
-
-/// An absolute path, so that qemu never reads `name:rest` as a protocol.
-pub(super) fn absolute(path: &Path) -> Result<PathBuf, ImageError> {
-    std::path::absolute(path).map_err(io_err(format!("cannot make {} absolute", path.display())))
 }
 
 /// `qemu-img info -U --output=json <path>`: the image's format and sizes.
