@@ -10,6 +10,7 @@ mod disks;
 mod health;
 mod lifecycle;
 mod observe;
+mod record;
 pub mod rootdisk;
 mod space;
 
@@ -109,7 +110,7 @@ pub struct Service {
     observer: Mutex<crate::observer::Report>,
     /// State changes that happened but could not be recorded (full disk);
     /// the observer records them (`space.rs`).
-    unrecorded: Mutex<HashMap<Name, crate::store::VmRuntime>>,
+    unrecorded: Mutex<HashMap<Name, (crate::model::VmEvent, record::Detail)>>,
 }
 
 impl Service {

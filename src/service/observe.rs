@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
+use super::record::Detail;
 use super::Service;
-use crate::model::{Name, VmState};
+use crate::model::{Name, VmEvent, VmState};
 use crate::observer::{Issue, Report};
-use crate::store::VmRuntime;
 
 impl Service {
     /// A QEMU of this VM runs: one vman manages, or one whose adoption is
@@ -43,22 +43,18 @@ impl Service {
         }
         // A stop or exit that could not be recorded (full disk) is recorded
         // as it happened; anything else is an error.
-        let pending = self.take_unrecorded(id);
-        let change = pending.clone().unwrap_or_else(|| VmRuntime {
-            state: Some(VmState::Error),
-            pid: Some(None),
-            last_error: Some(Some("QEMU process was gone (found by the observer)".into())),
-            ..Default::default()
+        // (`record` keeps it again when the disk is still full.)
+        let (event, detail) = self.take_unrecorded(id).unwrap_or_else(|| {
+            (
+                VmEvent::Gone,
+                Detail::error("QEMU process was gone (found by the observer)"),
+            )
         });
-        let repaired = self.store.reserved(|s| s.update_vm(id, &change));
-        if let (Err(_), Some(pending)) = (&repaired, pending) {
-            self.keep_unrecorded(id, pending);
-        }
-        match repaired {
-            Ok(_) => {
+        match self.record(id, event, detail) {
+            Ok(vm) => {
                 tracing::warn!(
                     "observer: vm {id} was recorded running without a QEMU; now recorded {}",
-                    change.state.map(|s| s.as_str()).unwrap_or("error")
+                    vm.state
                 );
                 true
             }
