@@ -136,6 +136,8 @@ impl Service {
             .ok()
             .and_then(|m| m.hostname)
             .unwrap_or_else(|| vm.id.to_string());
+        // Checked and planned only: moved slots are recorded once QEMU runs.
+        let boot = self.boot_disks(&vm.id)?;
         let spec = LaunchSpec {
             vm_id: vm.id.to_string(),
             hostname,
@@ -146,7 +148,7 @@ impl Service {
             root_chain: crate::operator::qemu::DiskFile::chain(&root.chain),
             hotplug_slots: self.config.hotplug_slots,
             sandbox: self.host.sandbox,
-            data_disks: self.boot_disks(&vm.id)?,
+            data_disks: boot.disks,
         };
         if root.pin_qcow2_path.is_some() || root.pin_boot_disk.is_some() {
             self.store
@@ -175,6 +177,7 @@ impl Service {
             run.stop(true, Duration::ZERO).await;
             return Err(e.into());
         }
+        self.record_boot_moves(&vm.id, &boot.moves);
         tracing::info!(
             "vm {} started: pid {}, accel {}, root disk {} ({}); disk ready in {:.1} ms, QMP answered in {:.1} ms",
             vm.id,

@@ -6,6 +6,7 @@
 mod adoption;
 mod blocking;
 pub mod database;
+mod disk_plan;
 mod disks;
 mod health;
 mod lifecycle;
