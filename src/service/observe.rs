@@ -43,14 +43,19 @@ impl Service {
         }
         // A stop or exit that could not be recorded (full disk) is recorded
         // as it happened; anything else is an error.
-        // (`record` keeps it again when the disk is still full.)
-        let (event, detail) = self.take_unrecorded(id).unwrap_or_else(|| {
+        let pending = self.take_unrecorded(id);
+        let (event, detail) = pending.clone().unwrap_or_else(|| {
             (
                 VmEvent::Gone,
                 Detail::error("QEMU process was gone (found by the observer)"),
             )
         });
-        match self.record(id, event, detail) {
+        let repaired = self.record(id, event, detail);
+        if let (Err(_), Some((event, detail))) = (&repaired, pending) {
+            // Tried again at the next pass.
+            self.keep_unrecorded(id, event, detail);
+        }
+        match repaired {
             Ok(vm) => {
                 tracing::warn!(
                     "observer: vm {id} was recorded running without a QEMU; now recorded {}",
