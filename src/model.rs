@@ -91,15 +91,55 @@ pub enum VmState {
     Error,
 }
 
-/// What is being done to a VM; the transition table says where it may go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What happened to a VM; the transition table (`VmState::next`) says
+/// which state it leads to. Every write of a VM's state is one of these,
+/// recorded by `Service::record` (`service/record.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VmEvent {
     /// QEMU started and answered QMP.
     Started,
+    /// QEMU did not start (nothing runs).
+    Failed,
     /// QEMU is gone after a stop we asked for, or a clean guest power-off.
     Halted,
-    /// QEMU failed to start, or exited without being asked to.
-    Failed,
+    /// QEMU ended without being asked to: it crashed, or it was found gone
+    /// (at start-up, by the observer, before its adoption).
+    Gone,
+    /// A QEMU vman did not manage (adoption pending, or found by its
+    /// command line) was killed by pid.
+    Killed,
+    /// A running QEMU vman did not start was taken over (it answered QMP).
+    Adopted,
+    /// A running QEMU vman did not start does not answer QMP yet; it is
+    /// recorded running while adoption is retried.
+    AdoptionPending,
+}
+
+impl VmEvent {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Started => "started",
+            Self::Failed => "failed",
+            Self::Halted => "halted",
+            Self::Gone => "gone",
+            Self::Killed => "killed",
+            Self::Adopted => "adopted",
+            Self::AdoptionPending => "adoption pending",
+        }
+    }
+
+    /// The event records that a QEMU already ended: its write must land
+    /// even on a full disk (through the database's space reserve), or the
+    /// VM would stay recorded `running`.
+    pub fn records_an_end(self) -> bool {
+        matches!(self, Self::Halted | Self::Gone | Self::Killed)
+    }
+}
+
+impl fmt::Display for VmEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl VmState {
@@ -122,18 +162,22 @@ impl VmState {
 
     /// The transition table. `None` means the event makes no sense in this
     /// state (for example starting a running VM), which the service reports
-    /// as a 400 to the caller.
+    /// as a refused transition.
     pub fn next(self, event: VmEvent) -> Option<Self> {
-        use VmEvent::{Failed, Halted, Started};
+        use VmEvent::{Adopted, AdoptionPending, Failed, Gone, Halted, Killed, Started};
         use VmState::{Error, Running, Stopped};
         match (self, event) {
             (Stopped | Error, Started) => Some(Running),
-            (Running | Error, Halted) => Some(Stopped),
-            (Running, Failed) => Some(Error),
             // A start that fails leaves a stopped VM in error, so the user
             // sees `last_error`; an errored VM can be started again.
             (Stopped | Error, Failed) => Some(Error),
-            (Running, Started) | (Stopped, Halted) => None,
+            (Running | Error, Halted) => Some(Stopped),
+            (Running, Gone) => Some(Error),
+            // An unmanaged QEMU can run whatever the record says.
+            (_, Killed) => Some(Stopped),
+            // A QEMU found running is the VM's, whatever the record says.
+            (_, Adopted | AdoptionPending) => Some(Running),
+            (Running, Started | Failed) | (Stopped, Halted) | (Stopped | Error, Gone) => None,
         }
     }
 }
@@ -191,16 +235,49 @@ mod tests {
 
     #[test]
     fn transition_table() {
-        use VmEvent::{Failed, Halted, Started};
+        use VmEvent::*;
         use VmState::{Error, Running, Stopped};
-        assert_eq!(Stopped.next(Started), Some(Running));
-        assert_eq!(Running.next(Started), None);
-        assert_eq!(Stopped.next(Halted), None);
-        assert_eq!(Running.next(Halted), Some(Stopped));
-        assert_eq!(Running.next(Failed), Some(Error));
-        assert_eq!(Error.next(Started), Some(Running));
-        assert_eq!(Error.next(Halted), Some(Stopped));
-        assert_eq!(Stopped.next(Failed), Some(Error));
+        let table = [
+            // (from, event, to)
+            (Stopped, Started, Some(Running)),
+            (Error, Started, Some(Running)),
+            (Running, Started, None),
+            (Stopped, Failed, Some(Error)),
+            (Error, Failed, Some(Error)),
+            (Running, Failed, None),
+            (Running, Halted, Some(Stopped)),
+            (Error, Halted, Some(Stopped)),
+            (Stopped, Halted, None),
+            (Running, Gone, Some(Error)),
+            (Stopped, Gone, None),
+            (Error, Gone, None),
+            (Running, Killed, Some(Stopped)),
+            (Stopped, Killed, Some(Stopped)),
+            (Error, Killed, Some(Stopped)),
+            (Running, Adopted, Some(Running)),
+            (Stopped, Adopted, Some(Running)),
+            (Error, Adopted, Some(Running)),
+            (Running, AdoptionPending, Some(Running)),
+            (Stopped, AdoptionPending, Some(Running)),
+            (Error, AdoptionPending, Some(Running)),
+        ];
+        for (from, event, to) in table {
+            assert_eq!(from.next(event), to, "{from} + {event}");
+        }
+        // Every (state, event) pair is in the table above.
+        assert_eq!(table.len(), 3 * 7);
+    }
+
+    #[test]
+    fn only_events_that_record_an_end_use_the_space_reserve() {
+        use VmEvent::*;
+        for e in [Halted, Gone, Killed] {
+            assert!(e.records_an_end(), "{e}");
+            assert_ne!(VmState::Running.next(e), Some(VmState::Running));
+        }
+        for e in [Started, Failed, Adopted, AdoptionPending] {
+            assert!(!e.records_an_end(), "{e}");
+        }
     }
 
     #[test]

@@ -13,11 +13,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::record::Detail;
 use super::{Reason, Service, ServiceError};
-use crate::model::{Name, VmState};
+use crate::model::{Name, VmEvent, VmState};
 use crate::operator::vm::{self, AdoptError, Running};
 use crate::operator::{leftovers, process};
-use crate::store::VmRuntime;
 use crate::sync::LockExt;
 
 /// How long one adoption attempt waits for QMP to answer.
@@ -87,16 +87,7 @@ impl Service {
                 // No live process has this VM's command line: its files
                 // belong to nobody.
                 vm::remove_runtime_files(&paths);
-                let written = self.store.update_vm(
-                    id,
-                    &VmRuntime {
-                        state: Some(VmState::Error),
-                        pid: Some(None),
-                        last_error: Some(Some(msg)),
-                        ..Default::default()
-                    },
-                );
-                if let Err(e) = written {
+                if let Err(e) = self.record(id, VmEvent::Gone, Detail::error(msg)) {
                     tracing::error!("vm {id}: cannot record that its QEMU is gone: {e}");
                 }
             }
@@ -135,15 +126,7 @@ impl Service {
         tracing::info!("vm {id}: adopted running QEMU pid {}", run.pid);
         self.set_pending(id, None);
         self.memory.lock_or_recover().insert(id.clone(), ram_mib);
-        self.store.update_vm(
-            id,
-            &VmRuntime {
-                state: Some(VmState::Running),
-                pid: Some(Some(i64::from(run.pid))),
-                last_error: Some(None),
-                ..Default::default()
-            },
-        )?;
+        self.record(id, VmEvent::Adopted, Detail::pid(run.pid))?;
         self.register(id.clone(), run);
         Ok(())
     }
@@ -160,18 +143,11 @@ impl Service {
         tracing::warn!("vm {id}: {why}; adoption pending, retried every {RETRY_EVERY:?}");
         self.memory.lock_or_recover().insert(id.clone(), ram_mib);
         let first = self.set_pending(id, Some(pid)) != Some(pid);
-        self.store.update_vm(
-            id,
-            &VmRuntime {
-                state: Some(VmState::Running),
-                pid: Some(Some(i64::from(pid))),
-                last_error: Some(Some(format!(
-                    "adoption pending: QEMU pid {pid} runs but is unresponsive ({why}); \
-                     vman retries, and stop or delete end it"
-                ))),
-                ..Default::default()
-            },
-        )?;
+        let detail = Detail::pid(pid).with_error(format!(
+            "adoption pending: QEMU pid {pid} runs but is unresponsive ({why}); \
+             vman retries, and stop or delete end it"
+        ));
+        self.record(id, VmEvent::AdoptionPending, detail)?;
         if first {
             let service = self.clone();
             let id = id.clone();
@@ -245,17 +221,11 @@ impl Service {
                 Err(AdoptError::NoQmp { .. }) => continue,
                 Ok(_) | Err(AdoptError::Gone(_)) => {
                     self.forget_pending(&id);
-                    let _ = self.store.update_vm(
-                        &id,
-                        &VmRuntime {
-                            state: Some(VmState::Error),
-                            pid: Some(None),
-                            last_error: Some(Some(format!(
-                                "QEMU pid {pid} exited before vman could adopt it"
-                            ))),
-                            ..Default::default()
-                        },
-                    );
+                    let gone =
+                        Detail::error(format!("QEMU pid {pid} exited before vman could adopt it"));
+                    if let Err(e) = self.record(&id, VmEvent::Gone, gone) {
+                        tracing::error!("vm {id}: cannot record that its QEMU is gone: {e}");
+                    }
                     tracing::warn!("vm {id}: QEMU pid {pid} exited before it was adopted");
                     return;
                 }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::blocking::blocking;
+use super::disk_plan::{self, DiskAction};
 use super::{missing, Reason, Service, ServiceError};
 use crate::model::{Name, VmState, GIB};
 use crate::operator::hotplug::{self, HotplugError, Plug};
@@ -24,6 +25,14 @@ use crate::operator::qemu::{BootDisk, DiskFile};
 use crate::operator::vm::Running;
 use crate::store::{Disk, DiskClaim, DiskDelete, NewDisk, StoreError};
 use crate::sync::LockExt;
+
+/// The cold-attached disks a VM boots with, and the disks that move to
+/// another slot (recorded once QEMU runs).
+#[derive(Debug, Default)]
+pub(crate) struct BootPlan {
+    pub disks: Vec<BootDisk>,
+    pub moves: Vec<(Name, u8)>,
+}
 
 /// Linux reads at most this many bytes of a virtio-blk serial, so the guest
 /// names the disk `/dev/disk/by-id/virtio-<first 20 bytes of the id>`.
@@ -475,14 +484,13 @@ impl Service {
         self.get_disk(id).await
     }
 
-    /// The data disks a VM boots with (cold attach), for `launch`. A disk on
-    /// a slot the VM no longer has (VMAN_HOTPLUG_SLOTS lowered) moves to a
-    /// free one. Call under the VM lock.
-    pub(crate) fn boot_disks(&self, vm: &Name) -> Result<Vec<BootDisk>, ServiceError> {
+    /// The data disks a VM boots with (cold attach), for `launch`, with
+    /// their files checked and open. A disk on a slot the VM no longer has
+    /// (VMAN_HOTPLUG_SLOTS lowered) moves to a free one
+    /// (`disk_plan::boot_slots`); nothing is written here: `launch` records
+    /// the moves once QEMU runs (`record_boot_moves`). Call under the VM lock.
+    pub(crate) fn boot_disks(&self, vm: &Name) -> Result<BootPlan, ServiceError> {
         let disks = self.store.disks_of_vm(vm)?;
-        let mut used: HashSet<u8> = HashSet::new();
-        let mut moved = Vec::new();
-        let mut out = Vec::with_capacity(disks.len());
         let mut files = std::collections::HashMap::new();
         for d in &disks {
             let chain = check_file_of(&self.host.images, d, true).map_err(|e| {
@@ -492,38 +500,46 @@ impl Service {
                 ))
             })?;
             files.insert(d.id.clone(), DiskFile::chain(&chain));
-            let slot = d.attachment.as_ref().map_or(u8::MAX, |(_, s)| *s);
-            if slot < self.config.hotplug_slots && used.insert(slot) {
-                out.push((d, slot));
-            } else {
-                moved.push(d);
+        }
+        let recorded: Vec<_> = disks
+            .iter()
+            .map(|d| (d.id.clone(), d.attachment.as_ref().map(|(_, s)| *s)))
+            .collect();
+        let placed =
+            disk_plan::boot_slots(&recorded, self.config.hotplug_slots).map_err(|too_many| {
+                Reason::NoFreeSlot.refuse(format!(
+                    "VM {vm} has {} data disks but only {} hot-plug slots (VMAN_HOTPLUG_SLOTS)",
+                    too_many.disks, too_many.slots
+                ))
+            })?;
+        let mut plan = BootPlan::default();
+        for p in placed {
+            if p.moved {
+                plan.moves.push((p.id.clone(), p.slot));
+            }
+            if let Some(file) = files.remove(&p.id).and_then(|f| f.into_iter().next()) {
+                plan.disks.push(BootDisk {
+                    id: p.id.to_string(),
+                    file,
+                    slot: p.slot,
+                });
             }
         }
-        for d in moved {
-            let slot = (0..self.config.hotplug_slots)
-                .find(|s| !used.contains(s))
-                .ok_or_else(|| {
-                    Reason::NoFreeSlot.refuse(format!(
-                        "VM {vm} has {} data disks but only {} hot-plug slots (VMAN_HOTPLUG_SLOTS)",
-                        disks.len(),
-                        self.config.hotplug_slots
-                    ))
-                })?;
-            used.insert(slot);
-            self.store.set_disk_attachment(&d.id, vm, slot)?;
-            out.push((d, slot));
+        Ok(plan)
+    }
+
+    /// Records the slots disks moved to at boot, once QEMU runs with them
+    /// there. A failure is only logged: the start-up reconciliation records
+    /// what QEMU has plugged.
+    pub(crate) fn record_boot_moves(&self, vm: &Name, moves: &[(Name, u8)]) {
+        for (id, slot) in moves {
+            match self.store.set_disk_attachment(id, vm, *slot) {
+                Ok(()) => tracing::info!("vm {vm}: disk {id} moved to hp{slot}"),
+                Err(e) => tracing::warn!(
+                    "vm {vm}: disk {id} runs on hp{slot} but cannot be recorded there: {e}"
+                ),
+            }
         }
-        Ok(out
-            .into_iter()
-            .filter_map(|(d, slot)| {
-                let file = files.remove(&d.id)?.into_iter().next()?;
-                Some(BootDisk {
-                    id: d.id.to_string(),
-                    file,
-                    slot,
-                })
-            })
-            .collect())
     }
 
     /// For start-up recovery, after the running VMs were adopted: makes the
@@ -559,80 +575,107 @@ impl Service {
         let plugged = hotplug::plugged(&run.qmp)
             .await
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
-        let mut seen = HashSet::new();
+        let mut facts = Vec::with_capacity(plugged.len());
         for p in &plugged {
             let Ok(id) = Name::parse("id", &p.disk_id) else {
                 continue;
             };
-            seen.insert(id.clone());
-            match self.store.get_disk(&id) {
-                Ok(d) => match (&d.attachment, p.slot) {
-                    (Some((owner, slot)), Some(s)) if owner == vm && *slot == s => {
-                        tracing::info!("vm {vm}: disk {id} confirmed plugged on hp{s}");
+            let record = match self.store.get_disk(&id) {
+                Ok(d) => Some(d.attachment),
+                Err(StoreError::NotFound) => None,
+                Err(e) => return Err(e.into()),
+            };
+            facts.push(disk_plan::Plugged {
+                id,
+                slot: p.slot,
+                record,
+            });
+        }
+        let disks = self.store.disks_of_vm(vm)?;
+        let recorded: Vec<_> = disks
+            .iter()
+            .map(|d| (d.id.clone(), d.attachment.as_ref().map(|(_, s)| *s)))
+            .collect();
+        for action in disk_plan::reconcile(vm, &facts, &recorded) {
+            match action {
+                DiskAction::Confirmed { id, slot } => {
+                    tracing::info!("vm {vm}: disk {id} confirmed plugged on hp{slot}");
+                }
+                DiskAction::Record { id, slot, was } => {
+                    self.store.set_disk_attachment(&id, vm, slot)?;
+                    match was {
+                        None => tracing::warn!(
+                            "vm {vm}: QEMU has disk {id} plugged on hp{slot}; recorded it attached"
+                        ),
+                        Some(_) => {
+                            tracing::info!("vm {vm}: disk {id} confirmed plugged, on hp{slot}")
+                        }
                     }
-                    (None, Some(s)) => {
-                        self.store.set_disk_attachment(&id, vm, s)?;
-                        tracing::warn!(
-                            "vm {vm}: QEMU has disk {id} plugged on hp{s}; recorded it attached"
-                        );
-                    }
-                    (Some((owner, _)), Some(s)) if owner == vm => {
-                        self.store.set_disk_attachment(&id, vm, s)?;
-                        tracing::info!("vm {vm}: disk {id} confirmed plugged, on hp{s}");
-                    }
-                    (other, _) => tracing::warn!(
-                        "vm {vm}: QEMU has disk {id} plugged (slot {:?}) but it is recorded {}",
-                        p.slot,
-                        other
-                            .as_ref()
-                            .map_or("detached".to_owned(), |(o, _)| format!("attached to {o}"))
-                    ),
-                },
-                Err(StoreError::NotFound) => {
+                }
+                DiskAction::Conflict {
+                    id,
+                    slot,
+                    recorded_on,
+                } => tracing::warn!(
+                    "vm {vm}: QEMU has disk {id} plugged (slot {slot:?}) but it is recorded {}",
+                    recorded_on.map_or("detached".to_owned(), |o| format!("attached to {o}"))
+                ),
+                DiskAction::Unknown { id } => {
                     tracing::warn!("vm {vm}: QEMU has a disk {id} vman has no record of")
                 }
-                Err(e) => return Err(e.into()),
+                DiskAction::Missing { id, slot } => {
+                    if let Some(d) = disks.iter().find(|d| d.id == id) {
+                        self.replug_or_finish_detach(vm, run, d, slot).await?;
+                    }
+                }
             }
         }
-        for d in self.store.disks_of_vm(vm)? {
-            if seen.contains(&d.id) {
-                continue;
-            }
-            let id = d.id.as_str();
-            let leftover = hotplug::has_nodes(&run.qmp, id)
+        Ok(())
+    }
+
+    /// A disk recorded attached to `vm` that QEMU does not have plugged:
+    /// when only its block nodes are left (the guest released it while vman
+    /// was down) its detach is completed, else it is plugged again.
+    async fn replug_or_finish_detach(
+        &self,
+        vm: &Name,
+        run: &Running,
+        d: &Disk,
+        slot: u8,
+    ) -> Result<(), ServiceError> {
+        let id = d.id.as_str();
+        let leftover = hotplug::has_nodes(&run.qmp, id)
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        if leftover {
+            hotplug::remove_nodes(&run.qmp, id)
                 .await
                 .map_err(|e| ServiceError::Internal(e.to_string()))?;
-            if leftover {
-                hotplug::remove_nodes(&run.qmp, id)
-                    .await
-                    .map_err(|e| ServiceError::Internal(e.to_string()))?;
-                self.store.release_disk(&d.id, vm)?;
-                tracing::warn!(
-                    "vm {vm}: the guest released disk {id} while vman was down; detach completed"
-                );
-                continue;
-            }
-            let slot = d.attachment.as_ref().map_or(0, |(_, s)| *s);
-            let plug = Plug {
-                id,
-                path: Path::new(&d.path),
-                format: d.format,
-                slot,
-            };
-            let replug = match check_file_of(&self.host.images, &d, false) {
-                Ok(_) => hotplug::attach(&run.qmp, &plug)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            match replug {
-                Ok(()) => tracing::warn!(
-                    "vm {vm}: disk {id} was recorded attached but not plugged; plugged it on hp{slot}"
-                ),
-                Err(e) => tracing::warn!(
-                    "vm {vm}: disk {id} is recorded attached but QEMU does not have it, and plugging it failed: {e}"
-                ),
-            }
+            self.store.release_disk(&d.id, vm)?;
+            tracing::warn!(
+                "vm {vm}: the guest released disk {id} while vman was down; detach completed"
+            );
+            return Ok(());
+        }
+        let plug = Plug {
+            id,
+            path: Path::new(&d.path),
+            format: d.format,
+            slot,
+        };
+        let replug = match check_file_of(&self.host.images, d, false) {
+            Ok(_) => hotplug::attach(&run.qmp, &plug)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match replug {
+            Ok(()) => tracing::warn!(
+                "vm {vm}: disk {id} was recorded attached but not plugged; plugged it on hp{slot}"
+            ),
+            Err(e) => tracing::warn!(
+                "vm {vm}: disk {id} is recorded attached but QEMU does not have it, and plugging it failed: {e}"
+            ),
         }
         Ok(())
     }

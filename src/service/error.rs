@@ -158,6 +158,9 @@ pub enum Reason {
     GuestDidNotRelease,
     /// A QMP step of hot-plugging, unplugging or resizing failed.
     HotplugFailed(HotplugError),
+    /// The VM's state does not allow this change (the transition table of
+    /// `VmState::next`), or another writer changed it meanwhile.
+    InvalidTransition,
 }
 
 impl Reason {
@@ -246,6 +249,7 @@ pub(crate) fn every_reason() -> Vec<Reason> {
         Reason::CannotShrink,
         Reason::GuestDidNotRelease,
         Reason::HotplugFailed(HotplugError::NotReleased(3)),
+        Reason::InvalidTransition,
     ];
     for r in &all {
         match r {
@@ -269,7 +273,8 @@ pub(crate) fn every_reason() -> Vec<Reason> {
             | Reason::NoFreeSlot
             | Reason::CannotShrink
             | Reason::GuestDidNotRelease
-            | Reason::HotplugFailed(_) => {}
+            | Reason::HotplugFailed(_)
+            | Reason::InvalidTransition => {}
         }
     }
     all

@@ -1,22 +1,24 @@
 //! Starting, stopping, restarting and deleting VMs, and taking over QEMU
 //! processes after a vman restart.
 //!
-//! Who writes a VM's state: `start` writes `running` (or `error` when QEMU
-//! would not start); `stop` writes `stopped` once the process is gone;
-//! `delete` removes the record before it kills the process (`space.rs`); the exit task writes `stopped`/`error` for an exit nobody asked for.
-//! All of them hold the VM's lock and check that the `Running` they act on
-//! is still the registered one, so a late writer never overwrites a newer
-//! state.
+//! Who writes a VM's state: only `Service::record` (`record.rs`), with the
+//! event that happened: `start` records `Started` (or `Failed` when QEMU
+//! would not start); `stop` records `Halted` once the process is gone (or
+//! `Killed` for a QEMU vman did not manage); the exit task records
+//! `Halted`/`Gone` for an exit nobody asked for; `delete` removes the record
+//! before it kills the process (`space.rs`). All of them hold the VM's lock
+//! and check that the `Running` they act on is still the registered one;
+//! `record` writes only if the state is still the one it read.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::record::Detail;
 use super::{missing, Reason, Service, ServiceError};
 use crate::model::{Name, StopMethod, VmEvent, VmState};
 use crate::operator::console;
 use crate::operator::qemu::{LaunchSpec, VmPaths};
 use crate::operator::vm::{self, with_console_tail, ExitInfo, Running};
-use crate::store::VmRuntime;
 use crate::sync::LockExt;
 
 /// What a stop did.
@@ -107,15 +109,9 @@ impl Service {
                 self.release_memory(id);
                 let reason = e.to_string();
                 tracing::warn!("vm {id}: start failed: {reason}");
-                let _ = self.store.update_vm(
-                    id,
-                    &VmRuntime {
-                        state: Some(VmState::Error),
-                        pid: Some(None),
-                        last_error: Some(Some(reason)),
-                        ..Default::default()
-                    },
-                );
+                if let Err(w) = self.record(id, VmEvent::Failed, Detail::error(reason)) {
+                    tracing::warn!("vm {id}: cannot record the failed start: {w}");
+                }
                 Err(e)
             }
         }
@@ -140,6 +136,8 @@ impl Service {
             .ok()
             .and_then(|m| m.hostname)
             .unwrap_or_else(|| vm.id.to_string());
+        // Checked and planned only: moved slots are recorded once QEMU runs.
+        let boot = self.boot_disks(&vm.id)?;
         let spec = LaunchSpec {
             vm_id: vm.id.to_string(),
             hostname,
@@ -150,7 +148,7 @@ impl Service {
             root_chain: crate::operator::qemu::DiskFile::chain(&root.chain),
             hotplug_slots: self.config.hotplug_slots,
             sandbox: self.host.sandbox,
-            data_disks: self.boot_disks(&vm.id)?,
+            data_disks: boot.disks,
             run_as: self.host.run_as.clone(),
             placement: self.host.cpu.placement(vm.id.as_str()),
         };
@@ -166,25 +164,22 @@ impl Service {
         )
         .await
         .map_err(|e| ServiceError::because(e, ToString::to_string))?;
-        let updated = self.store.update_vm(
-            &vm.id,
-            &VmRuntime {
-                state: Some(VmState::Running),
-                pid: Some(Some(i64::from(run.pid))),
-                last_error: Some(None),
-                root_disk: Some((
-                    root.source,
-                    root.path.to_string_lossy().into_owned(),
-                    root.virtual_size,
-                )),
-                root_disk_format: Some(root.format),
-            },
-        );
+        let started = Detail {
+            root_disk: Some((
+                root.source,
+                root.path.to_string_lossy().into_owned(),
+                root.virtual_size,
+                root.format,
+            )),
+            ..Detail::pid(run.pid)
+        };
+        let updated = self.record(&vm.id, VmEvent::Started, started);
         if let Err(e) = updated {
             // Without a record of it, the QEMU must not stay.
             run.stop(true, Duration::ZERO).await;
             return Err(e.into());
         }
+        self.record_boot_moves(&vm.id, &boot.moves);
         tracing::info!(
             "vm {} started: pid {}, accel {}, root disk {} ({}); disk ready in {:.1} ms, QMP answered in {:.1} ms",
             vm.id,
@@ -219,24 +214,18 @@ impl Service {
     }
 
     fn record_unexpected_exit(&self, id: &Name, run: &Running, info: &ExitInfo) {
-        let (state, error) = if info.clean() {
+        let (event, detail) = if info.clean() {
             tracing::info!("vm {id}: guest powered off ({})", info.status);
-            (VmState::Stopped, None)
+            (VmEvent::Halted, Detail::clear())
         } else {
             let msg = with_console_tail(
                 format!("QEMU exited unexpectedly ({})", info.status),
                 &run.paths,
             );
             tracing::warn!("vm {id}: {}", msg.lines().next().unwrap_or(""));
-            (VmState::Error, Some(msg))
+            (VmEvent::Gone, Detail::error(msg))
         };
-        let change = VmRuntime {
-            state: Some(state),
-            pid: Some(None),
-            last_error: Some(error),
-            ..Default::default()
-        };
-        if let Err(e) = self.record_after(id, change) {
+        if let Err(e) = self.record(id, event, detail) {
             tracing::error!("vm {id}: cannot record its exit: {e}");
         }
     }
@@ -253,15 +242,7 @@ impl Service {
             // An unresponsive (adoption pending) or unmanaged QEMU: by pid.
             return match self.kill_unmanaged(id).await? {
                 Some(_) => {
-                    self.store.update_vm(
-                        id,
-                        &VmRuntime {
-                            state: Some(VmState::Stopped),
-                            pid: Some(None),
-                            last_error: Some(None),
-                            ..Default::default()
-                        },
-                    )?;
+                    self.record(id, VmEvent::Killed, Detail::clear())?;
                     tracing::info!("vm {id} stopped by SIGKILL (its QEMU was not adopted)");
                     Ok(StopReport {
                         method: StopMethod::Killed,
@@ -277,13 +258,7 @@ impl Service {
             .await;
         let elapsed = started.elapsed();
         self.unregister(id, &run);
-        let change = VmRuntime {
-            state: Some(VmState::Stopped),
-            pid: Some(None),
-            last_error: Some(None),
-            ..Default::default()
-        };
-        self.record_after(id, change)?;
+        self.record(id, VmEvent::Halted, Detail::clear())?;
         tracing::info!(
             "vm {id} stopped by {method:?} in {:.0} ms",
             elapsed.as_secs_f64() * 1000.0

@@ -7,11 +7,13 @@ mod adoption;
 mod blocking;
 mod coherence;
 pub mod database;
+mod disk_plan;
 mod disks;
 mod error;
 mod health;
 mod lifecycle;
 mod observe;
+mod record;
 pub mod rootdisk;
 mod space;
 
@@ -76,7 +78,7 @@ pub struct Service {
     observer: Mutex<Report>,
     /// State changes that happened but could not be recorded (full disk);
     /// the observer records them (`space.rs`).
-    unrecorded: Mutex<HashMap<Name, crate::store::VmRuntime>>,
+    unrecorded: Mutex<HashMap<Name, (crate::model::VmEvent, record::Detail)>>,
 }
 
 impl Service {

@@ -4,10 +4,10 @@
 
 use std::sync::Arc;
 
+use super::record::Detail;
 use super::Service;
 use super::{Issue, Report};
-use crate::model::{Name, VmState};
-use crate::store::VmRuntime;
+use crate::model::{Name, VmEvent, VmState};
 use crate::sync::LockExt;
 
 impl Service {
@@ -43,21 +43,22 @@ impl Service {
         // A stop or exit that could not be recorded (full disk) is recorded
         // as it happened; anything else is an error.
         let pending = self.take_unrecorded(id);
-        let change = pending.clone().unwrap_or_else(|| VmRuntime {
-            state: Some(VmState::Error),
-            pid: Some(None),
-            last_error: Some(Some("QEMU process was gone (found by the observer)".into())),
-            ..Default::default()
+        let (event, detail) = pending.clone().unwrap_or_else(|| {
+            (
+                VmEvent::Gone,
+                Detail::error("QEMU process was gone (found by the observer)"),
+            )
         });
-        let repaired = self.store.reserved(|s| s.update_vm(id, &change));
-        if let (Err(_), Some(pending)) = (&repaired, pending) {
-            self.keep_unrecorded(id, pending);
+        let repaired = self.record(id, event, detail);
+        if let (Err(_), Some((event, detail))) = (&repaired, pending) {
+            // Tried again at the next pass.
+            self.keep_unrecorded(id, event, detail);
         }
         match repaired {
-            Ok(_) => {
+            Ok(vm) => {
                 tracing::warn!(
                     "observer: vm {id} was recorded running without a QEMU; now recorded {}",
-                    change.state.map(|s| s.as_str()).unwrap_or("error")
+                    vm.state
                 );
                 true
             }

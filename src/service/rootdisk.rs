@@ -94,6 +94,45 @@ pub fn check_user_image(
     })
 }
 
+/// Which root disk the precedence picks, from what is there (pure: the
+/// files are looked at by the caller).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pick<'a> {
+    /// The VM's explicit `qcow2_path`, used as is.
+    Explicit(&'a str),
+    /// The VM's existing `root.qcow2`, used as is.
+    Existing,
+    /// The VM's own `boot_disk`, copied into `root.qcow2`.
+    BootDisk(&'a str),
+    /// `VMAN_DEFAULT_BOOT_DISK`, copied into `root.qcow2`.
+    Default(&'a Path),
+    /// A new empty disk; `missing_default` names a default boot disk that
+    /// is configured but is not a file.
+    Empty { missing_default: Option<&'a Path> },
+}
+
+/// The precedence: explicit > existing > boot_disk > default > empty.
+/// `default` is the configured default boot disk and whether it is a file.
+pub(crate) fn pick<'a>(
+    explicit: Option<&'a str>,
+    existing: bool,
+    boot_disk: Option<&'a str>,
+    default: Option<(&'a Path, bool)>,
+) -> Pick<'a> {
+    match (explicit, existing, boot_disk, default) {
+        (Some(p), ..) => Pick::Explicit(p),
+        (None, true, ..) => Pick::Existing,
+        (None, false, Some(own), _) => Pick::BootDisk(own),
+        (None, false, None, Some((d, true))) => Pick::Default(d),
+        (None, false, None, Some((d, false))) => Pick::Empty {
+            missing_default: Some(d),
+        },
+        (None, false, None, None) => Pick::Empty {
+            missing_default: None,
+        },
+    }
+}
+
 pub fn choose(
     config: &Config,
     policy: &ImagePolicy,
@@ -101,7 +140,16 @@ pub fn choose(
     paths: &VmPaths,
 ) -> Result<RootDisk, ServiceError> {
     let qemu_img = &config.qemu_img;
-    if let Some(explicit) = &vm.qcow2_path {
+    let picked = pick(
+        vm.qcow2_path.as_deref(),
+        paths.root.exists(),
+        vm.boot_disk.as_deref(),
+        config
+            .default_boot_disk
+            .as_deref()
+            .map(|d| (d, d.is_file())),
+    );
+    if let Pick::Explicit(explicit) = picked {
         let chain = policy
             .open_chain(Path::new(explicit), Top::User, vm.qcow2_path_format, true)
             .map_err(field_refused("qcow2_path"))?;
@@ -111,7 +159,7 @@ pub fn choose(
         }
         return Ok(root);
     }
-    if paths.root.exists() {
+    if picked == Pick::Existing {
         // Pinned when vman made it or first used it.
         let canonical = paths.root.canonicalize().ok();
         let pinned = vm.root_disk_format.filter(|_| {
@@ -125,14 +173,14 @@ pub fn choose(
         return Ok(RootDisk::new(RootDiskSource::Existing, chain));
     }
     let grow_to = vm.template.disk_size_gb.map(|gb| gb * GIB);
-    let source = match (&vm.boot_disk, &config.default_boot_disk) {
-        (Some(own), _) => {
+    let source = match picked {
+        Pick::BootDisk(own) => {
             let chain = policy
                 .open_chain(Path::new(own), Top::User, vm.boot_disk_format, false)
                 .map_err(field_refused("boot_disk"))?;
             Some((RootDiskSource::BootDisk, chain))
         }
-        (None, Some(default)) if default.is_file() => {
+        Pick::Default(default) => {
             // Its format as found at start-up, when it is still that file.
             let pinned = policy.default_boot_disk().and_then(|(canonical, format)| {
                 format.filter(|_| default.canonicalize().ok().as_ref() == Some(&canonical))
@@ -142,14 +190,16 @@ pub fn choose(
                 .map_err(|e| ServiceError::because(e, |e| format!("default boot disk: {e}")))?;
             Some((RootDiskSource::Default, chain))
         }
-        (None, Some(default)) => {
+        Pick::Empty {
+            missing_default: Some(default),
+        } => {
             tracing::warn!(
                 "Default boot disk specified but not found: {}",
                 default.display()
             );
             None
         }
-        (None, None) => None,
+        Pick::Empty { .. } | Pick::Explicit(_) | Pick::Existing => None,
     };
     std::fs::create_dir_all(&paths.dir).map_err(|source| {
         let path = paths.dir.display().to_string();
@@ -300,6 +350,62 @@ mod tests {
             created_at: String::new(),
             updated_at: String::new(),
         }
+    }
+
+    #[test]
+    fn pick_follows_explicit_existing_boot_disk_default_empty() {
+        let d = Path::new("/img/default.qcow2");
+        let (x, b) = (Some("/img/x.qcow2"), Some("/img/b.qcow2"));
+        // Every combination: the first present source in the order wins.
+        for explicit in [None, x] {
+            for existing in [false, true] {
+                for boot in [None, b] {
+                    for default in [None, Some((d, false)), Some((d, true))] {
+                        let want = if let Some(p) = explicit {
+                            Pick::Explicit(p)
+                        } else if existing {
+                            Pick::Existing
+                        } else if let Some(p) = boot {
+                            Pick::BootDisk(p)
+                        } else if let Some((p, true)) = default {
+                            Pick::Default(p)
+                        } else {
+                            Pick::Empty {
+                                missing_default: default.map(|(p, _)| p),
+                            }
+                        };
+                        assert_eq!(
+                            pick(explicit, existing, boot, default),
+                            want,
+                            "{explicit:?} {existing} {boot:?} {default:?}"
+                        );
+                    }
+                }
+            }
+        }
+        // The named cases, spelled out.
+        assert_eq!(
+            pick(x, true, b, Some((d, true))),
+            Pick::Explicit("/img/x.qcow2")
+        );
+        assert_eq!(pick(None, true, b, Some((d, true))), Pick::Existing);
+        assert_eq!(
+            pick(None, false, b, Some((d, true))),
+            Pick::BootDisk("/img/b.qcow2")
+        );
+        assert_eq!(pick(None, false, None, Some((d, true))), Pick::Default(d));
+        assert_eq!(
+            pick(None, false, None, Some((d, false))),
+            Pick::Empty {
+                missing_default: Some(d)
+            }
+        );
+        assert_eq!(
+            pick(None, false, None, None),
+            Pick::Empty {
+                missing_default: None
+            }
+        );
     }
 
     fn choose_for(c: &Config, v: &Vm) -> Result<RootDisk, ServiceError> {

@@ -2,16 +2,19 @@
 //! a 500) and how it keeps the recorded state true. Writes that record what
 //! already happened (a QEMU gone after a stop, an exit, a deletion) go
 //! through `Store::reserved`, which gives up the database's space reserve
-//! on ENOSPC; a deletion is recorded before its QEMU is killed, so a full
-//! disk refuses it with nothing changed. The observer puts the reserve back.
+//! on ENOSPC (state writes: `record.rs`); a deletion is recorded before its
+//! QEMU is killed, so a full disk refuses it with nothing changed. The
+//! observer puts the reserve back, and records the state changes kept here
+//! that even the reserve could not hold.
 
 use std::collections::HashMap;
 
+use super::record::Detail;
 use super::Issue;
 use super::{Service, ServiceError};
-use crate::model::{Name, Vm};
+use crate::model::{Name, VmEvent};
 use crate::operator::image::ImageError;
-use crate::store::{StoreError, VmRuntime};
+use crate::store::StoreError;
 use crate::sync::LockExt;
 
 /// The detail of a 507.
@@ -21,10 +24,10 @@ pub(crate) const NO_SPACE: &str =
 
 /// The error of a state write that failed after the action was done (a
 /// QEMU already stopped): a 507 that says so, not "nothing was changed".
-fn unrecorded_error(id: &Name, e: StoreError) -> ServiceError {
+pub(super) fn unrecorded_error(id: &Name, event: VmEvent, e: StoreError) -> ServiceError {
     match e {
         StoreError::Full(why) => {
-            tracing::error!("vm {id}: stopped, but its state could not be recorded: {why}");
+            tracing::error!("vm {id}: {event}, but its state could not be recorded: {why}");
             ServiceError::NoSpace(format!(
                 "VM {id} is stopped, but no space is left on the storage to record it; \
                  free some space: the observer then records it"
@@ -47,36 +50,19 @@ pub(crate) fn image_no_space(e: &ImageError) -> bool {
 }
 
 impl Service {
-    /// Records what already happened to a VM's QEMU (stopped, exited). When
-    /// even the space reserve does not make room, the change is kept and the
-    /// observer records it once the database can be written again
-    /// (`settle_unrecorded`), so the VM is not left recorded `running`.
-    pub(crate) fn record_after(&self, id: &Name, change: VmRuntime) -> Result<Vm, ServiceError> {
-        match self.store.reserved(|s| s.update_vm(id, &change)) {
-            Ok(vm) => {
-                self.unrecorded_map().remove(id);
-                Ok(vm)
-            }
-            Err(e @ StoreError::Full(_)) => {
-                self.unrecorded_map().insert(id.clone(), change);
-                Err(unrecorded_error(id, e))
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    fn unrecorded_map(&self) -> std::sync::MutexGuard<'_, HashMap<Name, VmRuntime>> {
+    fn unrecorded_map(&self) -> std::sync::MutexGuard<'_, HashMap<Name, (VmEvent, Detail)>> {
         self.unrecorded.lock_or_recover()
     }
 
-    /// The change `record_after` could not write for this VM, if any.
-    pub(crate) fn take_unrecorded(&self, id: &Name) -> Option<VmRuntime> {
+    /// The event `record` could not write for this VM (full disk), if any.
+    pub(crate) fn take_unrecorded(&self, id: &Name) -> Option<(VmEvent, Detail)> {
         self.unrecorded_map().remove(id)
     }
 
-    /// Puts back a change the observer could not write either.
-    pub(crate) fn keep_unrecorded(&self, id: &Name, change: VmRuntime) {
-        self.unrecorded_map().entry(id.clone()).or_insert(change);
+    /// Keeps the last event that happened to a VM but could not be
+    /// recorded, for the observer (`repair_stale_running`).
+    pub(crate) fn keep_unrecorded(&self, id: &Name, event: VmEvent, detail: Detail) {
+        self.unrecorded_map().insert(id.clone(), (event, detail));
     }
 
     /// Records the deletion of a VM (and frees its disks) before anything

@@ -41,7 +41,7 @@ use crate::sync::LockExt;
 
 pub use check::{backup, CheckLevel, Holdings, Lock, OpenOptions};
 pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
-pub use vms::{NewVm, VmRuntime};
+pub use vms::{NewVm, VmRuntime, VmWrite};
 
 /// The migrations, in order. Index + 1 is the schema version they produce.
 const MIGRATIONS: &[&str] = &[

@@ -16,17 +16,25 @@ pub struct NewVm {
     pub boot_disk_format: Option<ImageFormat>,
 }
 
-/// The fields the operator and the observer change while a VM lives.
-#[derive(Debug, Clone, Default)]
+/// One write of a VM's state (`Service::record` builds it from an event):
+/// the state and pid are always written, and the error (`None` clears it).
+#[derive(Debug, Clone, PartialEq)]
 pub struct VmRuntime {
-    pub state: Option<VmState>,
-    /// `Some(None)` clears the pid.
-    pub pid: Option<Option<i64>>,
-    /// `Some(None)` clears the error.
-    pub last_error: Option<Option<String>>,
-    pub root_disk: Option<(RootDiskSource, String, u64)>,
-    /// The root disk's pinned format (written with `root_disk`).
-    pub root_disk_format: Option<ImageFormat>,
+    pub state: VmState,
+    pub pid: Option<i64>,
+    pub last_error: Option<String>,
+    /// The root disk QEMU was started with, and its pinned format.
+    pub root_disk: Option<(RootDiskSource, String, u64, ImageFormat)>,
+}
+
+/// What a conditional state write did.
+#[derive(Debug)]
+pub enum VmWrite {
+    /// Written; the VM as it now is.
+    Written(Box<Vm>),
+    /// Not written: the VM was no longer in the expected state but in this
+    /// one (a newer writer came first).
+    Stale(VmState),
 }
 
 const VM_SELECT: &str = concat!(
@@ -178,46 +186,53 @@ impl Store {
         })
     }
 
-    /// Applies a runtime change and returns the VM as it now is.
-    pub fn update_vm(&self, id: &Name, change: &VmRuntime) -> Result<Vm, StoreError> {
+    /// Writes `change` only if the VM is still in state `expected` (one
+    /// statement, like the disk claim), so a stale writer cannot overwrite
+    /// a newer state. `NotFound` when the VM does not exist.
+    pub fn transition_vm(
+        &self,
+        id: &Name,
+        expected: VmState,
+        change: &VmRuntime,
+    ) -> Result<VmWrite, StoreError> {
         self.write(|tx| {
-            let now = crate::model::now();
             let n = tx.execute(
-                "UPDATE vms SET updated_at = ?2 WHERE id = ?1",
-                rusqlite::params![id.as_str(), now],
+                "UPDATE vms SET state = ?3, pid = ?4, last_error = ?5, updated_at = ?6
+                 WHERE id = ?1 AND state = ?2",
+                rusqlite::params![
+                    id.as_str(),
+                    expected.as_str(),
+                    change.state.as_str(),
+                    change.pid,
+                    change.last_error,
+                    crate::model::now()
+                ],
             )?;
             if n == 0 {
-                return Err(StoreError::NotFound);
+                let found: Option<String> = tx
+                    .query_row("SELECT state FROM vms WHERE id = ?1", [id.as_str()], |r| {
+                        r.get(0)
+                    })
+                    .optional()?;
+                return match found {
+                    None => Err(StoreError::NotFound),
+                    Some(s) => Ok(VmWrite::Stale(VmState::parse(&s).unwrap_or(VmState::Error))),
+                };
             }
-            if let Some(state) = change.state {
+            if let Some((source, path, size, format)) = &change.root_disk {
                 tx.execute(
-                    "UPDATE vms SET state = ?2 WHERE id = ?1",
-                    rusqlite::params![id.as_str(), state.as_str()],
+                    "UPDATE vms SET root_disk_source = ?2, root_disk_path = ?3, root_disk_size = ?4,
+                        root_disk_format = ?5 WHERE id = ?1",
+                    rusqlite::params![id.as_str(), source.as_str(), path, size, format.as_str()],
                 )?;
             }
-            if let Some(pid) = change.pid {
-                tx.execute("UPDATE vms SET pid = ?2 WHERE id = ?1", rusqlite::params![id.as_str(), pid])?;
-            }
-            if let Some(err) = &change.last_error {
-                tx.execute(
-                    "UPDATE vms SET last_error = ?2 WHERE id = ?1",
-                    rusqlite::params![id.as_str(), err],
-                )?;
-            }
-            if let Some((source, path, size)) = &change.root_disk {
-                tx.execute(
-                    "UPDATE vms SET root_disk_source = ?2, root_disk_path = ?3, root_disk_size = ?4 WHERE id = ?1",
-                    rusqlite::params![id.as_str(), source.as_str(), path, size],
-                )?;
-            }
-            if let Some(format) = change.root_disk_format {
-                tx.execute(
-                    "UPDATE vms SET root_disk_format = ?2 WHERE id = ?1",
-                    rusqlite::params![id.as_str(), format.as_str()],
-                )?;
-            }
-            tx.query_row(&format!("{VM_SELECT} WHERE v.id = ?1"), [id.as_str()], vm_row)
-                .map_err(StoreError::from)
+            tx.query_row(
+                &format!("{VM_SELECT} WHERE v.id = ?1"),
+                [id.as_str()],
+                vm_row,
+            )
+            .map(|vm| VmWrite::Written(Box::new(vm)))
+            .map_err(StoreError::from)
         })
     }
 
@@ -323,5 +338,78 @@ impl Store {
             tx.execute("DELETE FROM vm_metadata WHERE vm_id = ?1", [id.as_str()])?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> Name {
+        Name::parse("id", s).expect("name")
+    }
+
+    fn running(pid: i64) -> VmRuntime {
+        VmRuntime {
+            state: VmState::Running,
+            pid: Some(pid),
+            last_error: None,
+            root_disk: None,
+        }
+    }
+
+    #[test]
+    fn a_stale_state_writer_cannot_overwrite_a_newer_state() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("vman.db")).expect("open");
+        store
+            .insert_template(&crate::model::Template {
+                name: name("t"),
+                cpu_count: 1,
+                ram_mib: 64,
+                disk_size_gb: None,
+                created_at: crate::model::now(),
+            })
+            .expect("template");
+        store
+            .insert_vm(&NewVm {
+                id: name("a"),
+                template: name("t"),
+                qcow2_path: None,
+                boot_disk: None,
+                qcow2_path_format: None,
+                boot_disk_format: None,
+            })
+            .expect("vm");
+        let a = name("a");
+        let vm = match store.transition_vm(&a, VmState::Stopped, &running(42)) {
+            Ok(VmWrite::Written(vm)) => vm,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((vm.state, vm.pid), (VmState::Running, Some(42)));
+        // A writer that still believes the VM stopped is refused.
+        match store.transition_vm(&a, VmState::Stopped, &running(7)) {
+            Ok(VmWrite::Stale(VmState::Running)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(store.get_vm(&a).expect("vm").pid, Some(42));
+        let gone = VmRuntime {
+            state: VmState::Error,
+            pid: None,
+            last_error: Some("gone".into()),
+            root_disk: Some((RootDiskSource::Empty, "/r".into(), 1, ImageFormat::Qcow2)),
+        };
+        let vm = match store.transition_vm(&a, VmState::Running, &gone) {
+            Ok(VmWrite::Written(vm)) => vm,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(vm.state, VmState::Error);
+        assert_eq!(vm.pid, None);
+        assert_eq!(vm.last_error.as_deref(), Some("gone"));
+        assert_eq!(vm.root_disk_format, Some(ImageFormat::Qcow2));
+        assert!(matches!(
+            store.transition_vm(&name("nope"), VmState::Stopped, &running(1)),
+            Err(StoreError::NotFound)
+        ));
     }
 }

@@ -688,3 +688,61 @@ fn a_disk_attached_during_boot_can_be_detached() {
     assert_eq!(s, 200, "{b}");
     vman.wait_console("early", "vman-guest: disk removed vdb", 1);
 }
+
+/// The slot of one disk as the database records it.
+fn recorded_slot(vman: &Vman, disk: &str) -> Option<i64> {
+    let db = rusqlite::Connection::open(vman.storage.join("vman.db")).expect("db");
+    db.busy_timeout(Duration::from_secs(10)).expect("busy");
+    db.query_row("SELECT slot FROM disks WHERE id = ?1", [disk], |r| r.get(0))
+        .expect("slot")
+}
+
+/// The bug: a start planned the slots of cold-attached disks and wrote the
+/// moved ones (VMAN_HOTPLUG_SLOTS lowered) to the database before QEMU ran,
+/// so a start that failed still changed the records. Now the move is
+/// recorded only once QEMU runs with the disk there.
+#[test]
+fn boot_slot_moves_are_recorded_only_once_qemu_runs() {
+    let storage = std::sync::Arc::new(tempfile::tempdir().expect("storage"));
+    {
+        let vman = Vman::builder()
+            .storage(storage.clone())
+            .with_tiny_default()
+            .env("VMAN_HOTPLUG_SLOTS", "2")
+            .start();
+        vman.template("tiny", 256);
+        vm(&vman, "v");
+        create_disk(&vman, "d1", 1);
+        create_disk(&vman, "d2", 1);
+        for d in ["d1", "d2"] {
+            let (s, b) = attach(&vman, d, "v");
+            assert_eq!(s, 200, "{b}");
+        }
+        let (s, b) = detach(&vman, "d1");
+        assert_eq!(s, 200, "{b}");
+        assert_eq!(recorded_slot(&vman, "d2"), Some(1));
+    }
+    // One slot now, and a QEMU that cannot start: nothing is written.
+    {
+        let vman = Vman::builder()
+            .storage(storage.clone())
+            .with_tiny_default()
+            .env("VMAN_HOTPLUG_SLOTS", "1")
+            .env("VMAN_QEMU_BINARY", "/nonexistent/qemu-system-x86_64")
+            .start();
+        let (s, b) = vman.start_vm("v");
+        assert_eq!(s, 400, "{b}");
+        assert_eq!(recorded_slot(&vman, "d2"), Some(1));
+    }
+    // A QEMU that runs: the disk is recorded on the slot it boots on.
+    let vman = Vman::builder()
+        .storage(storage)
+        .with_tiny_default()
+        .env("VMAN_HOTPLUG_SLOTS", "1")
+        .start();
+    let (s, b) = vman.start_vm("v");
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(recorded_slot(&vman, "d2"), Some(0));
+    let (s, b) = vman.post("/vms/v/actions/stop", json!({"force": true}));
+    assert_eq!(s, 202, "{b}");
+}
