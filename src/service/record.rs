@@ -128,7 +128,7 @@ impl Service {
                 Err(e @ StoreError::Full(_)) => {
                     // It happened: the observer records it once it can.
                     self.keep_unrecorded(id, event, detail);
-                    return Err(super::space::unrecorded_error(id, event, e).into());
+                    return Err(unrecorded_error(id, event, e).into());
                 }
                 other => other,
             }
@@ -150,6 +150,21 @@ impl Service {
                 event,
             }),
         }
+    }
+}
+
+/// The error of a state write that failed after the action was done (a
+/// QEMU already stopped): a 507 that says so, not "nothing was changed".
+fn unrecorded_error(id: &Name, event: VmEvent, e: StoreError) -> ServiceError {
+    match e {
+        StoreError::Full(why) => {
+            tracing::error!("vm {id}: {event}, but its state could not be recorded: {why}");
+            ServiceError::NoSpace(format!(
+                "VM {id} is stopped, but no space is left on the storage to record it; \
+                 free some space: the observer then records it"
+            ))
+        }
+        other => other.into(),
     }
 }
 

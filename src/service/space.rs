@@ -14,28 +14,12 @@ use super::Issue;
 use super::{Service, ServiceError};
 use crate::model::{Name, VmEvent};
 use crate::operator::image::ImageError;
-use crate::store::StoreError;
 use crate::sync::LockExt;
 
 /// The detail of a 507.
 pub(crate) const NO_SPACE: &str =
     "No space left on the storage to record this change; nothing was changed. \
      Free some space (delete VMs or disks) and try again";
-
-/// The error of a state write that failed after the action was done (a
-/// QEMU already stopped): a 507 that says so, not "nothing was changed".
-pub(super) fn unrecorded_error(id: &Name, event: VmEvent, e: StoreError) -> ServiceError {
-    match e {
-        StoreError::Full(why) => {
-            tracing::error!("vm {id}: {event}, but its state could not be recorded: {why}");
-            ServiceError::NoSpace(format!(
-                "VM {id} is stopped, but no space is left on the storage to record it; \
-                 free some space: the observer then records it"
-            ))
-        }
-        other => other.into(),
-    }
-}
 
 /// True when an image operation failed because the filesystem is full.
 pub(crate) fn image_no_space(e: &ImageError) -> bool {
