@@ -168,22 +168,6 @@ impl Store {
         })
     }
 
-    /// Detaches every disk of `vm`; returns their ids.
-    pub fn release_disks_of_vm(&self, vm: &Name) -> Result<Vec<Name>, StoreError> {
-        self.write(|tx| {
-            let ids = {
-                let mut stmt = tx.prepare_cached("SELECT id FROM disks WHERE vm_id = ?1")?;
-                let rows = stmt.query_map([vm.as_str()], |r| r.get::<_, String>(0))?;
-                rows.collect::<Result<Vec<_>, _>>()?
-            };
-            tx.execute(
-                "UPDATE disks SET vm_id = NULL, slot = NULL, updated_at = ?2 WHERE vm_id = ?1",
-                rusqlite::params![vm.as_str(), crate::model::now()],
-            )?;
-            Ok(ids.into_iter().map(Name::from_trusted).collect())
-        })
-    }
-
     /// Records what QEMU says: the disk sits in `vm` on `slot`. Used when a
     /// restarted vman finds a plugged disk its database does not know of.
     pub fn set_disk_attachment(&self, id: &Name, vm: &Name, slot: u8) -> Result<(), StoreError> {

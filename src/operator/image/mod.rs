@@ -140,6 +140,22 @@ pub(crate) mod testutil {
         );
     }
 
+    /// A qcow2 `top` backed by the qcow2 `backing`, named in its header
+    /// exactly as given (relative names resolve from `top`'s folder).
+    pub fn overlay_on(backing: &str, top: &Path) {
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            "qcow2",
+            "-b",
+            backing,
+            top.to_str().unwrap(),
+        ]);
+    }
+
     pub fn random_bytes(n: usize) -> Vec<u8> {
         let mut v = vec![0u8; n];
         File::open("/dev/urandom")

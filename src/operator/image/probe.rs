@@ -368,17 +368,7 @@ mod tests {
         let base = d.path().join("base.qcow2");
         let top = d.path().join("top.qcow2");
         qemu_img_ok(&["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "1M"]);
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            top.to_str().unwrap(),
-        ]);
+        overlay_on("base.qcow2", &top);
         let h = read_header(&File::open(&top).unwrap(), &top).unwrap();
         assert_eq!(h.magic, Magic::Qcow2);
         assert_eq!(h.backing_file.as_deref(), Some("base.qcow2"));

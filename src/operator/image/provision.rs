@@ -335,17 +335,7 @@ mod tests {
         let base = data_qcow2(d.path(), "base.qcow2", 1);
         let top = d.path().join("top.qcow2");
         // Relative backing name: would break once copied elsewhere.
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            top.to_str().unwrap(),
-        ]);
+        overlay_on("base.qcow2", &top);
         let top_info = info(&qimg(), &top).unwrap();
         assert_eq!(top_info.backing_file.as_deref(), Some("base.qcow2"));
         let vm = d.path().join("vm");
@@ -608,17 +598,7 @@ mod tests {
         let base = data_qcow2(d.path(), "base.qcow2", 1);
         let other = data_qcow2(d.path(), "other.qcow2", 1);
         let top = d.path().join("top.qcow2");
-        qemu_img_ok(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            top.to_str().unwrap(),
-        ]);
+        overlay_on("base.qcow2", &top);
         let dir = fs::canonicalize(d.path()).unwrap();
         let policy = crate::operator::image::ImagePolicy::new(vec![dir], None);
         let chain = policy
