@@ -11,8 +11,8 @@
 //! Every sequence is all-or-nothing: when a step fails, what the earlier
 //! steps added is removed again before the error is returned.
 
+use std::fs::File;
 use std::os::fd::AsFd;
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -35,13 +35,6 @@ pub enum HotplugError {
     /// stays pending in the guest, the device and its nodes are still there.
     #[error("the guest did not release the device within {0} s")]
     NotReleased(u64),
-    /// vman could not open the disk file to pass it to QEMU.
-    #[error("cannot open {path}: {source}")]
-    Open {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
     /// QEMU answered something this module does not understand.
     #[error("unexpected QMP answer to {step}: {detail}")]
     Unexpected { step: &'static str, detail: String },
@@ -55,7 +48,9 @@ fn step(step: &'static str) -> impl FnOnce(QmpError) -> HotplugError {
 #[derive(Debug, Clone)]
 pub struct Plug<'a> {
     pub id: &'a str,
-    pub path: &'a Path,
+    /// The disk file as vman checked it, open read-write: QEMU gets this
+    /// descriptor, never the path (which could change after the check).
+    pub file: &'a File,
     pub format: ImageFormat,
     pub slot: u8,
 }
@@ -66,7 +61,7 @@ pub struct Plug<'a> {
 pub async fn attach(qmp: &Qmp, disk: &Plug<'_>) -> Result<(), HotplugError> {
     let file_node = disk_file_node(disk.id);
     let node = disk_node(disk.id);
-    add_file_node(qmp, disk.path, &file_node).await?;
+    add_file_node(qmp, disk.file, &file_node).await?;
     // The format is the pinned one, and a qcow2 never opens a backing file
     // named in its header (data disks have none; one that grew one since
     // is refused before this, and this makes sure QEMU would not follow it).
@@ -105,19 +100,12 @@ pub async fn attach(qmp: &Qmp, disk: &Plug<'_>) -> Result<(), HotplugError> {
     Ok(())
 }
 
-/// Adds the `file` node of a disk. vman opens the file and hands QEMU the
-/// descriptor (`add-fd`, then `/dev/fdset/N`): QEMU runs as an unprivileged
-/// user that cannot open disk files by path (see `privilege`). The fd set
-/// is removed right after; the node keeps its own copy of the descriptor.
-async fn add_file_node(qmp: &Qmp, path: &Path, file_node: &str) -> Result<(), HotplugError> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| HotplugError::Open {
-            path: path.display().to_string(),
-            source: e,
-        })?;
+/// Adds the `file` node of a disk from the file vman checked and holds
+/// open, as a descriptor (`add-fd`, then `/dev/fdset/N`): what QEMU opens is
+/// exactly what was checked, and QEMU, running as an unprivileged user (see
+/// `privilege`), could not open disk files by path anyway. The fd set is
+/// removed right after; the node keeps its own copy of the descriptor.
+async fn add_file_node(qmp: &Qmp, file: &File, file_node: &str) -> Result<(), HotplugError> {
     let added = qmp
         .execute_with_fd(
             "add-fd",
@@ -126,7 +114,6 @@ async fn add_file_node(qmp: &Qmp, path: &Path, file_node: &str) -> Result<(), Ho
         )
         .await
         .map_err(step("add-fd"))?;
-    drop(file);
     let Some(set) = added.get("fdset-id").and_then(Value::as_u64) else {
         return Err(HotplugError::Unexpected {
             step: "add-fd",

@@ -316,7 +316,7 @@ impl Service {
                 Reason::DiskAttached.refuse(format!("Disk is already attached to VM {owner}"))
             );
         }
-        self.check_file(&disk, false).await?;
+        let checked = self.check_file(&disk, true).await?;
         let slot = self.free_slot(vm_id)?;
         match self.store.claim_disk(id, vm_id, slot) {
             Ok(DiskClaim::Claimed) => {}
@@ -338,7 +338,7 @@ impl Service {
         if let Some(run) = run {
             let plug = Plug {
                 id: id.as_str(),
-                path: Path::new(&disk.path),
+                file: &checked.top().file,
                 format: disk.format,
                 slot,
             };
@@ -657,16 +657,18 @@ impl Service {
             );
             return Ok(());
         }
-        let plug = Plug {
-            id,
-            path: Path::new(&d.path),
-            format: d.format,
-            slot,
-        };
-        let replug = match check_file_of(&self.host.images, d, false) {
-            Ok(_) => hotplug::attach(&run.qmp, &plug)
-                .await
-                .map_err(|e| e.to_string()),
+        let replug = match check_file_of(&self.host.images, d, true) {
+            Ok(checked) => {
+                let plug = Plug {
+                    id,
+                    file: &checked.top().file,
+                    format: d.format,
+                    slot,
+                };
+                hotplug::attach(&run.qmp, &plug)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
             Err(e) => Err(e.to_string()),
         };
         match replug {
