@@ -574,19 +574,24 @@ mod tests {
                 .collect();
             assert!(left.is_empty(), "{left:?}");
         }
-        // Fill it to the last block: small writes until the filesystem says
-        // no (one large write may stop short of the last pages).
-        let mut f = File::create(tiny.0.join("filler")).unwrap();
+        // The empty disk on a fresh tmpfs filled to its last block (small
+        // writes until the filesystem says no): pages of the files removed
+        // above can be given back late, which made room on the first one.
+        let Some(full) = TinyFs::mount(&d.path().join("full")) else {
+            return;
+        };
+        let mut f = File::create(full.0.join("filler")).unwrap();
         while f.write(&[1u8; 4096]).is_ok_and(|n| n > 0) {}
         while f.write(&[1u8; 1]).is_ok_and(|n| n > 0) {}
         drop(f);
+        let dest = full.0.join("root.qcow2");
         let e = create_empty(&qimg(), &dest, 1 << 30)
             .unwrap_err()
             .to_string();
         eprintln!("full disk: {e}");
         assert!(e.contains("No space left on device"), "{e}");
-        fs::remove_file(tiny.0.join("filler")).unwrap();
-        assert!(fs::read_dir(&tiny.0).unwrap().next().is_none());
+        fs::remove_file(full.0.join("filler")).unwrap();
+        assert!(fs::read_dir(&full.0).unwrap().next().is_none());
     }
 
     /// Issue 9, hole 3 for qemu-img: flattening reads the files that were
