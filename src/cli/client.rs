@@ -53,7 +53,13 @@ impl CliError {
 
     /// True for the server's 404.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, Self::Refused { status: Some(404), .. })
+        matches!(
+            self,
+            Self::Refused {
+                status: Some(404),
+                ..
+            }
+        )
     }
 }
 
@@ -104,7 +110,12 @@ impl Client {
 
     /// Sends a request; a 2xx answers its JSON body (`Null` when empty),
     /// anything else is a `CliError`.
-    pub fn call(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Value, CliError> {
+    pub fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, CliError> {
         let (status, text) = self.call_raw(method, path, body)?;
         answer(status, &text)
     }
@@ -328,10 +339,15 @@ mod tests {
     fn answers_are_sorted_by_status() {
         assert_eq!(answer(200, r#"{"a":1}"#).unwrap()["a"], 1);
         assert_eq!(answer(204, "").unwrap(), Value::Null);
-        let e = answer(400, r#"{"detail":"VM is already running","code":"invalid_state"}"#)
-            .unwrap_err();
+        let e = answer(
+            400,
+            r#"{"detail":"VM is already running","code":"invalid_state"}"#,
+        )
+        .unwrap_err();
         assert_eq!(e.to_string(), "VM is already running");
-        assert!(matches!(e, CliError::Refused { status: Some(400), code: Some(ref c), .. } if c == "invalid_state"));
+        assert!(
+            matches!(e, CliError::Refused { status: Some(400), code: Some(ref c), .. } if c == "invalid_state")
+        );
         let e = answer(404, "<html>no</html>").unwrap_err();
         assert!(e.is_not_found());
         assert_eq!(e.to_string(), "HTTP 404: <html>no</html>");

@@ -48,7 +48,12 @@ fn disk_path(id: &str) -> String {
 }
 
 /// POST /disks/{id}/{verb}: returns the id used and the answer.
-fn act(c: &Client, disk: &str, verb: &str, body: Option<&Value>) -> Result<(String, Value), CliError> {
+fn act(
+    c: &Client,
+    disk: &str,
+    verb: &str,
+    body: Option<&Value>,
+) -> Result<(String, Value), CliError> {
     with_id(c, Kind::Disk, disk, |id| {
         let path = format!("{}/{verb}", disk_path(id));
         let answer = match body {
@@ -102,7 +107,10 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
                 .or_else(|| answer.pointer("/disk/device"))
                 .and_then(Value::as_str)
                 .unwrap_or("?");
-            out.done(&format!("attached disk {id} to {vm_id} as {device}"), &answer)
+            out.done(
+                &format!("attached disk {id} to {vm_id} as {device}"),
+                &answer,
+            )
         }
         Cmd::Detach { disk } => {
             let bar = out.progress(&format!("detaching {disk}"));

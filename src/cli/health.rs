@@ -18,10 +18,7 @@ pub fn run(c: &Client, out: Out) -> Result<(), CliError> {
     if out.format != Format::Table {
         out.object(&body)?;
     } else if !out.quiet {
-        let mut text = format!(
-            "status: {}",
-            body["status"].as_str().unwrap_or("unknown")
-        );
+        let mut text = format!("status: {}", body["status"].as_str().unwrap_or("unknown"));
         if let Some(v) = body["version"].as_str() {
             text.push_str(&format!(" (vman {v} at {})", c.base()));
         }

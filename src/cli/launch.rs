@@ -117,7 +117,10 @@ pub fn run(c: &Client, out: Out, args: Args) -> Result<(), CliError> {
     bar.finish_and_clear();
     let secs = began.elapsed().as_secs_f64();
     out.done(
-        &format!("VM {id} is up ({secs:.1} s; booted in {:.1} s)", boot.elapsed().as_secs_f64()),
+        &format!(
+            "VM {id} is up ({secs:.1} s; booted in {:.1} s)",
+            boot.elapsed().as_secs_f64()
+        ),
         &json!({"vm": vm, "ready_after_s": (secs * 10.0).round() / 10.0}),
     )
 }
@@ -131,7 +134,9 @@ fn kept(e: CliError, id: &str, what: &str) -> CliError {
             code,
         } => CliError::Refused {
             status,
-            detail: format!("VM {id} {what} (it is kept; `vman vm delete {id}` removes it): {detail}"),
+            detail: format!(
+                "VM {id} {what} (it is kept; `vman vm delete {id}` removes it): {detail}"
+            ),
             code,
         },
         other => other,

@@ -29,7 +29,12 @@ use output::{Format, Out};
 #[derive(Debug, Clone, Args)]
 pub struct ClientArgs {
     /// URL of the vman server.
-    #[arg(long, env = "VMAN_URL", default_value = "http://127.0.0.1:8000", global = true)]
+    #[arg(
+        long,
+        env = "VMAN_URL",
+        default_value = "http://127.0.0.1:8000",
+        global = true
+    )]
     pub url: String,
 
     /// API token, sent as `Authorization: Bearer` (when the server has one).
@@ -100,9 +105,7 @@ pub enum Command {
     },
     /// Print a shell completion script (e.g. `vman completions bash >
     /// /etc/bash_completion.d/vman`).
-    Completions {
-        shell: clap_complete::Shell,
-    },
+    Completions { shell: clap_complete::Shell },
     /// Print the man page (roff) of `vman` and its commands.
     Man,
 }
@@ -111,17 +114,17 @@ pub enum Command {
 /// (for completions and the man page).
 pub fn run(cmd: Command, root: clap::Command) -> ExitCode {
     let result = match cmd {
-        Command::Template { client, cmd } => {
-            client.connect().and_then(|(c, out)| template::run(&c, out, cmd))
-        }
+        Command::Template { client, cmd } => client
+            .connect()
+            .and_then(|(c, out)| template::run(&c, out, cmd)),
         Command::Vm { client, cmd } => client.connect().and_then(|(c, out)| vm::run(&c, out, cmd)),
-        Command::Disk { client, cmd } => {
-            client.connect().and_then(|(c, out)| disk::run(&c, out, cmd))
-        }
+        Command::Disk { client, cmd } => client
+            .connect()
+            .and_then(|(c, out)| disk::run(&c, out, cmd)),
         Command::Health { client } => client.connect().and_then(|(c, out)| health::run(&c, out)),
-        Command::Launch { client, args } => {
-            client.connect().and_then(|(c, out)| launch::run(&c, out, args))
-        }
+        Command::Launch { client, args } => client
+            .connect()
+            .and_then(|(c, out)| launch::run(&c, out, args)),
         Command::Completions { shell } => {
             let mut root = root;
             let name = root.get_name().to_owned();
@@ -152,7 +155,10 @@ fn man(root: clap::Command) -> Result<(), CliError> {
 
 fn render_man(cmd: &clap::Command, buf: &mut Vec<u8>) -> std::io::Result<()> {
     clap_mangen::Man::new(cmd.clone()).render(buf)?;
-    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
+    for sub in cmd
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+    {
         let name = format!("{}-{}", cmd.get_name(), sub.get_name());
         let sub = sub.clone().name(name);
         render_man(&sub, buf)?;

@@ -41,7 +41,11 @@ impl Column {
         }
     }
 
-    pub const fn with(header: &'static str, pointer: &'static str, render: fn(&Value) -> String) -> Self {
+    pub const fn with(
+        header: &'static str,
+        pointer: &'static str,
+        render: fn(&Value) -> String,
+    ) -> Self {
         Self {
             header,
             pointer,
@@ -62,7 +66,9 @@ impl Out {
     fn document(&self, v: &Value) -> Result<bool, CliError> {
         let text = match self.format {
             Format::Table => return Ok(false),
-            Format::Json => serde_json::to_string_pretty(v).map_err(|e| CliError::failed(e.to_string()))?,
+            Format::Json => {
+                serde_json::to_string_pretty(v).map_err(|e| CliError::failed(e.to_string()))?
+            }
             Format::Yaml => {
                 let y = serde_norway::to_string(v).map_err(|e| CliError::failed(e.to_string()))?;
                 y.trim_end().to_owned()
@@ -83,7 +89,9 @@ impl Out {
             let mut text = String::new();
             for item in items {
                 if let Some(first) = columns.first() {
-                    text.push_str(&(first.render)(item.pointer(first.pointer).unwrap_or(&Value::Null)));
+                    text.push_str(&(first.render)(
+                        item.pointer(first.pointer).unwrap_or(&Value::Null),
+                    ));
                     text.push('\n');
                 }
             }
@@ -168,7 +176,11 @@ pub fn emit(text: &str) {
 /// Writes raw bytes (console output) to stdout as they are.
 pub fn emit_raw(text: &str) {
     let mut out = std::io::stdout().lock();
-    if out.write_all(text.as_bytes()).and_then(|()| out.flush()).is_err() {
+    if out
+        .write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
         std::process::exit(0);
     }
 }
@@ -269,7 +281,11 @@ fn flatten(prefix: &str, v: &Value, rows: &mut Vec<(String, String)>) {
             }
         }
         other => rows.push((
-            if prefix.is_empty() { "value".into() } else { prefix.to_owned() },
+            if prefix.is_empty() {
+                "value".into()
+            } else {
+                prefix.to_owned()
+            },
             match other {
                 Value::Object(_) => "-".into(),
                 v => cell(v),
@@ -287,7 +303,10 @@ mod tests {
     fn tables_are_aligned_without_borders() {
         let t = table(
             vec!["ID", "STATE"],
-            vec![vec!["a".into(), "running".into()], vec!["long-name".into(), "-".into()]],
+            vec![
+                vec!["a".into(), "running".into()],
+                vec!["long-name".into(), "-".into()],
+            ],
         );
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
@@ -312,7 +331,11 @@ mod tests {
     #[test]
     fn objects_flatten_to_dotted_keys() {
         let mut rows = Vec::new();
-        flatten("", &json!({"id": "x", "t": {"name": "small"}, "ports": [{"p": 1}]}), &mut rows);
+        flatten(
+            "",
+            &json!({"id": "x", "t": {"name": "small"}, "ports": [{"p": 1}]}),
+            &mut rows,
+        );
         let mut keys: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
         keys.sort_unstable();
         assert_eq!(keys, ["id", "ports[0].p", "t.name"]);

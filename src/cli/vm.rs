@@ -178,7 +178,11 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
         } => {
             let vm = create(c, &template, name.as_deref(), qcow2_path, boot_disk)?;
             out.done(
-                &format!("created VM {} ({})", vm["id"].as_str().unwrap_or("?"), template),
+                &format!(
+                    "created VM {} ({})",
+                    vm["id"].as_str().unwrap_or("?"),
+                    template
+                ),
                 &vm,
             )
         }
@@ -194,9 +198,14 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
             out.object(&vm)
         }
         Cmd::Start { name } => action(c, out, &name, "start", None, "started"),
-        Cmd::Stop { name, force } => {
-            action(c, out, &name, "stop", force.then(|| json!({"force": true})), "stopped")
-        }
+        Cmd::Stop { name, force } => action(
+            c,
+            out,
+            &name,
+            "stop",
+            force.then(|| json!({"force": true})),
+            "stopped",
+        ),
         Cmd::Restart { name, force } => action(
             c,
             out,
@@ -326,7 +335,13 @@ fn after_overlap<'a>(old: &str, new: &'a str) -> &'a str {
     }
 }
 
-fn logs(c: &Client, out: Out, name: &str, follow: bool, interval: Duration) -> Result<(), CliError> {
+fn logs(
+    c: &Client,
+    out: Out,
+    name: &str,
+    follow: bool,
+    interval: Duration,
+) -> Result<(), CliError> {
     let id = super::client::resolve_id(c, Kind::Vm, name)?;
     let path = format!("{}/console", vm_path(&id));
     let first = c.get(&path)?;
@@ -371,7 +386,9 @@ fn print_console(v: &Value) {
 fn ports(c: &Client, out: Out, name: &str, cmd: PortsCmd) -> Result<(), CliError> {
     match cmd {
         PortsCmd::List => {
-            let answer = with_id(c, Kind::Vm, name, |id| c.get(&format!("{}/ports", vm_path(id))))?;
+            let answer = with_id(c, Kind::Vm, name, |id| {
+                c.get(&format!("{}/ports", vm_path(id)))
+            })?;
             // An array, or an object holding `ports`.
             let list = match answer.get("ports") {
                 Some(p) if out.format == Format::Table => p.clone(),
@@ -394,7 +411,10 @@ fn ports(c: &Client, out: Out, name: &str, cmd: PortsCmd) -> Result<(), CliError
             }
             let body = Value::Object(body);
             let (id, answer) = with_id(c, Kind::Vm, name, |id| {
-                Ok((id.to_owned(), c.post(&format!("{}/ports", vm_path(id)), &body)?))
+                Ok((
+                    id.to_owned(),
+                    c.post(&format!("{}/ports", vm_path(id)), &body)?,
+                ))
             })?;
             let host = answer
                 .get("host_port")
@@ -438,7 +458,9 @@ fn read_input(path: &PathBuf) -> Result<String, CliError> {
 fn metadata(c: &Client, out: Out, name: &str, cmd: MetadataCmd) -> Result<(), CliError> {
     match cmd {
         MetadataCmd::Show => {
-            let m = with_id(c, Kind::Vm, name, |id| c.get(&format!("{}/metadata", vm_path(id))))?;
+            let m = with_id(c, Kind::Vm, name, |id| {
+                c.get(&format!("{}/metadata", vm_path(id)))
+            })?;
             out.object(&m)
         }
         MetadataCmd::Set {
@@ -481,7 +503,10 @@ fn metadata(c: &Client, out: Out, name: &str, cmd: MetadataCmd) -> Result<(), Cl
             }
             let body = Value::Object(body);
             let (id, m) = with_id(c, Kind::Vm, name, |id| {
-                Ok((id.to_owned(), c.put(&format!("{}/metadata", vm_path(id)), &body)?))
+                Ok((
+                    id.to_owned(),
+                    c.put(&format!("{}/metadata", vm_path(id)), &body)?,
+                ))
             })?;
             out.done(&format!("metadata of {id} set"), &m)
         }
