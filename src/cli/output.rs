@@ -118,6 +118,9 @@ impl Out {
         }
         let mut rows = Vec::new();
         flatten("", v, &mut rows);
+        // What names the object first, then the rest by name.
+        const FIRST: [&str; 4] = ["id", "name", "vm_id", "state"];
+        rows.sort_by_key(|(k, _)| FIRST.iter().position(|f| f == k).unwrap_or(FIRST.len()));
         let rows = rows.into_iter().map(|(k, v)| vec![k, v]).collect();
         emit(&bare_table(rows));
         Ok(())

@@ -318,21 +318,24 @@ impl Tail {
     }
 }
 
-/// The part of `new` after the last 1 KiB of `old`, or all of `new` when
-/// that is not found.
+/// The part of `new` after the end of `old`: the longest of `old`'s last
+/// 1024, 256, 64 or 16 bytes found in `new` marks it (a trimmed file lost
+/// `old`'s beginning, not its end); all of `new` when none is found.
 fn after_overlap<'a>(old: &str, new: &'a str) -> &'a str {
-    let mut start = old.len().saturating_sub(1024);
-    while !old.is_char_boundary(start) {
-        start += 1;
+    for len in [1024, 256, 64, 16] {
+        let mut start = old.len().saturating_sub(len);
+        while !old.is_char_boundary(start) {
+            start += 1;
+        }
+        let anchor = &old[start..];
+        if anchor.is_empty() {
+            return new;
+        }
+        if let Some(pos) = new.rfind(anchor) {
+            return &new[pos + anchor.len()..];
+        }
     }
-    let anchor = &old[start..];
-    if anchor.is_empty() {
-        return new;
-    }
-    match new.rfind(anchor) {
-        Some(pos) => &new[pos + anchor.len()..],
-        None => new,
-    }
+    new
 }
 
 fn logs(
@@ -547,12 +550,16 @@ mod tests {
 
     #[test]
     fn a_trimmed_file_is_followed_by_overlap() {
+        let lines = |r: std::ops::Range<u32>| r.map(|i| format!("line {i}\n")).collect::<String>();
         let mut t = Tail::default();
-        let old = "line 1\nline 2\nline 3\n";
-        assert_eq!(t.next(old, old.len() as u64, 1000), old);
-        // The file was trimmed to its newest half (smaller), then grew.
-        let new = "line 2\nline 3\nline 4\n";
-        assert_eq!(t.next(new, new.len() as u64, 500), "line 4\n");
+        let old = lines(0..60);
+        assert_eq!(t.next(&old, old.len() as u64, 5000), old);
+        // The file was trimmed to its newest part (it shrank), then grew.
+        let new = lines(40..65);
+        assert_eq!(t.next(&new, new.len() as u64, 300), lines(60..65));
+        // Nothing in common: all of it.
+        let other = lines(100..103);
+        assert_eq!(t.next(&other, other.len() as u64, 30), other);
     }
 
     #[test]
