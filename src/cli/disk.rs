@@ -80,14 +80,8 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
                 body.insert("mount_point".into(), json!(m));
             }
             let d = c.post("/disks", &Value::Object(body))?;
-            out.done(
-                &format!(
-                    "created disk {} ({} GiB)",
-                    d["id"].as_str().unwrap_or("?"),
-                    d["size"]
-                ),
-                &d,
-            )
+            let id = d["id"].as_str().unwrap_or("?");
+            out.created(&format!("created disk {id} ({} GiB)", d["size"]), id, &d)
         }
         Cmd::List => out.list(&c.get("/disks")?, COLUMNS),
         Cmd::Show { disk } => {

@@ -116,11 +116,12 @@ pub fn run(c: &Client, out: Out, args: Args) -> Result<(), CliError> {
     };
     bar.finish_and_clear();
     let secs = began.elapsed().as_secs_f64();
-    out.done(
+    out.created(
         &format!(
             "VM {id} is up ({secs:.1} s; booted in {:.1} s)",
             boot.elapsed().as_secs_f64()
         ),
+        &id,
         &json!({"vm": vm, "ready_after_s": (secs * 10.0).round() / 10.0}),
     )
 }

@@ -136,6 +136,16 @@ impl Out {
         Ok(())
     }
 
+    /// The outcome of a creation: like `done`, but `-q` prints the new id
+    /// (`id=$(vman vm create -t small -q)`).
+    pub fn created(&self, message: &str, id: &str, v: &Value) -> Result<(), CliError> {
+        if self.quiet && self.format == Format::Table {
+            emit(id);
+            return Ok(());
+        }
+        self.done(message, v)
+    }
+
     /// A spinner on stderr with `message`, or a hidden one (`-q`, not a
     /// terminal, or a machine format: scripts read clean output).
     pub fn progress(&self, message: &str) -> ProgressBar {

@@ -64,13 +64,13 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
                 body.insert("disk_size_gb".into(), json!(d));
             }
             let t = c.post("/templates", &Value::Object(body))?;
-            out.done(
+            let created = t["name"].as_str().unwrap_or(&name);
+            out.created(
                 &format!(
-                    "created template {} ({} vCPU, {} MiB)",
-                    t["name"].as_str().unwrap_or(&name),
-                    t["cpu_count"],
-                    t["ram_mib"]
+                    "created template {created} ({} vCPU, {} MiB)",
+                    t["cpu_count"], t["ram_mib"]
                 ),
+                created,
                 &t,
             )
         }

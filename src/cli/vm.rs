@@ -177,14 +177,8 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
             boot_disk,
         } => {
             let vm = create(c, &template, name.as_deref(), qcow2_path, boot_disk)?;
-            out.done(
-                &format!(
-                    "created VM {} ({})",
-                    vm["id"].as_str().unwrap_or("?"),
-                    template
-                ),
-                &vm,
-            )
+            let id = vm["id"].as_str().unwrap_or("?");
+            out.created(&format!("created VM {id} ({template})"), id, &vm)
         }
         Cmd::List { state } => {
             let path = match state {

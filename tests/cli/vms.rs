@@ -79,6 +79,9 @@ fn vm_create_list_show_start_stop_restart_delete() {
     assert_eq!(v.call("GET", "/vms/web1", None).0, 404);
     let gone = c.json(&["vm", "rm", &uuid[..6]]);
     assert_eq!(gone, json!({"status": "deleted", "id": uuid}));
+    // -q: a creation prints the id alone, an action nothing.
+    assert_eq!(c.ok(&["vm", "create", "q1", "-t", "small", "-q"]), "q1\n");
+    assert_eq!(c.ok(&["vm", "delete", "q1", "-q"]), "");
     assert_eq!(c.json(&["vm", "list"]), json!([]));
 }
 
