@@ -32,7 +32,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 env -u VMAN_URL -u VMAN_API_TOKEN VMAN_STORAGE_PATH="$TMP/storage" VMAN_LOG_DIR="$TMP/logs" \
-    VMAN_LOG_LEVEL=warning "$BIN" serve --host 127.0.0.1 --port 0 >"$TMP/server.out" 2>&1 &
+    "$BIN" serve --host 127.0.0.1 --port 0 >"$TMP/server.out" 2>&1 &
 SERVER_PID=$!
 PORT=""
 for _ in $(seq 1 300); do
@@ -45,8 +45,8 @@ done
 export VMAN_URL="http://127.0.0.1:$PORT"
 
 echo "== defining 1 template and $VMS VMs (through the CLI)"
-"$BIN" template create small --cpus 1 --ram 1 -q
-for i in $(seq 1 "$VMS"); do "$BIN" vm create "vm-$i" -t small -q; done
+"$BIN" template create small --cpus 1 --ram 1 -q >/dev/null
+for i in $(seq 1 "$VMS"); do "$BIN" vm create "vm-$i" -t small -q >/dev/null; done
 rows=$("$BIN" vm list -q | wc -l)
 [ "$rows" = "$VMS" ] || { echo "vman vm list shows $rows VMs, expected $VMS" >&2; exit 1; }
 
