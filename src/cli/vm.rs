@@ -339,9 +339,10 @@ fn logs(
     follow: bool,
     interval: Duration,
 ) -> Result<(), CliError> {
-    let id = super::client::resolve_id(c, Kind::Vm, name)?;
+    let (id, first) = with_id(c, Kind::Vm, name, |id| {
+        Ok((id.to_owned(), c.get(&format!("{}/console", vm_path(id)))?))
+    })?;
     let path = format!("{}/console", vm_path(&id));
-    let first = c.get(&path)?;
     if !follow {
         if out.format != Format::Table {
             return out.object(&first);
