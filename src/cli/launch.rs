@@ -35,6 +35,9 @@ pub struct Args {
     /// Image copied as its root disk instead of the default boot disk.
     #[arg(long)]
     boot_disk: Option<String>,
+    /// Network mode (user, bridge, none; the server's default without it).
+    #[arg(long)]
+    network: Option<String>,
 }
 
 /// How often the VM and its console are polled while it boots.
@@ -47,8 +50,11 @@ pub fn run(c: &Client, out: Out, args: Args) -> Result<(), CliError> {
         c,
         &args.template,
         args.name.as_deref(),
-        args.qcow2_path,
-        args.boot_disk,
+        super::vm::Extra {
+            qcow2_path: args.qcow2_path,
+            boot_disk: args.boot_disk,
+            network: args.network,
+        },
     );
     let vm = match vm {
         Ok(vm) => vm,

@@ -28,6 +28,9 @@ pub enum Cmd {
         /// Image copied as its root disk instead of the default boot disk.
         #[arg(long)]
         boot_disk: Option<String>,
+        /// Network mode (user, bridge, none; the server's default without it).
+        #[arg(long)]
+        network: Option<String>,
     },
     /// List VMs.
     #[command(visible_alias = "ls")]
@@ -98,7 +101,12 @@ pub enum PortsCmd {
     },
     /// Remove the forward of HOST_PORT.
     #[command(visible_alias = "rm")]
-    Remove { host_port: u16 },
+    Remove {
+        host_port: u16,
+        /// tcp or udp: needed only when HOST_PORT forwards both.
+        #[arg(long)]
+        protocol: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,9 +134,15 @@ pub enum MetadataCmd {
     Clear,
 }
 
-fn ports_cell(v: &Value) -> String {
-    let Some(items) = v.as_array() else {
-        return output::cell(v);
+/// The forwards of a VM object (`network.ports`, or `ports`) as
+/// `2222->22/tcp, ...`.
+fn ports_cell(vm: &Value) -> String {
+    let list = vm
+        .pointer("/network/ports")
+        .or_else(|| vm.get("ports"))
+        .unwrap_or(&Value::Null);
+    let Some(items) = list.as_array() else {
+        return output::cell(list);
     };
     if items.is_empty() {
         return "-".into();
@@ -147,14 +161,23 @@ fn ports_cell(v: &Value) -> String {
         .join(", ")
 }
 
+/// The guest's address (`local_ip`, or `network.local_ip`).
+fn ip_cell(vm: &Value) -> String {
+    match vm.get("local_ip") {
+        Some(ip) if !ip.is_null() => output::cell(ip),
+        _ => output::cell(vm.pointer("/network/local_ip").unwrap_or(&Value::Null)),
+    }
+}
+
 pub const COLUMNS: &[Column] = &[
     Column::new("ID", "/id"),
     Column::new("STATE", "/state"),
     Column::new("TEMPLATE", "/vm_template/name"),
     Column::new("CPUS", "/vm_template/cpu_count"),
     Column::new("RAM_MIB", "/vm_template/ram_mib"),
-    Column::new("IP", "/local_ip"),
-    Column::with("PORTS", "/ports", ports_cell),
+    // "": the whole VM object.
+    Column::with("IP", "", ip_cell),
+    Column::with("PORTS", "", ports_cell),
     Column::with("ERROR", "/last_error", output::short),
 ];
 
@@ -162,6 +185,7 @@ const PORT_COLUMNS: &[Column] = &[
     Column::new("HOST_PORT", "/host_port"),
     Column::new("GUEST_PORT", "/guest_port"),
     Column::new("PROTOCOL", "/protocol"),
+    Column::new("HOST_ADDRESS", "/host_address"),
 ];
 
 fn vm_path(id: &str) -> String {
@@ -175,8 +199,18 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
             template,
             qcow2_path,
             boot_disk,
+            network,
         } => {
-            let vm = create(c, &template, name.as_deref(), qcow2_path, boot_disk)?;
+            let vm = create(
+                c,
+                &template,
+                name.as_deref(),
+                Extra {
+                    qcow2_path,
+                    boot_disk,
+                    network,
+                },
+            )?;
             let id = vm["id"].as_str().unwrap_or("?");
             out.created(&format!("created VM {id} ({template})"), id, &vm)
         }
@@ -229,24 +263,34 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
     }
 }
 
+/// Optional fields of POST /vms (sent only when given).
+#[derive(Debug, Default)]
+pub struct Extra {
+    pub qcow2_path: Option<String>,
+    pub boot_disk: Option<String>,
+    pub network: Option<String>,
+}
+
 /// POST /vms; shared with `launch`.
 pub fn create(
     c: &Client,
     template: &str,
     name: Option<&str>,
-    qcow2_path: Option<String>,
-    boot_disk: Option<String>,
+    extra: Extra,
 ) -> Result<Value, CliError> {
     let mut body = Map::new();
     body.insert("template_name".into(), json!(template));
     if let Some(n) = name {
         body.insert("name".into(), json!(n));
     }
-    if let Some(p) = qcow2_path {
+    if let Some(p) = extra.qcow2_path {
         body.insert("qcow2_path".into(), json!(p));
     }
-    if let Some(p) = boot_disk {
+    if let Some(p) = extra.boot_disk {
         body.insert("boot_disk".into(), json!(p));
+    }
+    if let Some(mode) = extra.network {
+        body.insert("network".into(), json!({"mode": mode}));
     }
     c.post("/vms", &Value::Object(body))
 }
@@ -423,20 +467,45 @@ fn ports(c: &Client, out: Out, name: &str, cmd: PortsCmd) -> Result<(), CliError
                 .and_then(Value::as_str)
                 .unwrap_or("tcp");
             out.done(
-                &format!("forwarding host port {host} to {id}:{guest_port}/{proto}"),
+                &format!(
+                    "forwarding host port {host} to {id}:{guest_port}/{proto}{}",
+                    when(&answer)
+                ),
                 &answer,
             )
         }
-        PortsCmd::Remove { host_port } => {
-            let id = with_id(c, Kind::Vm, name, |id| {
-                c.delete(&format!("{}/ports/{host_port}", vm_path(id)))
-                    .map(|_| id.to_owned())
+        PortsCmd::Remove {
+            host_port,
+            protocol,
+        } => {
+            let query = protocol
+                .map(|p| format!("?protocol={}", seg(&p)))
+                .unwrap_or_default();
+            let (id, answer) = with_id(c, Kind::Vm, name, |id| {
+                let path = format!("{}/ports/{host_port}{query}", vm_path(id));
+                Ok((id.to_owned(), c.delete(&path)?))
             })?;
+            let mut v = json!({"status": "removed", "vm_id": id, "host_port": host_port});
+            if let (Some(obj), Some(extra)) = (v.as_object_mut(), answer.as_object()) {
+                obj.extend(extra.clone());
+            }
             out.done(
-                &format!("removed the forward of host port {host_port} from {id}"),
-                &json!({"status": "removed", "vm_id": id, "host_port": host_port}),
+                &format!(
+                    "removed the forward of host port {host_port} from {id}{}",
+                    when(&answer)
+                ),
+                &v,
             )
         }
+    }
+}
+
+/// When a port change reaches the guest, as the server says (`applied`).
+fn when(answer: &Value) -> &'static str {
+    match answer.get("applied").and_then(Value::as_str) {
+        Some("next_start") => " (from the VM's next start)",
+        Some("now") => " (now)",
+        _ => "",
     }
 }
 

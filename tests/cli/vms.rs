@@ -273,30 +273,44 @@ fn vm_ports_list_add_remove() {
     let doc = v.get("/openapi.json");
     if doc["paths"].get("/vms/{vm_id}/ports").is_none() {
         c.refused(&["vm", "ports", "p1"]);
-        c.refused(&["vm", "ports", "p1", "add", "22"]);
+        c.refused(&["vm", "ports", "p1", "add", "80"]);
         c.refused(&["vm", "ports", "p1", "remove", "2222"]);
         return;
     }
-    let added = c.json(&["vm", "ports", "p1", "add", "22"]);
-    assert_eq!(added["guest_port"], 22, "{added}");
-    let list = c.json(&["vm", "ports", "p1"]);
-    let ports = list
-        .get("ports")
-        .unwrap_or(&list)
-        .as_array()
-        .cloned()
-        .unwrap_or_default();
-    assert_eq!(ports.len(), 1, "{list}");
-    let host = ports[0]["host_port"].as_u64().expect("host_port");
-    assert_eq!(ports[0]["guest_port"], 22);
-    let table = c.ok(&["vm", "ports", "p1", "list"]);
-    assert_eq!(cell(&table, &host.to_string(), "GUEST_PORT"), "22");
-    assert!(c
-        .refused(&["vm", "ports", "nope", "add", "22"])
-        .contains("not found"));
+    // The forwards of guest port 80 (a user-mode VM also has guest 22's).
+    let of_80 = |c: &Cli| -> Vec<Value> {
+        let list = c.json(&["vm", "ports", "p1"]);
+        list.as_array()
+            .unwrap_or_else(|| panic!("not a list: {list}"))
+            .iter()
+            .filter(|p| p["guest_port"] == 80)
+            .cloned()
+            .collect()
+    };
+    assert!(of_80(&c).is_empty());
+    let added = c.json(&["vm", "ports", "p1", "add", "80"]);
+    assert_eq!(added["guest_port"], 80, "{added}");
+    let host = added["host_port"].as_u64().expect("host_port");
+    assert_eq!(of_80(&c).len(), 1);
+    assert_eq!(
+        v.get("/vms/p1/ports")
+            .as_array()
+            .map(|l| l.iter().any(|p| p["host_port"] == host)),
+        Some(true)
+    );
     let host_arg = host.to_string();
-    c.ok(&["vm", "ports", "p1", "remove", &host_arg]);
-    let list = c.json(&["vm", "ports", "p1"]);
-    assert_eq!(list.get("ports").unwrap_or(&list), &json!([]));
+    let table = c.ok(&["vm", "ports", "p1", "list"]);
+    assert_eq!(cell(&table, &host_arg, "GUEST_PORT"), "80", "{table}");
+    assert!(cell(&c.ok(&["vm", "list"]), "p1", "PORTS").contains(&format!("{host}->80/tcp")));
+    assert!(c
+        .refused(&["vm", "ports", "nope", "add", "80"])
+        .contains("not found"));
+    c.fails(2, &["vm", "ports", "p1", "add", "99999"]);
+    let out = c.ok(&["vm", "ports", "p1", "remove", &host_arg]);
+    assert!(
+        out.contains(&format!("removed the forward of host port {host} from p1")),
+        "{out}"
+    );
+    assert!(of_80(&c).is_empty());
     c.refused(&["vm", "ports", "p1", "remove", &host_arg]);
 }
