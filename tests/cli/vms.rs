@@ -106,7 +106,12 @@ fn vm_refusals_exit_1_and_change_nothing() {
     }
     let d = c.refused(&["vm", "list", "--state", "sleeping"]);
     assert!(d.contains("state"), "{d}");
-    assert_eq!(v.get("/vms").as_array().map(Vec::len), Some(1));
+    // A prefix that fits two ids names neither.
+    c.ok(&["vm", "create", "abcd-1", "--template", "small"]);
+    c.ok(&["vm", "create", "abcd-2", "--template", "small"]);
+    let d = c.refused(&["vm", "delete", "abcd"]);
+    assert!(d.contains("matches several: abcd-1, abcd-2"), "{d}");
+    assert_eq!(v.get("/vms").as_array().map(Vec::len), Some(3));
 }
 
 #[test]
