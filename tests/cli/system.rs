@@ -114,3 +114,19 @@ fn completions_and_man_page_are_generated() {
         assert!(man.contains(page), "{page}");
     }
 }
+
+/// The one-line usage message names a flag's variable only when it has one
+/// (it used to derive `VMAN_<FLAG>` from any flag: `--format / VMAN_FORMAT`).
+#[test]
+fn usage_message_names_no_variable_that_does_not_exist() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cli::new("http://127.0.0.1:1", dir.path());
+    let msg = c.fails(2, &["vm", "list", "--format", "xml"]);
+    assert!(
+        msg.contains("'--format <FORMAT>'") && !msg.contains("VMAN_FORMAT"),
+        "{msg}"
+    );
+    // Server flags keep theirs.
+    let msg = c.fails(2, &["serve", "--port", "eighty"]);
+    assert!(msg.contains("--port / VMAN_PORT"), "{msg}");
+}
