@@ -1,7 +1,8 @@
 //! The `vman` binary: loads `.env`, parses arguments, sets up logging and
-//! dispatches. Everything else lives in the library.
+//! dispatches. Everything else lives in the library (`vman serve` and
+//! `vman db` here; the client commands in `vman::cli`).
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::process::ExitCode;
 
 use vman::config::Config;
@@ -20,6 +21,9 @@ enum Command {
     /// Database tools: consistent backups, rebuilding lost records.
     #[command(subcommand)]
     Db(DbCommand),
+    /// The client commands (template, vm, disk, health, launch, ...).
+    #[command(flatten)]
+    Client(vman::cli::Command),
 }
 
 #[derive(Subcommand)]
@@ -62,13 +66,18 @@ fn main() -> ExitCode {
             let _ = e.print();
             return ExitCode::SUCCESS;
         }
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            // `vman vm` alone: its help, as a usage error.
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
         Err(e) => {
             // One clear line, not clap's usage block.
             let text = e.to_string();
             let first = text.lines().next().unwrap_or("invalid arguments");
             eprintln!(
                 "vman: {}",
-                name_env_var(first.trim_start_matches("error: "))
+                name_env_var(&Cli::command(), first.trim_start_matches("error: "))
             );
             return ExitCode::from(2);
         }
@@ -76,6 +85,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(config) => serve(*config),
         Command::Db(cmd) => db(cmd),
+        Command::Client(cmd) => vman::cli::run(cmd, Cli::command()),
     }
 }
 
@@ -141,8 +151,8 @@ fn db(cmd: DbCommand) -> ExitCode {
 }
 
 /// Clap names the flag (`'--port <PORT>'`); most users set the variable,
-/// so name both (`--port / VMAN_PORT`).
-fn name_env_var(message: &str) -> String {
+/// so name both (`--port / VMAN_PORT`) when the flag has one.
+fn name_env_var(cli: &clap::Command, message: &str) -> String {
     let Some(start) = message.find("'--") else {
         return message.to_owned();
     };
@@ -151,8 +161,19 @@ fn name_env_var(message: &str) -> String {
         return message.to_owned();
     };
     let flag = rest[..end].split_whitespace().next().unwrap_or("");
-    let var = format!("VMAN_{}", flag.to_ascii_uppercase().replace('-', "_"));
+    let Some(var) = env_of(cli, flag) else {
+        return message.to_owned();
+    };
     format!("{}--{flag} / {var}{}", &message[..start], &rest[end + 1..])
+}
+
+/// The environment variable of the flag `--long`, anywhere in the tree.
+fn env_of(cmd: &clap::Command, long: &str) -> Option<String> {
+    cmd.get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|v| v.to_string_lossy().into_owned())
+        .or_else(|| cmd.get_subcommands().find_map(|s| env_of(s, long)))
 }
 
 fn serve(config: Config) -> ExitCode {
