@@ -8,6 +8,7 @@ pub mod actions;
 pub mod disks;
 pub mod doc;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod guard;
 pub mod listen;
@@ -51,6 +52,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(actions::router())
         .merge(metadata::router())
         .merge(disks::router())
+        .merge(events::router())
 }
 
 /// The served routes and their document, with the parts every operation
