@@ -33,7 +33,8 @@ pub struct ErrorBody {
     /// `method_not_allowed` (405), `unauthorized` (401), `host_not_allowed`
     /// (403), `origin_not_allowed` (403), `too_large` (413),
     /// `unsupported_media_type` (415), `insufficient_storage` (507),
-    /// `internal` (500), `database_damaged` (500). See docs/errors.md.
+    /// `internal` (500), `database_damaged` (500), `upgrade_required` (426).
+    /// See docs/errors.md.
     pub code: &'static str,
 }
 
@@ -251,6 +252,7 @@ mod tests {
             "insufficient_storage",
             "internal",
             "database_damaged",
+            "upgrade_required",
         ];
         for code in REFUSAL_CODES.iter().chain(&others) {
             assert!(

@@ -5,6 +5,7 @@
 //! SQL or processes.
 
 pub mod actions;
+pub mod console_ws;
 pub mod disks;
 pub mod doc;
 pub mod error;
@@ -53,6 +54,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(metadata::router())
         .merge(disks::router())
         .merge(events::router())
+        .merge(console_ws::router())
 }
 
 /// The served routes and their document, with the parts every operation
@@ -136,7 +138,11 @@ pub fn authorized(app: &AppState, headers: &header::HeaderMap) -> bool {
 
 /// /health answers anyone, with details only when `authorized`.
 async fn require_token(State(app): State<AppState>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/health" || authorized(&app, req.headers()) {
+    let (path, query) = (req.uri().path(), req.uri().query());
+    if path == "/health"
+        || authorized(&app, req.headers())
+        || console_ws::query_token_ok(&app, path, query)
+    {
         return next.run(req).await;
     }
     let mut resp = axum::response::IntoResponse::into_response(ApiError::new(

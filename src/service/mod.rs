@@ -6,6 +6,7 @@
 mod adoption;
 mod blocking;
 mod coherence;
+mod console;
 pub mod database;
 mod disk_plan;
 mod disks;
@@ -19,6 +20,7 @@ pub mod rootdisk;
 mod space;
 
 pub use coherence::{Issue, Report};
+pub use console::{ConsoleOutput, ConsoleSession};
 pub use disks::{CreateDisk, DiskState, DiskView};
 #[cfg(test)]
 pub(crate) use error::every_reason;

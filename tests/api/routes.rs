@@ -42,6 +42,7 @@ const SERVED: &[(&str, &str)] = &[
     ("POST", "/disks/{id}/detach"),
     ("POST", "/disks/{id}/resize"),
     ("GET", "/events"),
+    ("GET", "/vms/{vm_id}/console/ws"),
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "PATCH"];
