@@ -43,6 +43,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         service: service.clone(),
         token: config.api_token.as_deref().map(Arc::from),
         vm_list: Arc::default(),
+        http_metrics: Arc::default(),
     };
     let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr)

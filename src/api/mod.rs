@@ -14,6 +14,7 @@ pub mod extract;
 pub mod guard;
 pub mod listen;
 pub mod metadata;
+pub mod metrics;
 pub mod system;
 pub mod templates;
 pub mod vms;
@@ -40,6 +41,7 @@ pub struct AppState {
     pub service: Arc<Service>,
     pub token: Option<Arc<str>>,
     pub vm_list: Arc<vms::ListCache>,
+    pub http_metrics: Arc<metrics::HttpMetrics>,
 }
 
 /// Every served route with its documentation, one list per module: a route
@@ -55,6 +57,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(disks::router())
         .merge(events::router())
         .merge(console_ws::router())
+        .merge(metrics::router())
 }
 
 /// The served routes and their document, with the parts every operation
@@ -71,6 +74,7 @@ pub fn router(state: AppState) -> Router {
     let guard = Arc::new(guard::Guard::from_config(state.service.config()));
     let (routes, doc) = assembled();
     routes
+        .route_layer(middleware::from_fn(metrics::tag_route))
         .layer(Extension(system::Document::new(&doc)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -79,6 +83,10 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(guard, guard::enforce))
         .layer(panic_answer())
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::record,
+        ))
         .with_state(state)
 }
 

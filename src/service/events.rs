@@ -317,6 +317,14 @@ impl Service {
         if let Some((source, ..)) = &detail.root_disk {
             d["root_disk"] = source.as_str().into();
         }
+        let method = detail.cause.as_deref();
+        self.counters
+            .vm_change(action, method.filter(|_| action == "stopped"));
+        if action == "exited" {
+            let poweroff = event == Halted;
+            self.counters
+                .exit(if poweroff { "poweroff" } else { "unexpected" });
+        }
         self.emit(EventKind::Vm, vm.id.as_str(), action, d);
     }
 }

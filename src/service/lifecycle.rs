@@ -157,6 +157,7 @@ impl Service {
                 .pin_image_formats(&vm.id, root.pin_qcow2_path, root.pin_boot_disk)?;
         }
         let t1 = t0.elapsed();
+        self.counters.provisioned(root.provisioned);
         let run = vm::launch(
             &self.config.qemu_binary,
             &spec,
@@ -205,11 +206,13 @@ impl Service {
             if info.requested {
                 return; // stop/delete writes the state itself
             }
+            let seen = std::time::Instant::now();
             let _guard = service.lock_vm(&id).await;
             if !service.unregister(&id, &run) {
                 return;
             }
             service.record_unexpected_exit(&id, &run, &info);
+            service.counters.exit_recorded(seen.elapsed());
         });
     }
 

@@ -14,6 +14,7 @@ mod error;
 mod events;
 mod health;
 mod lifecycle;
+pub mod metrics;
 mod observe;
 mod record;
 pub mod rootdisk;
@@ -85,6 +86,8 @@ pub struct Service {
     unrecorded: Mutex<HashMap<Name, (crate::model::VmEvent, record::Detail)>>,
     /// The live side of the event journal (`events.rs`).
     events: events::Events,
+    /// What /metrics counts as it happens (`metrics.rs`).
+    pub(crate) counters: metrics::Counters,
 }
 
 impl Service {
@@ -101,6 +104,7 @@ impl Service {
             observer: Mutex::default(),
             unrecorded: Mutex::default(),
             events: events::Events::default(),
+            counters: metrics::Counters::default(),
         }
     }
 

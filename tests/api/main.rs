@@ -14,6 +14,7 @@ mod disks;
 mod events;
 mod limits;
 mod metadata;
+mod metrics;
 mod persistence;
 mod robustness;
 mod routes;

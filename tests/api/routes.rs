@@ -43,6 +43,7 @@ const SERVED: &[(&str, &str)] = &[
     ("POST", "/disks/{id}/resize"),
     ("GET", "/events"),
     ("GET", "/vms/{vm_id}/console/ws"),
+    ("GET", "/metrics"),
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "PATCH"];
