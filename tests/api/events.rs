@@ -376,3 +376,64 @@ fn a_graceful_stop_ends_open_event_streams() {
     ));
     eprintln!("stopped in {:?}", t0.elapsed());
 }
+
+#[test]
+fn an_observer_finding_is_an_event_told_once_while_it_lasts() {
+    let s = Server::builder().env("VMAN_OBSERVER_INTERVAL", "1").start();
+    let stream = Stream::open(&s, "?type=observer", None);
+    std::fs::write(s.storage_path().join("disks").join("stray.qcow2"), b"x").expect("stray file");
+    let seen = stream.until("stray", "finding");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(
+        seen[0]["detail"]["issue"], "orphan_disk_file",
+        "{}",
+        seen[0]
+    );
+    // Several more passes see it again; it is not told again.
+    let passes = |s: &Server| s.get("/observer/status").1["passes"].as_u64().unwrap_or(0);
+    let now = passes(&s);
+    let start = Instant::now();
+    while passes(&s) < now + 3 {
+        assert!(start.elapsed() < DEADLINE, "the observer stopped");
+        thread::sleep(Duration::from_millis(100));
+    }
+    stream.quiet_for(Duration::from_millis(200));
+}
+
+#[test]
+fn disk_actions_are_events() {
+    let s = Server::start();
+    let stream = Stream::open(&s, "?type=disk", None);
+    make_template(&s, "t", 1, 1);
+    make_vm(&s, "t", Some("vm1"));
+    assert_eq!(
+        s.post_json("/disks", &json!({"name": "d1", "size": 1})).0,
+        201
+    );
+    let (status, body) = s.post_json("/disks/d1/attach", &json!({"vm_id": "vm1"}));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s.post_json("/disks/d1/resize", &json!({"size": 2}));
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = s.post_json("/disks/d1/detach", &json!({}));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(s.delete("/disks/d1").0, 204);
+    let seen = stream.until("d1", "deleted");
+    assert_eq!(
+        actions(&seen),
+        [
+            "disk d1 created",
+            "disk d1 attached",
+            "disk d1 resized",
+            "disk d1 detached",
+            "disk d1 deleted"
+        ]
+    );
+    assert_eq!(seen[1]["detail"]["vm"], "vm1", "{}", seen[1]);
+    assert_eq!(
+        (
+            seen[2]["detail"]["from"].as_u64(),
+            seen[2]["detail"]["size"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+}
