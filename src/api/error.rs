@@ -25,7 +25,7 @@ pub struct ErrorBody {
     /// for people). Refusals (400): `already_exists`, `template_missing`,
     /// `in_use`, `already_running`, `not_running`, `adoption_pending`,
     /// `unkillable`, `no_memory`, `qemu_failed`, `console_not_connected`,
-    /// `console_write_failed`, `image_refused`, `image_failed`,
+    /// `console_write_failed`, `too_many_viewers`, `image_refused`, `image_failed`,
     /// `disk_file_refused`, `disk_attached`, `not_attached`, `disk_busy`,
     /// `no_free_slot`, `cannot_shrink`, `guest_did_not_release`,
     /// `hotplug_failed`, `invalid_transition`. Others: `invalid` (422), `required` (400),
@@ -86,6 +86,7 @@ fn code_of(reason: &Reason) -> &'static str {
         Reason::NoMemory => "no_memory",
         Reason::QemuFailed(_) => "qemu_failed",
         Reason::ConsoleNotConnected => "console_not_connected",
+        Reason::TooManyViewers => "too_many_viewers",
         Reason::ConsoleWriteFailed(_) => "console_write_failed",
         Reason::ImageRefused(_) => "image_refused",
         Reason::ImageFailed(_) => "image_failed",
@@ -179,7 +180,7 @@ mod tests {
 
     /// The code of every reason, in the order of `every_reason()`. These
     /// are published (docs/errors.md): never change one.
-    const REFUSAL_CODES: [&str; 24] = [
+    const REFUSAL_CODES: [&str; 25] = [
         "already_exists",
         "template_missing",
         "in_use",
@@ -192,6 +193,7 @@ mod tests {
         "qemu_failed",
         "console_not_connected",
         "console_write_failed",
+        "too_many_viewers",
         "image_refused",
         "image_failed",
         "disk_file_refused",

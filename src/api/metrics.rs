@@ -101,7 +101,8 @@ impl HttpMetrics {
 /// Prometheus metrics (text format 0.0.4): VMs by state, API requests by
 /// route and status with latency histograms, starts/stops/exits, exit
 /// recording latency, root disk provisioning by method, and per running
-/// VM its QEMU's CPU seconds, resident memory and disk I/O.
+/// VM its QEMU's CPU seconds, resident memory and disk I/O (the newest
+/// answer of its QEMU, with its age).
 #[utoipa::path(get, path = "/metrics", tag = "system",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics(State(app): State<AppState>) -> Result<Response, ApiError> {

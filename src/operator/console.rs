@@ -105,6 +105,18 @@ pub type Chunk = Arc<[u8]>;
 /// Chunks a live viewer may fall behind before it misses output.
 const VIEWER_BACKLOG: usize = 256;
 
+/// Live viewers one console takes at most.
+pub const MAX_VIEWERS: usize = 32;
+
+/// Why `watch` gives no viewer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WatchError {
+    /// QEMU closed the console.
+    Closed,
+    /// `MAX_VIEWERS` watch already.
+    Full,
+}
+
 /// A connected console: the pump runs in the background until QEMU closes
 /// the socket; `write` sends input to the guest; `watch` gives live viewers
 /// the output as it is read (the file gets it all the same).
@@ -152,13 +164,14 @@ impl Console {
         Ok(console)
     }
 
-    /// The output from now on, until QEMU closes the console; `None` when
-    /// it already did.
-    pub fn watch(&self) -> Option<broadcast::Receiver<Chunk>> {
-        self.output
-            .lock_or_recover()
-            .as_ref()
-            .map(|tx| tx.subscribe())
+    /// The output from now on, until QEMU closes the console.
+    pub fn watch(&self) -> Result<broadcast::Receiver<Chunk>, WatchError> {
+        let output = self.output.lock_or_recover();
+        let tx = output.as_ref().ok_or(WatchError::Closed)?;
+        if tx.receiver_count() >= MAX_VIEWERS {
+            return Err(WatchError::Full);
+        }
+        Ok(tx.subscribe())
     }
 
     /// Sends bytes to the guest's serial port.

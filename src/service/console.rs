@@ -10,7 +10,7 @@ use tokio::sync::{broadcast, watch};
 
 use super::{missing, Reason, Service, ServiceError};
 use crate::model::Name;
-use crate::operator::console::{Chunk, Console};
+use crate::operator::console::{Chunk, Console, WatchError, MAX_VIEWERS};
 
 /// One viewer of a VM's console.
 pub struct ConsoleSession {
@@ -78,9 +78,12 @@ impl Service {
             .console
             .clone()
             .ok_or_else(|| Reason::ConsoleNotConnected.refuse("VM console is not connected"))?;
-        let output = console
-            .watch()
-            .ok_or_else(|| Reason::ConsoleNotConnected.refuse("VM console is closed"))?;
+        let output = console.watch().map_err(|e| match e {
+            WatchError::Closed => Reason::ConsoleNotConnected.refuse("VM console is closed"),
+            WatchError::Full => Reason::TooManyViewers.refuse(format!(
+                "VM console has {MAX_VIEWERS} viewers already; close one"
+            )),
+        })?;
         Ok(ConsoleSession {
             output,
             input: (!read_only).then_some(console),

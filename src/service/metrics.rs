@@ -1,7 +1,15 @@
 //! /metrics, the service's part: counters of what happened (starts, stops,
 //! exits, adoptions, exit recording latency, root disk provisioning) kept
 //! here, and at each scrape the VMs by state and, per running VM, its
-//! QEMU's CPU time and memory (`/proc`) and disk I/O (QMP, short deadline).
+//! QEMU's CPU time and memory (`/proc`) and disk I/O (QMP).
+//!
+//! A QEMU under TCG may take tens of milliseconds to answer QMP (its main
+//! loop waits for the vCPU threads), and a stuck one never answers: each
+//! scrape asks every running QEMU for its `query-blockstats` in a task of
+//! its own (one at a time per QEMU), waits at most `FRESH_WAIT` for the
+//! answers, and serves the newest answer each QEMU gave, with its age
+//! (`vman_vm_disk_stats_age_seconds`). A late answer is kept for the next
+//! scrape.
 //!
 //! Hand-written Prometheus text (format 0.0.4): the few families are known,
 //! most values are read at scrape time from what the service already holds,
@@ -19,8 +27,17 @@ use crate::model::VmState;
 use crate::operator::stats;
 use crate::sync::LockExt;
 
-/// How long a scrape waits for one QEMU's `query-blockstats`.
-const BLOCKSTATS_DEADLINE: Duration = Duration::from_millis(250);
+/// How long a scrape waits for fresh `query-blockstats` answers.
+const FRESH_WAIT: Duration = Duration::from_millis(20);
+
+/// The newest `query-blockstats` answer of one QEMU (VM id and pid).
+#[derive(Default)]
+struct DiskAnswer {
+    stats: Option<(std::time::Instant, Vec<stats::BlockStats>)>,
+    asking: bool,
+}
+
+type DiskAnswers = Arc<Mutex<std::collections::HashMap<(String, i32), DiskAnswer>>>;
 
 /// Upper bounds (seconds) of histogram buckets.
 pub const BUCKETS: [f64; 12] = [
@@ -113,9 +130,50 @@ pub(crate) struct Counters {
     exits: Mutex<BTreeMap<&'static str, u64>>,
     exit_recording: Mutex<Histogram>,
     provisions: Mutex<BTreeMap<&'static str, Provisions>>,
+    disk_answers: DiskAnswers,
 }
 
 impl Counters {
+    /// The newest disk figures of each running QEMU and their age, after
+    /// asking each (not already being asked) again and waiting `FRESH_WAIT`.
+    async fn disk_stats(
+        &self,
+        running: &[(String, Arc<crate::operator::vm::Running>)],
+    ) -> Vec<Option<(Duration, Vec<stats::BlockStats>)>> {
+        let keys: Vec<(String, i32)> = running.iter().map(|(id, r)| (id.clone(), r.pid)).collect();
+        let mut asked = Vec::new();
+        {
+            let mut answers = self.disk_answers.lock_or_recover();
+            answers.retain(|k, _| keys.contains(k));
+            for (key, (_, run)) in keys.iter().zip(running) {
+                let entry = answers.entry(key.clone()).or_default();
+                if entry.asking {
+                    continue;
+                }
+                entry.asking = true;
+                let (answers, key, qmp) = (self.disk_answers.clone(), key.clone(), run.qmp.clone());
+                asked.push(tokio::spawn(async move {
+                    let got = stats::block_stats(qmp).await;
+                    if let Some(entry) = answers.lock_or_recover().get_mut(&key) {
+                        entry.asking = false;
+                        if let Some(list) = got {
+                            entry.stats = Some((std::time::Instant::now(), list));
+                        }
+                    }
+                }));
+            }
+        }
+        // Waiting for a task does not cancel it: a late answer stays.
+        let _ = tokio::time::timeout(FRESH_WAIT, futures_util::future::join_all(asked)).await;
+        let answers = self.disk_answers.lock_or_recover();
+        keys.iter()
+            .map(|k| {
+                let (at, list) = answers.get(k)?.stats.as_ref()?;
+                Some((at.elapsed(), list.clone()))
+            })
+            .collect()
+    }
+
     /// Counts a VM event by its `action` (called from `emit_vm_change`).
     pub(super) fn vm_change(&self, action: &str, method: Option<&str>) {
         match action {
@@ -179,12 +237,7 @@ impl Service {
             pids.into_iter().map(stats::proc_stats).collect::<Vec<_>>()
         })
         .await?;
-        let disks = futures_util::future::join_all(
-            running
-                .iter()
-                .map(|(_, r)| stats::block_stats(&r.qmp, BLOCKSTATS_DEADLINE)),
-        )
-        .await;
+        let disks = self.counters.disk_stats(&running).await;
 
         out.family(
             "vman_vm_cpu_seconds_total",
@@ -231,23 +284,25 @@ impl Service {
         ];
         for (name, help, field) in io {
             out.family(name, "counter", help);
-            for ((vm, _), list) in running.iter().zip(&disks) {
-                for b in list.iter().flatten() {
+            for ((vm, _), answer) in running.iter().zip(&disks) {
+                for b in answer.iter().flat_map(|(_, list)| list) {
                     out.sample(name, &[("vm", vm), ("disk", &b.disk)], field(b));
                 }
             }
         }
         out.family(
-            "vman_vm_disk_stats_up",
+            "vman_vm_disk_stats_age_seconds",
             "gauge",
-            "1 when the VM's QEMU answered query-blockstats within 250 ms at this scrape.",
+            "Age of the query-blockstats answer the disk series of the VM come from.",
         );
-        for ((vm, _), list) in running.iter().zip(&disks) {
-            out.sample(
-                "vman_vm_disk_stats_up",
-                &[("vm", vm)],
-                u8::from(list.is_some()),
-            );
+        for ((vm, _), answer) in running.iter().zip(&disks) {
+            if let Some((age, _)) = answer {
+                out.sample(
+                    "vman_vm_disk_stats_age_seconds",
+                    &[("vm", vm)],
+                    age.as_secs_f64(),
+                );
+            }
         }
         Ok(())
     }

@@ -239,6 +239,30 @@ fn plain_get_of_the_console_socket_is_426_and_bad_readonly_422() {
     assert_eq!((s, b["code"].as_str()), (422, Some("invalid")), "{b}");
     let (s, b) = vman.call("GET", "/vms/nope/console/ws", None);
     assert_eq!(s, 404, "{b}");
+    // At most 32 viewers per console; one more is refused, and a place
+    // that frees up can be taken again.
+    let mut viewers: Vec<Ws> = (0..32)
+        .map(|i| {
+            connect(&vman, "/vms/g/console/ws?readonly=1", &[])
+                .unwrap_or_else(|s| panic!("viewer {i}: {s}"))
+        })
+        .collect();
+    assert_eq!(connect(&vman, "/vms/g/console/ws", &[]).err(), Some(400));
+    if let Some(one) = viewers.pop() {
+        one.close();
+    }
+    let start = Instant::now();
+    loop {
+        match connect(&vman, "/vms/g/console/ws", &[]) {
+            Ok(ws) => {
+                viewers.push(ws);
+                break;
+            }
+            Err(s) => assert!(s == 400 && start.elapsed() < SERVER, "{s}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(vman.vm("g")["state"], "running");
 }
 
 /// The figure: from `kill -9` of QEMU to the `exited` event at an
