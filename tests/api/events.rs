@@ -149,6 +149,7 @@ fn past(s: &Server, query: &str) -> Vec<Value> {
 #[test]
 fn create_start_stop_delete_come_in_order_on_the_stream() {
     let s = Server::start();
+    let _guests = crate::KillGuests(s.storage_path().to_owned());
     let stream = Stream::open(&s, "", None);
     assert_eq!(stream.status, 200);
     assert!(
@@ -188,6 +189,7 @@ fn create_start_stop_delete_come_in_order_on_the_stream() {
 #[test]
 fn a_killed_qemu_gives_an_exited_event_with_its_reason() {
     let s = Server::start();
+    let _guests = crate::KillGuests(s.storage_path().to_owned());
     tiny_template(&s, "t");
     make_vm(&s, "t", Some("victim"));
     let stream = Stream::open(&s, "?resource=victim", None);
@@ -436,4 +438,23 @@ fn disk_actions_are_events() {
         ),
         (Some(1), Some(2))
     );
+}
+
+#[test]
+fn a_qemu_taken_over_after_a_vman_restart_is_an_adopted_event() {
+    let mut s = Server::start();
+    let _guests = crate::KillGuests(s.storage_path().to_owned());
+    tiny_template(&s, "t");
+    make_vm(&s, "t", Some("vm1"));
+    start(&s, "vm1");
+    let last = ids(&past(&s, "")).last().copied().expect("events");
+    s.kill9();
+    s.restart();
+    // Resuming after the last event seen before the crash.
+    let stream = Stream::open(&s, "?resource=vm1", Some(last));
+    let seen = stream.until("vm1", "adopted");
+    assert_eq!(actions(&seen), ["vm vm1 adopted"]);
+    assert_eq!(seen[0]["detail"]["state"], "running", "{}", seen[0]);
+    assert!(seen[0]["id"].as_i64() > Some(last));
+    force_stop(&s, "vm1");
 }

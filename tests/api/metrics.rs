@@ -114,6 +114,7 @@ fn about_vm<'a>(samples: &'a [Sample], vm: &str) -> Vec<&'a Sample> {
 #[test]
 fn counters_move_with_starts_stops_and_exits_and_vm_series_go_with_the_vm() {
     let s = Server::start();
+    let _guests = crate::KillGuests(s.storage_path().to_owned());
     let before = scrape(&s);
     assert_eq!(
         value(&before, "vman_vms", &[("state", "running")]),
