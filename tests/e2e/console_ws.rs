@@ -307,3 +307,25 @@ fn a_killed_qemu_gives_an_exited_event_with_its_reason() {
         (at - killed).as_secs_f64() * 1000.0
     );
 }
+
+#[test]
+fn a_guest_power_off_closes_the_console_and_is_an_exited_event() {
+    let vman = Vman::builder().with_tiny_default().start();
+    vman.template("tiny", 256);
+    boot(&vman, "p");
+    let mut ws = connect(&vman, "/vms/p/console/ws", &[]).expect("console");
+    ws.type_line("poweroff -f");
+    assert_eq!(ws.wait_closed(GUEST), 1000, "seen:\n{}", ws.seen);
+    vman.wait_state("p", "stopped", SERVER);
+    let (s, events) = vman.call("GET", "/events?follow=false&resource=p", None);
+    assert_eq!(s, 200, "{events}");
+    let last = events
+        .as_array()
+        .and_then(|l| l.last())
+        .cloned()
+        .expect("events");
+    assert_eq!(last["action"], "exited", "{events}");
+    assert_eq!(last["detail"]["state"], "stopped", "{last}");
+    let reason = last["detail"]["reason"].as_str().unwrap_or("");
+    assert!(reason.starts_with("guest powered off"), "{last}");
+}
