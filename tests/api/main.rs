@@ -8,6 +8,7 @@ mod auth;
 mod codes;
 mod concurrency;
 mod config;
+mod console_ws;
 mod cross_site;
 mod database;
 mod disks;
