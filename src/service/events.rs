@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
 use super::{Service, ServiceError};
-use crate::store::{EventFilter, EventRow};
+use crate::store::{EventFilter, EventRow, StoreError};
 use crate::sync::LockExt;
 
 /// What an event is about.
@@ -185,23 +185,53 @@ impl Service {
             Some(since) => since,
             None => self.store.last_event_id()?,
         };
-        let state = Follow {
-            rx: self.events.tx.subscribe(),
-            closing: self.closing(),
-            service: self.clone(),
-            after,
-            replay: true,
-            backlog: VecDeque::new(),
-            q,
-        };
-        Ok(futures_util::stream::unfold(state, Follow::next))
+        let rx = self.events.tx.subscribe();
+        Ok(follow(self.clone(), rx, self.closing(), after, q))
     }
+}
+
+/// Where a follower replays from.
+trait Journal: Send + Sync + 'static {
+    fn after(&self, id: i64, filter: &EventFilter) -> Result<Vec<EventRow>, StoreError>;
+}
+
+impl Journal for Service {
+    fn after(&self, id: i64, filter: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
+        self.store.events_after(id, filter, PAGE)
+    }
+}
+
+impl Journal for crate::store::Store {
+    fn after(&self, id: i64, filter: &EventFilter) -> Result<Vec<EventRow>, StoreError> {
+        self.events_after(id, filter, PAGE)
+    }
+}
+
+/// Events after `after` from `journal`, then from `rx` (subscribed before
+/// the first replay), without gap or duplicate.
+fn follow(
+    journal: Arc<dyn Journal>,
+    rx: broadcast::Receiver<Arc<Event>>,
+    closing: watch::Receiver<bool>,
+    after: i64,
+    q: EventQuery,
+) -> impl Stream<Item = Event> + Send + 'static {
+    let state = Follow {
+        rx,
+        closing,
+        journal,
+        after,
+        replay: true,
+        backlog: VecDeque::new(),
+        q,
+    };
+    futures_util::stream::unfold(state, Follow::next)
 }
 
 struct Follow {
     rx: broadcast::Receiver<Arc<Event>>,
     closing: watch::Receiver<bool>,
-    service: Arc<Service>,
+    journal: Arc<dyn Journal>,
     /// The id of the last event given out (or skipped by the filter).
     after: i64,
     /// Read the store before the channel (at the start, and after lagging).
@@ -220,11 +250,7 @@ impl Follow {
                 return None;
             }
             if self.replay {
-                match self
-                    .service
-                    .store
-                    .events_after(self.after, &self.q.filter(), PAGE)
-                {
+                match self.journal.after(self.after, &self.q.filter()) {
                     Ok(rows) if rows.is_empty() => self.replay = false,
                     Ok(rows) => {
                         self.backlog.extend(rows.into_iter().map(Event::from));
@@ -343,5 +369,100 @@ impl Service {
             });
             self.emit(EventKind::Observer, &issue.resource_id, "finding", d);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    fn setup(
+        capacity: usize,
+    ) -> (
+        tempfile::TempDir,
+        Arc<crate::store::Store>,
+        broadcast::Sender<Arc<Event>>,
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Arc::new(crate::store::Store::open(&dir.path().join("db")).expect("open"));
+        (dir, store, broadcast::channel(capacity).0)
+    }
+
+    /// Writes an event and broadcasts it, as `emit` does.
+    fn emit(store: &crate::store::Store, tx: &broadcast::Sender<Arc<Event>>, name: &str) {
+        let row = store
+            .insert_event("template", name, "created", "{}", 1000)
+            .expect("insert");
+        let _ = tx.send(Arc::new(Event::from(row)));
+    }
+
+    async fn next_ids(s: &mut (impl Stream<Item = Event> + Unpin), n: usize) -> Vec<i64> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let e = tokio::time::timeout(std::time::Duration::from_secs(5), s.next())
+                .await
+                .expect("an event in time")
+                .expect("stream open");
+            out.push(e.id);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn events_both_replayed_and_received_live_are_given_once() {
+        let (_dir, store, tx) = setup(64);
+        let (_close, closing) = watch::channel(false);
+        emit(&store, &tx, "before");
+        // Subscribed, then events written before the replay reads: they are
+        // in the store and in the channel.
+        let rx = tx.subscribe();
+        emit(&store, &tx, "a");
+        emit(&store, &tx, "b");
+        let mut s = Box::pin(follow(store.clone(), rx, closing, 0, EventQuery::default()));
+        assert_eq!(next_ids(&mut s, 3).await, [1, 2, 3]);
+        emit(&store, &tx, "live");
+        assert_eq!(next_ids(&mut s, 1).await, [4]);
+        let quiet = tokio::time::timeout(std::time::Duration::from_millis(100), s.next()).await;
+        assert!(quiet.is_err(), "a duplicate: {quiet:?}");
+    }
+
+    #[tokio::test]
+    async fn a_follower_that_falls_behind_replays_what_it_missed() {
+        let (_dir, store, tx) = setup(2);
+        let (_close, closing) = watch::channel(false);
+        let rx = tx.subscribe();
+        let mut s = Box::pin(follow(store.clone(), rx, closing, 0, EventQuery::default()));
+        emit(&store, &tx, "first");
+        assert_eq!(next_ids(&mut s, 1).await, [1]);
+        // Done replaying: it waits on the channel now.
+        let idle = tokio::time::timeout(std::time::Duration::from_millis(100), s.next()).await;
+        assert!(idle.is_err(), "{idle:?}");
+        // More than the channel holds while the follower does not read.
+        for i in 0..10 {
+            emit(&store, &tx, &format!("e{i}"));
+        }
+        assert_eq!(next_ids(&mut s, 10).await, (2..=11).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn filters_apply_to_replayed_and_live_events() {
+        let (_dir, store, tx) = setup(64);
+        let (close, closing) = watch::channel(false);
+        let rx = tx.subscribe();
+        emit(&store, &tx, "x");
+        emit(&store, &tx, "y");
+        let q = EventQuery {
+            resource: Some("y".into()),
+            ..EventQuery::default()
+        };
+        let mut s = Box::pin(follow(store.clone(), rx, closing, 0, q));
+        assert_eq!(next_ids(&mut s, 1).await, [2]);
+        emit(&store, &tx, "x");
+        emit(&store, &tx, "y");
+        assert_eq!(next_ids(&mut s, 1).await, [4]);
+        // Shutdown ends the stream.
+        close.send_replace(true);
+        assert!(s.next().await.is_none());
     }
 }
