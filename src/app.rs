@@ -43,12 +43,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         service: service.clone(),
         token: config.api_token.as_deref().map(Arc::from),
         vm_list: Arc::default(),
+        http_metrics: Arc::default(),
     };
     let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
+    // Before the "listening" line, which tells scripts vman is ready.
+    let signal = shutdown_signal();
     // Listen first: a QEMU that does not answer must not hold up the API.
     // Adoption runs in parallel, with a bounded wait per VM; the observer
     // starts once it is done (it would take a VM not adopted yet for dead).
@@ -71,27 +74,43 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         header_timeout: std::time::Duration::from_secs(config.header_timeout),
         max_connections: config.max_connections,
     };
-    api::listen::serve(listener, api::router(state), limits, shutdown_signal()).await;
+    let closing = service.clone();
+    let shutdown = async move {
+        signal.await;
+        closing.close_streams(); // open event streams and consoles end
+    };
+    api::listen::serve(listener, api::router(state), limits, shutdown).await;
     service.checkpoint_database();
     tracing::info!("vman stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Watches SIGTERM and SIGINT from the moment it is called (not from its
+/// first poll): a signal sent right after the "listening" line still
+/// shuts down gracefully instead of killing vman.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let term = async {
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!("cannot watch SIGTERM: {e}");
-                std::future::pending::<()>().await;
+    let watch = |kind: SignalKind, name: &'static str| {
+        let watched = signal(kind);
+        async move {
+            match watched {
+                Ok(mut s) => {
+                    s.recv().await;
+                    tracing::info!("{name} received, shutting down");
+                }
+                Err(e) => {
+                    tracing::error!("cannot watch {name}: {e}");
+                    std::future::pending::<()>().await;
+                }
             }
         }
     };
-    tokio::select! {
-        _ = term => tracing::info!("SIGTERM received, shutting down"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, shutting down"),
+    let term = watch(SignalKind::terminate(), "SIGTERM");
+    let int = watch(SignalKind::interrupt(), "SIGINT");
+    async move {
+        tokio::select! {
+            () = term => {}
+            () = int => {}
+        }
     }
 }

@@ -144,6 +144,10 @@ pub struct Config {
     /// or `off`.
     #[arg(long, env = "VMAN_QEMU_CPU_WEIGHT", default_value = "10", value_parser = parse_cpu_weight)]
     pub qemu_cpu_weight: CpuWeight,
+
+    /// Events kept in the database (GET /events); older ones are dropped.
+    #[arg(long, env = "VMAN_EVENTS_KEEP", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub events_keep: u64,
 }
 
 /// `VMAN_QEMU_CPU_WEIGHT`: off, or 1..=10000 on cgroup v2's scale.

@@ -25,7 +25,7 @@ pub struct ErrorBody {
     /// for people). Refusals (400): `already_exists`, `template_missing`,
     /// `in_use`, `already_running`, `not_running`, `adoption_pending`,
     /// `unkillable`, `no_memory`, `qemu_failed`, `console_not_connected`,
-    /// `console_write_failed`, `image_refused`, `image_failed`,
+    /// `console_write_failed`, `too_many_viewers`, `image_refused`, `image_failed`,
     /// `disk_file_refused`, `disk_attached`, `not_attached`, `disk_busy`,
     /// `no_free_slot`, `cannot_shrink`, `guest_did_not_release`,
     /// `hotplug_failed`, `invalid_transition`. Others: `invalid` (422), `required` (400),
@@ -33,7 +33,8 @@ pub struct ErrorBody {
     /// `method_not_allowed` (405), `unauthorized` (401), `host_not_allowed`
     /// (403), `origin_not_allowed` (403), `too_large` (413),
     /// `unsupported_media_type` (415), `insufficient_storage` (507),
-    /// `internal` (500), `database_damaged` (500). See docs/errors.md.
+    /// `internal` (500), `database_damaged` (500), `upgrade_required` (426).
+    /// See docs/errors.md.
     pub code: &'static str,
 }
 
@@ -85,6 +86,7 @@ fn code_of(reason: &Reason) -> &'static str {
         Reason::NoMemory => "no_memory",
         Reason::QemuFailed(_) => "qemu_failed",
         Reason::ConsoleNotConnected => "console_not_connected",
+        Reason::TooManyViewers => "too_many_viewers",
         Reason::ConsoleWriteFailed(_) => "console_write_failed",
         Reason::ImageRefused(_) => "image_refused",
         Reason::ImageFailed(_) => "image_failed",
@@ -178,7 +180,7 @@ mod tests {
 
     /// The code of every reason, in the order of `every_reason()`. These
     /// are published (docs/errors.md): never change one.
-    const REFUSAL_CODES: [&str; 24] = [
+    const REFUSAL_CODES: [&str; 25] = [
         "already_exists",
         "template_missing",
         "in_use",
@@ -191,6 +193,7 @@ mod tests {
         "qemu_failed",
         "console_not_connected",
         "console_write_failed",
+        "too_many_viewers",
         "image_refused",
         "image_failed",
         "disk_file_refused",
@@ -251,6 +254,7 @@ mod tests {
             "insufficient_storage",
             "internal",
             "database_damaged",
+            "upgrade_required",
         ];
         for code in REFUSAL_CODES.iter().chain(&others) {
             assert!(

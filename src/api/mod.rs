@@ -5,13 +5,16 @@
 //! SQL or processes.
 
 pub mod actions;
+pub mod console_ws;
 pub mod disks;
 pub mod doc;
 pub mod error;
+pub mod events;
 pub mod extract;
 pub mod guard;
 pub mod listen;
 pub mod metadata;
+pub mod metrics;
 pub mod system;
 pub mod templates;
 pub mod vms;
@@ -38,6 +41,7 @@ pub struct AppState {
     pub service: Arc<Service>,
     pub token: Option<Arc<str>>,
     pub vm_list: Arc<vms::ListCache>,
+    pub http_metrics: Arc<metrics::HttpMetrics>,
 }
 
 /// Every served route with its documentation, one list per module: a route
@@ -51,6 +55,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(actions::router())
         .merge(metadata::router())
         .merge(disks::router())
+        .merge(events::router())
+        .merge(console_ws::router())
+        .merge(metrics::router())
 }
 
 /// The served routes and their document, with the parts every operation
@@ -67,6 +74,7 @@ pub fn router(state: AppState) -> Router {
     let guard = Arc::new(guard::Guard::from_config(state.service.config()));
     let (routes, doc) = assembled();
     routes
+        .route_layer(middleware::from_fn(metrics::tag_route))
         .layer(Extension(system::Document::new(&doc)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -75,6 +83,10 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(guard, guard::enforce))
         .layer(panic_answer())
         .layer(middleware::from_fn(log_request))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            metrics::record,
+        ))
         .with_state(state)
 }
 
@@ -134,7 +146,11 @@ pub fn authorized(app: &AppState, headers: &header::HeaderMap) -> bool {
 
 /// /health answers anyone, with details only when `authorized`.
 async fn require_token(State(app): State<AppState>, req: Request, next: Next) -> Response {
-    if req.uri().path() == "/health" || authorized(&app, req.headers()) {
+    let (path, query) = (req.uri().path(), req.uri().query());
+    if path == "/health"
+        || authorized(&app, req.headers())
+        || console_ws::query_token_ok(&app, path, query)
+    {
         return next.run(req).await;
     }
     let mut resp = axum::response::IntoResponse::into_response(ApiError::new(

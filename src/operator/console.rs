@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::Mutex;
+use tokio::sync::{broadcast, Mutex};
+
+use crate::sync::LockExt;
 
 /// What GET /console returns at most.
 pub const TAIL_BYTES: u64 = 50 * 1024;
@@ -97,10 +99,31 @@ pub fn last_lines(path: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// Bytes of console output handed to live viewers, per chunk read.
+pub type Chunk = Arc<[u8]>;
+
+/// Chunks a live viewer may fall behind before it misses output.
+const VIEWER_BACKLOG: usize = 256;
+
+/// Live viewers one console takes at most.
+pub const MAX_VIEWERS: usize = 32;
+
+/// Why `watch` gives no viewer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WatchError {
+    /// QEMU closed the console.
+    Closed,
+    /// `MAX_VIEWERS` watch already.
+    Full,
+}
+
 /// A connected console: the pump runs in the background until QEMU closes
-/// the socket; `write` sends input to the guest.
+/// the socket; `write` sends input to the guest; `watch` gives live viewers
+/// the output as it is read (the file gets it all the same).
 pub struct Console {
     input: Mutex<Option<OwnedWriteHalf>>,
+    /// `None` once QEMU closed the console: viewers then see the end.
+    output: std::sync::Mutex<Option<broadcast::Sender<Chunk>>>,
 }
 
 impl Console {
@@ -110,6 +133,11 @@ impl Console {
         let (mut read, write) = stream.into_split();
         let mut log = BoundedLog::open(log_path, max_bytes)?;
         let path = log_path.to_owned();
+        let console = Arc::new(Self {
+            input: Mutex::new(Some(write)),
+            output: std::sync::Mutex::new(Some(broadcast::channel(VIEWER_BACKLOG).0)),
+        });
+        let pump = console.clone();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 16 * 1024];
             loop {
@@ -119,6 +147,10 @@ impl Console {
                         if let Err(e) = log.append(&buf[..n]) {
                             tracing::warn!("console {}: {e}", path.display());
                         }
+                        if let Some(tx) = pump.output.lock_or_recover().as_ref() {
+                            // No viewer is not an error.
+                            let _ = tx.send(Chunk::from(&buf[..n]));
+                        }
                     }
                     Err(e) => {
                         tracing::debug!("console {} closed: {e}", path.display());
@@ -126,10 +158,20 @@ impl Console {
                     }
                 }
             }
+            // Viewers see the end of the console.
+            pump.output.lock_or_recover().take();
         });
-        Ok(Arc::new(Self {
-            input: Mutex::new(Some(write)),
-        }))
+        Ok(console)
+    }
+
+    /// The output from now on, until QEMU closes the console.
+    pub fn watch(&self) -> Result<broadcast::Receiver<Chunk>, WatchError> {
+        let output = self.output.lock_or_recover();
+        let tx = output.as_ref().ok_or(WatchError::Closed)?;
+        if tx.receiver_count() >= MAX_VIEWERS {
+            return Err(WatchError::Full);
+        }
+        Ok(tx.subscribe())
     }
 
     /// Sends bytes to the guest's serial port.

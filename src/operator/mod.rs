@@ -10,6 +10,7 @@ pub mod privilege;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod stats;
 pub mod tools;
 pub mod unixsock;
 pub mod vm;

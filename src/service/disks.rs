@@ -231,6 +231,8 @@ impl Service {
                     input.size_gb,
                     path.display()
                 );
+                let size = serde_json::json!({ "size": input.size_gb });
+                self.emit(super::EventKind::Disk, id.as_str(), "created", size);
                 self.view(disk).await
             }
             Err(e) => {
@@ -273,6 +275,8 @@ impl Service {
                     }
                 }
                 tracing::info!("disk {id} deleted");
+                let none = serde_json::json!({});
+                self.emit(super::EventKind::Disk, id.as_str(), "deleted", none);
                 Ok(())
             }
         }
@@ -357,6 +361,8 @@ impl Service {
         } else {
             tracing::info!("disk {id} attached to stopped vm {vm_id} (hp{slot} at next start)");
         }
+        let to = serde_json::json!({ "vm": vm_id.as_str(), "slot": slot });
+        self.emit(super::EventKind::Disk, id.as_str(), "attached", to);
         self.get_disk(id).await
     }
 
@@ -403,6 +409,8 @@ impl Service {
                 tracing::info!("disk {id} detached from stopped vm {vm_id}");
             }
             self.store.release_disk(id, &vm_id)?;
+            let from = serde_json::json!({ "vm": vm_id.as_str() });
+            self.emit(super::EventKind::Disk, id.as_str(), "detached", from);
             return self.get_disk(id).await;
         }
         Err(Reason::DiskBusy.refuse("Disk is being moved by another request; try again"))
@@ -436,9 +444,13 @@ impl Service {
                 return;
             }
             match service.store.release_disk(&id, &vm_id) {
-                Ok(_) => tracing::info!(
-                    "disk {id}: the guest of vm {vm_id} released it late; detach completed"
-                ),
+                Ok(_) => {
+                    tracing::info!(
+                        "disk {id}: the guest of vm {vm_id} released it late; detach completed"
+                    );
+                    let from = serde_json::json!({ "vm": vm_id.as_str(), "late": true });
+                    service.emit(super::EventKind::Disk, id.as_str(), "detached", from);
+                }
                 Err(e) => tracing::error!("disk {id}: cannot record the late detach: {e}"),
             }
         });
@@ -481,6 +493,8 @@ impl Service {
         }
         self.store.set_disk_size(id, size_gb)?;
         tracing::info!("disk {id} grown to {size_gb} GiB");
+        let sizes = serde_json::json!({ "from": disk.size_gb, "size": size_gb });
+        self.emit(super::EventKind::Disk, id.as_str(), "resized", sizes);
         self.get_disk(id).await
     }
 

@@ -137,6 +137,8 @@ pub enum Reason {
     ConsoleNotConnected,
     /// Writing to the VM's serial console failed.
     ConsoleWriteFailed(std::io::Error),
+    /// The console has as many live viewers as it takes.
+    TooManyViewers,
     /// An image the caller (or the configuration) names is refused by the
     /// image checks (folder, format, backing chain).
     ImageRefused(ImageError),
@@ -238,6 +240,7 @@ pub(crate) fn every_reason() -> Vec<Reason> {
         Reason::QemuFailed(LaunchError::Failed("exit 1".into())),
         Reason::ConsoleNotConnected,
         Reason::ConsoleWriteFailed(io()),
+        Reason::TooManyViewers,
         Reason::ImageRefused(image()),
         Reason::ImageFailed(image()),
         Reason::DiskFileRefused(None),
@@ -264,6 +267,7 @@ pub(crate) fn every_reason() -> Vec<Reason> {
             | Reason::QemuFailed(_)
             | Reason::ConsoleNotConnected
             | Reason::ConsoleWriteFailed(_)
+            | Reason::TooManyViewers
             | Reason::ImageRefused(_)
             | Reason::ImageFailed(_)
             | Reason::DiskFileRefused(_)

@@ -157,6 +157,7 @@ impl Service {
                 .pin_image_formats(&vm.id, root.pin_qcow2_path, root.pin_boot_disk)?;
         }
         let t1 = t0.elapsed();
+        self.counters.provisioned(root.provisioned);
         let run = vm::launch(
             &self.config.qemu_binary,
             &spec,
@@ -205,18 +206,21 @@ impl Service {
             if info.requested {
                 return; // stop/delete writes the state itself
             }
+            let seen = std::time::Instant::now();
             let _guard = service.lock_vm(&id).await;
             if !service.unregister(&id, &run) {
                 return;
             }
             service.record_unexpected_exit(&id, &run, &info);
+            service.counters.exit_recorded(seen.elapsed());
         });
     }
 
     fn record_unexpected_exit(&self, id: &Name, run: &Running, info: &ExitInfo) {
         let (event, detail) = if info.clean() {
             tracing::info!("vm {id}: guest powered off ({})", info.status);
-            (VmEvent::Halted, Detail::clear())
+            let cause = format!("guest powered off ({})", info.status);
+            (VmEvent::Halted, Detail::clear().because(cause))
         } else {
             let msg = with_console_tail(
                 format!("QEMU exited unexpectedly ({})", info.status),
@@ -242,7 +246,7 @@ impl Service {
             // An unresponsive (adoption pending) or unmanaged QEMU: by pid.
             return match self.kill_unmanaged(id).await? {
                 Some(_) => {
-                    self.record(id, VmEvent::Killed, Detail::clear())?;
+                    self.record(id, VmEvent::Killed, Detail::clear().because("killed"))?;
                     tracing::info!("vm {id} stopped by SIGKILL (its QEMU was not adopted)");
                     Ok(StopReport {
                         method: StopMethod::Killed,
@@ -258,7 +262,8 @@ impl Service {
             .await;
         let elapsed = started.elapsed();
         self.unregister(id, &run);
-        self.record(id, VmEvent::Halted, Detail::clear())?;
+        let how = Detail::clear().because(super::events::stop_cause(method));
+        self.record(id, VmEvent::Halted, how)?;
         tracing::info!(
             "vm {id} stopped by {method:?} in {:.0} ms",
             elapsed.as_secs_f64() * 1000.0
@@ -302,6 +307,8 @@ impl Service {
             ),
         }
         tracing::info!("vm {id} deleted");
+        let none = serde_json::json!({});
+        self.emit(super::EventKind::Vm, id.as_str(), "deleted", none);
         Ok(())
     }
 

@@ -6,22 +6,27 @@
 mod adoption;
 mod blocking;
 mod coherence;
+mod console;
 pub mod database;
 mod disk_plan;
 mod disks;
 mod error;
+mod events;
 mod health;
 mod lifecycle;
+pub mod metrics;
 mod observe;
 mod record;
 pub mod rootdisk;
 mod space;
 
 pub use coherence::{Issue, Report};
+pub use console::{ConsoleOutput, ConsoleSession};
 pub use disks::{CreateDisk, DiskState, DiskView};
 #[cfg(test)]
 pub(crate) use error::every_reason;
 pub use error::{Reason, Refusal, ServiceError};
+pub use events::{Event, EventKind, EventQuery};
 pub use lifecycle::StopReport;
 
 use std::collections::HashMap;
@@ -79,6 +84,10 @@ pub struct Service {
     /// State changes that happened but could not be recorded (full disk);
     /// the observer records them (`space.rs`).
     unrecorded: Mutex<HashMap<Name, (crate::model::VmEvent, record::Detail)>>,
+    /// The live side of the event journal (`events.rs`).
+    events: events::Events,
+    /// What /metrics counts as it happens (`metrics.rs`).
+    pub(crate) counters: metrics::Counters,
 }
 
 impl Service {
@@ -94,6 +103,8 @@ impl Service {
             memory: Mutex::default(),
             observer: Mutex::default(),
             unrecorded: Mutex::default(),
+            events: events::Events::default(),
+            counters: metrics::Counters::default(),
         }
     }
 
@@ -112,6 +123,8 @@ impl Service {
         match self.store.insert_template(&template) {
             Ok(()) => {
                 tracing::info!("template {} created", template.name);
+                let size = serde_json::json!({ "cpu_count": template.cpu_count, "ram_mib": template.ram_mib });
+                self.emit(EventKind::Template, template.name.as_str(), "created", size);
                 Ok(template)
             }
             Err(StoreError::AlreadyExists) => {
@@ -133,6 +146,8 @@ impl Service {
         match self.store.delete_template(name) {
             Ok(()) => {
                 tracing::info!("template {name} deleted");
+                let none = serde_json::json!({});
+                self.emit(EventKind::Template, name.as_str(), "deleted", none);
                 Ok(())
             }
             Err(StoreError::InUse(n)) => {
@@ -173,6 +188,8 @@ impl Service {
         match self.store.insert_vm(&new) {
             Ok(vm) => {
                 tracing::info!("vm {} created from template {}", vm.id, vm.template.name);
+                let from = serde_json::json!({ "template": vm.template.name.as_str() });
+                self.emit(EventKind::Vm, vm.id.as_str(), "created", from);
                 Ok(vm)
             }
             Err(StoreError::AlreadyExists) => {
@@ -206,10 +223,15 @@ impl Service {
         self.store
             .upsert_metadata(id, &patch)
             .map_err(missing("VM"))?;
+        let none = serde_json::json!({});
+        self.emit(EventKind::Vm, id.as_str(), "metadata_updated", none);
         self.get_metadata(id)
     }
 
     pub fn delete_metadata(&self, id: &Name) -> Result<(), ServiceError> {
-        self.store.delete_metadata(id).map_err(missing("VM"))
+        self.store.delete_metadata(id).map_err(missing("VM"))?;
+        let none = serde_json::json!({});
+        self.emit(EventKind::Vm, id.as_str(), "metadata_cleared", none);
+        Ok(())
     }
 }

@@ -89,6 +89,7 @@ impl Service {
     }
 
     pub fn record_observation(&self, issues: Vec<Issue>) {
+        self.emit_new_findings(&self.observer.lock_or_recover().issues, &issues);
         let mut report = self.observer.lock_or_recover();
         report.passes += 1;
         report.last_check_at = Some(crate::model::now());

@@ -20,6 +20,8 @@ pub(crate) struct Detail {
     pub pid: Option<i64>,
     pub error: Option<String>,
     pub root_disk: Option<(RootDiskSource, String, u64, ImageFormat)>,
+    /// Why it happened, for its event only (not stored with the VM).
+    pub cause: Option<String>,
 }
 
 impl Detail {
@@ -46,6 +48,11 @@ impl Detail {
 
     pub fn with_error(mut self, msg: impl Into<String>) -> Self {
         self.error = Some(msg.into());
+        self
+    }
+
+    pub fn because(mut self, cause: impl Into<String>) -> Self {
+        self.cause = Some(cause.into());
         self
     }
 }
@@ -141,6 +148,7 @@ impl Service {
                     self.take_unrecorded(id);
                 }
                 tracing::debug!("vm {id}: {from} --{event}--> {}", vm.state);
+                self.emit_vm_change(&vm, from, event, &detail);
                 Ok(*vm)
             }
             VmWrite::Stale(found) => Err(RecordError::Stale {

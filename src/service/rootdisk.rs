@@ -38,6 +38,8 @@ pub struct RootDisk {
     /// before formats were pinned).
     pub pin_qcow2_path: Option<ImageFormat>,
     pub pin_boot_disk: Option<ImageFormat>,
+    /// How it was made at this start (method, bytes, time), for /metrics.
+    pub provisioned: Option<(&'static str, u64, std::time::Duration)>,
 }
 
 impl RootDisk {
@@ -51,6 +53,7 @@ impl RootDisk {
             chain,
             pin_qcow2_path: None,
             pin_boot_disk: None,
+            provisioned: None,
         }
     }
 }
@@ -250,6 +253,7 @@ pub fn choose(
         report.elapsed.as_secs_f64() * 1000.0
     );
     let mut root = made(kind)?;
+    root.provisioned = Some((report.method, report.bytes, report.elapsed));
     if kind == RootDiskSource::BootDisk && vm.boot_disk_format.is_none() {
         root.pin_boot_disk = Some(source.top().format);
     }

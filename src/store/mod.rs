@@ -28,6 +28,7 @@ macro_rules! template_columns {
 
 mod check;
 mod disks;
+mod events;
 mod reserve;
 mod vms;
 
@@ -41,6 +42,7 @@ use crate::sync::LockExt;
 
 pub use check::{backup, CheckLevel, Holdings, Lock, OpenOptions};
 pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
+pub use events::{EventFilter, EventRow};
 pub use vms::{NewVm, VmRuntime, VmWrite};
 
 /// The migrations, in order. Index + 1 is the schema version they produce.
@@ -48,6 +50,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_disks.sql"),
     include_str!("../../migrations/0003_image_formats.sql"),
+    // 0004-0006 belong to other branches; the merge puts them before this.
+    include_str!("../../migrations/0007_events.sql"),
 ];
 
 const READERS: usize = 4;

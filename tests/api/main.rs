@@ -8,11 +8,14 @@ mod auth;
 mod codes;
 mod concurrency;
 mod config;
+mod console_ws;
 mod cross_site;
 mod database;
 mod disks;
+mod events;
 mod limits;
 mod metadata;
+mod metrics;
 mod persistence;
 mod robustness;
 mod routes;
@@ -57,4 +60,31 @@ pub fn names(list: &Value, key: &str) -> Vec<String> {
         .collect();
     out.sort();
     out
+}
+
+/// Kills, when dropped (also when a test fails half-way), every QEMU
+/// started from the storage folder of a test that starts real VMs.
+pub struct KillGuests(pub std::path::PathBuf);
+
+impl Drop for KillGuests {
+    fn drop(&mut self) {
+        let needle = self.0.to_string_lossy().into_owned();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+            if pid > 1 && cmd.contains("qemu-system") && cmd.contains(&needle) {
+                // SAFETY: kill(2) of a QEMU this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
 }

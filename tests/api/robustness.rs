@@ -46,6 +46,9 @@ fn no_route_answers_5xx_to_bad_input() {
                         p
                     })
                     .collect()
+            } else if template == "/events" {
+                // Streams until the client leaves: ask for the list.
+                vec!["/events?follow=false".to_owned()]
             } else {
                 vec![template.clone()]
             };

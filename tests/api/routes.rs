@@ -41,6 +41,9 @@ const SERVED: &[(&str, &str)] = &[
     ("POST", "/disks/{id}/attach"),
     ("POST", "/disks/{id}/detach"),
     ("POST", "/disks/{id}/resize"),
+    ("GET", "/events"),
+    ("GET", "/vms/{vm_id}/console/ws"),
+    ("GET", "/metrics"),
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "PATCH"];
@@ -55,9 +58,14 @@ fn concrete(template: &str) -> String {
 }
 
 fn send(s: &Server, method: &str, path: &str) -> Reply {
+    // GET /events streams until the client leaves: ask for the list.
+    let path = match (method, path) {
+        ("GET", "/events") => "/events?follow=false".to_owned(),
+        _ => concrete(path),
+    };
     s.raw(
         method,
-        &concrete(path),
+        &path,
         Some(b"{}"),
         &[("content-type", "application/json")],
     )

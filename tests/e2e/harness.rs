@@ -73,6 +73,12 @@ impl Builder {
         self
     }
 
+    /// Sets `VMAN_API_TOKEN`; the helpers send it.
+    pub fn api_token(mut self, token: &str) -> Self {
+        self.inner = self.inner.api_token(token);
+        self
+    }
+
     /// The default boot disk is the tiny image.
     pub fn with_tiny_default(self) -> Self {
         let image = tiny_image().to_path_buf();
