@@ -19,7 +19,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let db = config.db_path();
     let store = Store::open_with(&db, &crate::store::OpenOptions::for_serve(&config))
         .with_context(|| format!("cannot open database {}", db.display()))?;
-    let host = Host::probe(&config)?;
+    let mut host = Host::probe(&config)?;
+    host.guard = crate::operator::guard::start(&config.guard_table, host.run_as.as_ref());
+    if config.user_net == crate::model::UserNet::Passt {
+        crate::operator::passt::check(&config.passt_binary)?;
+    }
     tracing::info!(
         "accelerator {} ({}), QEMU sandbox {}, QEMU user {}, QEMU CPU weight {}",
         host.accel.as_str(),
@@ -72,6 +76,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         max_connections: config.max_connections,
     };
     api::listen::serve(listener, api::router(state), limits, shutdown_signal()).await;
+    service.network_shutdown().await;
     service.checkpoint_database();
     tracing::info!("vman stopped");
     Ok(())

@@ -12,6 +12,7 @@ mod disks;
 mod error;
 mod health;
 mod lifecycle;
+mod network;
 mod observe;
 mod record;
 pub mod rootdisk;
@@ -23,6 +24,7 @@ pub use disks::{CreateDisk, DiskState, DiskView};
 pub(crate) use error::every_reason;
 pub use error::{Reason, Refusal, ServiceError};
 pub use lifecycle::StopReport;
+pub use network::{AddPort, Applied};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -59,6 +61,8 @@ pub struct CreateVm {
     pub id: Option<Name>,
     pub qcow2_path: Option<String>,
     pub boot_disk: Option<String>,
+    /// `network.mode`; `None`: `VMAN_NETWORK_MODE`.
+    pub network: Option<crate::model::NetworkMode>,
 }
 
 pub struct Service {
@@ -159,6 +163,7 @@ impl Service {
             ))
         })
         .await??;
+        let (network_mode, ports) = self.network_for_new(input.network).await?;
         let path = |a: &Option<rootdisk::Accepted>| {
             a.as_ref().map(|a| a.path.to_string_lossy().into_owned())
         };
@@ -169,11 +174,19 @@ impl Service {
             boot_disk: path(&boot),
             qcow2_path_format: qcow2.as_ref().map(|a| a.format),
             boot_disk_format: boot.as_ref().map(|a| a.format),
+            network_mode,
+            ports,
         };
         match self.store.insert_vm(&new) {
             Ok(vm) => {
                 tracing::info!("vm {} created from template {}", vm.id, vm.template.name);
                 Ok(vm)
+            }
+            Err(StoreError::AlreadyExists) if self.store.get_vm(&new.id).is_err() => {
+                // Not the id: the host port allocated for guest 22 was
+                // recorded by another VM meanwhile.
+                Err(Reason::PortInUse
+                    .refuse("The host port allocated for SSH was taken meanwhile; try again"))
             }
             Err(StoreError::AlreadyExists) => {
                 Err(Reason::AlreadyExists.refuse("VM with this ID already exists"))

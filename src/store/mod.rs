@@ -28,6 +28,7 @@ macro_rules! template_columns {
 
 mod check;
 mod disks;
+mod ports;
 mod reserve;
 mod vms;
 
@@ -41,6 +42,7 @@ use crate::sync::LockExt;
 
 pub use check::{backup, CheckLevel, Holdings, Lock, OpenOptions};
 pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
+pub use ports::PortInsert;
 pub use vms::{NewVm, VmRuntime, VmWrite};
 
 /// The migrations, in order. Index + 1 is the schema version they produce.
@@ -48,6 +50,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_disks.sql"),
     include_str!("../../migrations/0003_image_formats.sql"),
+    include_str!("../../migrations/0004_network.sql"),
 ];
 
 const READERS: usize = 4;
@@ -337,6 +340,8 @@ mod tests {
             boot_disk: None,
             qcow2_path_format: None,
             boot_disk_format: None,
+            network_mode: crate::model::NetworkMode::None,
+            ports: Vec::new(),
         };
         store.insert_vm(&vm).expect("vm");
         assert!(matches!(
