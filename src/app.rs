@@ -62,6 +62,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::error!("cannot recover running VMs: {e}");
         }
         service.recover_disk_attachments().await;
+        service.recover_network().await;
         crate::observer::run(service, interval).await;
     });
     tracing::info!(

@@ -284,12 +284,11 @@ impl Service {
     /// stops its passt, forgets its address.
     pub(crate) async fn teardown_network(&self, id: &Name) {
         let dir = self.paths(id).dir;
-        if passt::find(&dir).is_some() {
-            if passt::stop(&dir).await {
-                tracing::info!("vm {id}: passt stopped");
-            } else {
-                tracing::error!("vm {id}: its passt did not stop");
-            }
+        let running = passt::find(&dir);
+        if !passt::stop(&dir).await {
+            tracing::error!("vm {id}: its passt did not stop");
+        } else if let Some(pid) = running {
+            tracing::info!("vm {id}: passt pid {pid} stopped");
         }
         match self.store.set_local_ip(id, None) {
             Ok(()) | Err(StoreError::NotFound) => {}
@@ -339,6 +338,22 @@ impl Service {
             Ok(Ok(())) => tracing::info!("nftables table inet {} removed", self.config.guard_table),
             Ok(Err(e)) => tracing::warn!("cannot remove the nftables guard: {e}"),
             Err(e) => tracing::warn!("cannot remove the nftables guard: {e}"),
+        }
+    }
+
+    /// At start-up, after QEMU adoption: the passt of each adopted VM is
+    /// taken over (found by its command line; it serves its QEMU on), and
+    /// one whose QEMU is gone is stopped (as the observer does).
+    pub async fn recover_network(&self) {
+        if let Ok(vms) = self.store.list_vms(Some(crate::model::VmState::Running)) {
+            for vm in vms.iter().filter(|v| v.network_mode == NetworkMode::User) {
+                if let Some(pid) = passt::find(&self.paths(&vm.id).dir) {
+                    tracing::info!("vm {}: adopted its running passt pid {pid}", vm.id);
+                }
+            }
+        }
+        for issue in self.network_observations().await {
+            tracing::warn!("start-up: {}", issue.details);
         }
     }
 

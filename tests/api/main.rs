@@ -14,6 +14,7 @@ mod disks;
 mod limits;
 mod metadata;
 mod persistence;
+mod ports;
 mod robustness;
 mod routes;
 mod system;
