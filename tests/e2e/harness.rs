@@ -106,6 +106,14 @@ impl Vman {
         self.logs().iter().filter(|l| l.contains(needle)).count()
     }
 
+    /// A clean stop (SIGTERM); asserts vman exited with success.
+    pub fn sigterm(&mut self) {
+        if self.server.is_running() {
+            let status = self.server.sigterm();
+            assert!(status.success(), "vman exit after SIGTERM: {status:?}");
+        }
+    }
+
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
         if self.server.is_running() {
