@@ -20,7 +20,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store = Store::open_with(&db, &crate::store::OpenOptions::for_serve(&config))
         .with_context(|| format!("cannot open database {}", db.display()))?;
     let mut host = Host::probe(&config)?;
-    host.guard = crate::operator::guard::start(&config.guard_table, host.run_as.as_ref());
+    // The guard table is needed now only if user-mode VMs may be running.
+    let guarded = store
+        .list_vms(Some(crate::model::VmState::Running))
+        .map(|vms| {
+            vms.iter()
+                .any(|v| v.network_mode == crate::model::NetworkMode::User)
+        })
+        .unwrap_or(true);
+    host.guard = crate::operator::guard::start(&config.guard_table, host.run_as.as_ref(), guarded);
     if config.user_net == crate::model::UserNet::Passt {
         crate::operator::passt::check(&config.passt_binary)?;
     }

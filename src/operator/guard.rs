@@ -4,8 +4,9 @@
 //! of the host (loopback, any address the host owns: `fib daddr type local`)
 //! or to 169.254.169.254 (the host's own cloud metadata) is rejected, except
 //! DNS (port 53) to the host's resolver. Guests keep the outside network;
-//! the vman API and every other host service stay out of reach. Created (or
-//! reconciled: replaced atomically) at start-up, removed at a clean exit
+//! the vman API and every other host service stay out of reach. Created when
+//! a user-mode VM starts (and at start-up when VMs run; a stale one is
+//! removed then), replaced atomically each time, removed at a clean exit
 //! when no VM of this vman still runs.
 
 use std::io::Write;
@@ -70,10 +71,13 @@ fn nft(args: &[&str], input: Option<&str>) -> Result<String, GuardError> {
     }
 }
 
-/// At start-up: as root (QEMU switches to `run_as`), creates or reconciles
-/// the table and says whether it is in place; without root there is no
-/// guard and slirp runs with `restrict=on`.
-pub fn start(table: &str, run_as: Option<&super::privilege::RunAs>) -> bool {
+/// At start-up: as root (QEMU switches to `run_as`) the guard is
+/// available when nft works. The table itself exists only while user-mode
+/// VMs may run: created (or reconciled) now when `needed` (VMs recorded
+/// running), else a table left by a crash is removed; every start of a
+/// user-mode VM re-applies it. Without root there is no guard and slirp
+/// runs with `restrict=on`.
+pub fn start(table: &str, run_as: Option<&super::privilege::RunAs>, needed: bool) -> bool {
     let Some(run_as) = run_as else {
         tracing::info!(
             "user-mode networking: no nftables guard (not root); slirp guests are restricted \
@@ -81,19 +85,29 @@ pub fn start(table: &str, run_as: Option<&super::privilege::RunAs>) -> bool {
         );
         return false;
     };
-    match ensure(table, run_as.uid) {
+    let done = if needed {
+        ensure(table, run_as.uid)
+    } else {
+        nft(&["list", "tables"], None).and_then(|_| remove(table))
+    };
+    match done {
         Ok(()) => {
             tracing::info!(
                 "user-mode networking: nftables table inet {table} keeps guests (uid {}) off \
-                 the host's own addresses",
-                run_as.uid
+                 the host's own addresses{}",
+                run_as.uid,
+                if needed {
+                    ""
+                } else {
+                    " (made at the first start)"
+                }
             );
             true
         }
         Err(e) => {
             tracing::warn!(
-                "user-mode networking: cannot install nftables table inet {table} ({e}); \
-                 slirp guests run restricted (restrict=on)"
+                "user-mode networking: nftables unusable ({e}); slirp guests run restricted \
+                 (restrict=on)"
             );
             false
         }

@@ -109,7 +109,7 @@ impl Store {
     pub fn taken_ports(&self) -> Result<Vec<(u16, Protocol)>, StoreError> {
         self.read(|c| {
             let rows = c
-                .prepare_cached(&format!("{SELECT}"))?
+                .prepare_cached(SELECT)?
                 .query_map([], row)?
                 .map(|r| r.map(|p| (p.host_port, p.protocol)))
                 .collect::<Result<Vec<_>, _>>()?;

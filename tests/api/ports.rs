@@ -81,7 +81,10 @@ fn forwards_are_added_listed_and_deleted() {
     assert_eq!(r.1["guest_port"], 80);
     assert_eq!(r.1["applied"], "next_start");
     // Without host_port vman allocates one; udp works too.
-    let r = s.post_json("/vms/a/ports", &json!({"guest_port": 53, "protocol": "udp"}));
+    let r = s.post_json(
+        "/vms/a/ports",
+        &json!({"guest_port": 53, "protocol": "udp"}),
+    );
     assert_eq!(r.0, 201, "{}", r.1);
     let udp = r.1["host_port"].as_u64().expect("port");
     assert!(udp > 0);
@@ -117,14 +120,25 @@ fn a_host_port_in_use_by_anything_is_a_400_and_nothing_is_recorded() {
     );
     assert_error(&r, 400);
     assert_eq!(code(&r), "port_in_use");
-    assert!(r.1["detail"].as_str().unwrap_or("").contains("VM a"), "{}", r.1);
+    assert!(
+        r.1["detail"].as_str().unwrap_or("").contains("VM a"),
+        "{}",
+        r.1
+    );
     // Any socket of the host.
     let held = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = held.local_addr().expect("addr").port();
-    let r = s.post_json("/vms/b/ports", &json!({"guest_port": 80, "host_port": port}));
+    let r = s.post_json(
+        "/vms/b/ports",
+        &json!({"guest_port": 80, "host_port": port}),
+    );
     assert_error(&r, 400);
     assert_eq!(code(&r), "port_in_use");
-    assert!(r.1["detail"].as_str().unwrap_or("").contains("in use"), "{}", r.1);
+    assert!(
+        r.1["detail"].as_str().unwrap_or("").contains("in use"),
+        "{}",
+        r.1
+    );
     drop(held);
     let (_, after) = s.get("/vms/b/ports");
     assert_eq!(after, before);
@@ -147,7 +161,11 @@ fn bad_network_input_is_a_4xx_json_error_and_creates_nothing() {
         );
         // serde answers a number where an enum is expected as a syntax
         // error (400 malformed_json); the others name the field (422).
-        let status = if network == json!({"mode": 1}) { 400 } else { 422 };
+        let status = if network == json!({"mode": 1}) {
+            400
+        } else {
+            422
+        };
         let d = assert_error(&r, status);
         if status == 422 {
             assert!(d.contains("network"), "{network}: {d}");
@@ -189,7 +207,10 @@ fn bad_network_input_is_a_4xx_json_error_and_creates_nothing() {
     let (_, after) = s.get("/vms/a/ports");
     assert_eq!(after, before, "nothing recorded");
     // Forwards of a VM that does not exist.
-    assert_error(&s.post_json("/vms/nope/ports", &json!({"guest_port": 80})), 404);
+    assert_error(
+        &s.post_json("/vms/nope/ports", &json!({"guest_port": 80})),
+        404,
+    );
     assert_error(&s.get("/vms/nope/ports"), 404);
     assert_error(&s.delete("/vms/nope/ports/8080"), 404);
     // A host port that is not a port.
@@ -240,6 +261,9 @@ fn a_deleted_vm_frees_its_host_ports() {
     s.post_json("/vms", &json!({"template_name": "t", "name": "b"}));
     let (st, _) = s.delete("/vms/a");
     assert_eq!(st, 204);
-    let r = s.post_json("/vms/b/ports", &json!({"guest_port": 22, "host_port": port}));
+    let r = s.post_json(
+        "/vms/b/ports",
+        &json!({"guest_port": 22, "host_port": port}),
+    );
     assert_eq!(r.0, 201, "{}", r.1);
 }
