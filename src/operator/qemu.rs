@@ -421,6 +421,38 @@ mod tests {
     }
 
     #[test]
+    fn a_nic_follows_the_disks_and_only_the_metadata_relay_may_fork() {
+        use super::super::nic::{Nic, NicBackend};
+        let mut s = spec();
+        assert!(!joined(&s).contains("-netdev"), "no NIC in mode none");
+        let slirp = |metadata| Nic {
+            mac: "52:54:00:01:02:03".into(),
+            backend: NicBackend::Slirp {
+                restrict: true,
+                forwards: Vec::new(),
+                metadata,
+            },
+        };
+        s.nic = Some(slirp(false));
+        let line = joined(&s);
+        assert!(line.contains("-netdev user,id=net0,net=169.254.169.0/24"));
+        assert!(line.contains("restrict=on"));
+        assert!(line.contains("-device virtio-net-pci,netdev=net0,mac=52:54:00:01:02:03"));
+        assert!(line.contains("spawn=deny"));
+        s.nic = Some(slirp(true));
+        assert!(joined(&s).contains("spawn=allow"));
+        // A stream NIC's descriptor is passed to QEMU.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let fd: std::os::fd::OwnedFd = a.into();
+        let raw = fd.as_raw_fd();
+        s.nic = Some(Nic {
+            mac: "52:54:00:01:02:03".into(),
+            backend: NicBackend::Stream { fd: Arc::new(fd) },
+        });
+        assert!(passed_fds(&s).contains(&raw));
+    }
+
+    #[test]
     fn node_names_fit_qemu_limits() {
         let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcde";
         assert!(disk_file_node(id).len() <= 31);
