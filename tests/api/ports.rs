@@ -267,3 +267,18 @@ fn a_deleted_vm_frees_its_host_ports() {
     );
     assert_eq!(r.0, 201, "{}", r.1);
 }
+
+#[test]
+fn vman_user_net_passt_without_passt_is_refused_at_start_up() {
+    let out = Server::builder()
+        .env("VMAN_USER_NET", "passt")
+        .env("VMAN_PASST_BINARY", "/nonexistent/passt")
+        .run_to_exit();
+    assert!(!out.timed_out, "vman started without passt: {out:?}");
+    assert_ne!(out.code, Some(0), "{out:?}");
+    let err = out.stderr_lines().join("\n");
+    assert!(
+        err.contains("/nonexistent/passt") && err.contains("passt package"),
+        "{err}"
+    );
+}
