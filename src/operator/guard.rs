@@ -6,8 +6,8 @@
 //! DNS (port 53) to the host's resolver. Guests keep the outside network;
 //! the vman API and every other host service stay out of reach. Created when
 //! a user-mode VM starts (and at start-up when VMs run; a stale one is
-//! removed then), replaced atomically each time, removed at a clean exit
-//! when no VM of this vman still runs.
+//! removed then), replaced atomically each time, removed when no VM of
+//! this vman runs or starts any more (and at a clean exit in that case).
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -35,6 +35,11 @@ pub struct AddPort {
     pub protocol: Protocol,
 }
 
+/// Serialises making and removing the guard table with the check that no
+/// VM runs or starts (a start reserves its memory before it makes the
+/// table, so a removal never slips between a start's table and its QEMU).
+static GUARD_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// How many ephemeral picks vman tries before it gives up allocating.
 const ALLOCATION_TRIES: usize = 32;
 
@@ -253,6 +258,8 @@ impl Service {
                         metadata: dir.join(nic::METADATA_SOCK).exists(),
                     },
                     UserNet::Passt => {
+                        // As root, passt (the QEMU user) is guarded too.
+                        self.guard_in_place().await;
                         // A passt left from an earlier run of this VM goes.
                         passt::stop(&dir).await;
                         let spec = passt::PasstSpec {
@@ -293,6 +300,29 @@ impl Service {
         match self.store.set_local_ip(id, None) {
             Ok(()) | Err(StoreError::NotFound) => {}
             Err(e) => tracing::warn!("vm {id}: cannot clear its address: {e}"),
+        }
+        self.drop_guard_when_idle().await;
+    }
+
+    /// Removes the guard table when no VM of this vman runs or starts: the
+    /// table exists only while guests may need it.
+    async fn drop_guard_when_idle(&self) {
+        if !self.host.guard {
+            return;
+        }
+        let _held = GUARD_LOCK.lock().await;
+        let idle = self.memory.lock_or_recover().is_empty() && self.pending_vms().is_empty();
+        if !idle {
+            return;
+        }
+        let table = self.config.guard_table.clone();
+        match super::blocking::blocking("nft guard", move || guard::remove(&table)).await {
+            Ok(Ok(())) => tracing::info!(
+                "nftables table inet {} removed (no VM runs)",
+                self.config.guard_table
+            ),
+            Ok(Err(e)) => tracing::warn!("cannot remove the nftables guard: {e}"),
+            Err(e) => tracing::warn!("cannot remove the nftables guard: {e}"),
         }
     }
 

@@ -258,6 +258,10 @@ fn slirp_guest_gets_its_address_and_forwards_reach_its_web_server() {
 
     stop(&vman, "web");
     assert_eq!(vman.vm("web")["local_ip"], Value::Null);
+    assert!(
+        !nft_table_exists(&guard),
+        "guard table kept with no VM running"
+    );
     vman.sigterm();
     assert!(
         !nft_table_exists(&guard),
@@ -290,6 +294,12 @@ fn passt_guest_forwards_survive_a_vman_restart_and_passt_goes_with_the_vm() {
     assert_eq!(running.len(), 1, "one passt for the VM: {running:?}");
     vman.wait_console("pw", "vman-guest: ip 10.0.2.15", 1);
     assert_eq!(vman.vm("pw")["network"]["local_ip"], "10.0.2.15");
+    if is_root() {
+        assert!(
+            nft_table_exists(&guard),
+            "passt (the QEMU user) is guarded as root"
+        );
+    }
     wait_page(&vman, web_port, "vman-guest pw");
     vman.wait_console("pw", "vman-guest: ready", 1);
     assert!(guest_probe(&vman, "pw", "self", "127.0.0.1", 80) > 0);
