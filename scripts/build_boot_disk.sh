@@ -28,6 +28,9 @@
 #                                      the boot disk vda, and every hot-added one)
 #   vman-guest: disk removed vdX
 #   vman-guest: eth0 address <ip>     (only when a NIC exists and DHCP answers)
+#   vman-guest: ip <ip>               (the same moment; then /etc/vman/net-up runs
+#                                      /etc/vman/metadata if present)
+#   busybox httpd serves /www on port 80; its index.html holds "vman-guest <hostname>"
 #   vman-guest: ready                 (root shell on ttyS0 is open; type into it)
 #   vman-guest: power button, powering off   (ACPI power button / QMP
 #                                      system_powerdown; QEMU then exits by itself)
@@ -356,6 +359,7 @@ build_tiny() {
     install -m 644 "$tiny/profile" "$root/etc/profile"
     install -m 755 "$tiny/shell" "$tiny/uevent" "$tiny/disk" "$tiny/udhcpc" "$root/etc/vman/"
     install -m 755 "$tiny/power-button" "$root/etc/acpi/PWRF/00000080"
+    install -m 755 "$tiny/net-up" "$root/etc/vman/"
     echo 'root::0:0:root:/root:/bin/sh' >"$root/etc/passwd"
     echo 'root:x:0:' >"$root/etc/group"
     echo 'vman-guest' >"$root/etc/hostname"

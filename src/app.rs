@@ -19,7 +19,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let db = config.db_path();
     let store = Store::open_with(&db, &crate::store::OpenOptions::for_serve(&config))
         .with_context(|| format!("cannot open database {}", db.display()))?;
-    let host = Host::probe(&config)?;
+    let mut host = Host::probe(&config)?;
+    // The guard table is needed now only if user-mode VMs may be running.
+    let guarded = store
+        .list_vms(Some(crate::model::VmState::Running))
+        .map(|vms| {
+            vms.iter()
+                .any(|v| v.network_mode == crate::model::NetworkMode::User)
+        })
+        .unwrap_or(true);
+    host.guard = crate::operator::guard::start(&config.guard_table, host.run_as.as_ref(), guarded);
+    if config.user_net == crate::model::UserNet::Passt {
+        crate::operator::passt::check(&config.passt_binary)?;
+    }
     tracing::info!(
         "accelerator {} ({}), QEMU sandbox {}, QEMU user {}, QEMU CPU weight {}",
         host.accel.as_str(),
@@ -61,6 +73,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::error!("cannot recover running VMs: {e}");
         }
         service.recover_disk_attachments().await;
+        service.recover_network().await;
         crate::observer::run(service, interval).await;
     });
     tracing::info!(
@@ -80,6 +93,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         closing.close_streams(); // open event streams and consoles end
     };
     api::listen::serve(listener, api::router(state), limits, shutdown).await;
+    service.network_shutdown().await;
     service.checkpoint_database();
     tracing::info!("vman stopped");
     Ok(())

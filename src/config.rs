@@ -7,7 +7,7 @@ use clap::builder::TypedValueParser;
 use clap::{Args, ValueEnum};
 use std::net::IpAddr;
 
-use crate::model::Accel;
+use crate::model::{Accel, NetworkMode, UserNet};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Args)]
@@ -148,6 +148,46 @@ pub struct Config {
     /// Events kept in the database (GET /events); older ones are dropped.
     #[arg(long, env = "VMAN_EVENTS_KEEP", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub events_keep: u64,
+
+    /// Network of a VM created without `network.mode`: user (rootless
+    /// user-mode networking with port forwards), bridge (root) or none.
+    #[arg(long, env = "VMAN_NETWORK_MODE", default_value = "user",
+          value_parser = clap::builder::PossibleValuesParser::new(["user", "bridge", "none"])
+              .map(|s| NetworkMode::parse(&s).unwrap_or(NetworkMode::None)))]
+    pub network_mode: NetworkMode,
+
+    /// User-mode backend: slirp (QEMU's built-in user networking, with the
+    /// metadata relay) or passt (the passt daemon; needs the `passt` binary).
+    #[arg(long, env = "VMAN_USER_NET", default_value = "slirp",
+          value_parser = clap::builder::PossibleValuesParser::new(["slirp", "passt"])
+              .map(|s| if s == "passt" { UserNet::Passt } else { UserNet::Slirp }))]
+    pub user_net: UserNet,
+
+    /// Host address the port forwards of user-mode VMs listen on.
+    #[arg(long, env = "VMAN_FORWARD_ADDRESS", default_value = "127.0.0.1")]
+    pub forward_address: IpAddr,
+
+    /// passt binary (VMAN_USER_NET=passt).
+    #[arg(long, env = "VMAN_PASST_BINARY", default_value = "passt")]
+    pub passt_binary: PathBuf,
+
+    /// Name of the nftables table (family inet) that keeps user-mode guests
+    /// of a root vman off the host's own addresses (see README).
+    #[arg(long, env = "VMAN_GUARD_TABLE", default_value = "vman_guard", value_parser = parse_table_name)]
+    pub guard_table: String,
+}
+
+/// An nftables table name: letters, digits and `_`, at most 32 bytes.
+fn parse_table_name(raw: &str) -> Result<String, String> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 32
+        && raw.starts_with(|c: char| c.is_ascii_alphabetic())
+        && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(raw.to_owned())
+    } else {
+        Err("expected a table name: a letter, then letters, digits or _ (at most 32)".into())
+    }
 }
 
 /// `VMAN_QEMU_CPU_WEIGHT`: off, or 1..=10000 on cgroup v2's scale.
@@ -351,6 +391,28 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.qemu_cpu_weight, CpuWeight::Weight(10));
         assert_eq!(c.qemu_user, "vman-qemu");
+    }
+
+    #[test]
+    fn network_settings_default_to_user_slirp_on_loopback() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.network_mode, NetworkMode::User);
+        assert_eq!(c.user_net, UserNet::Slirp);
+        assert_eq!(c.forward_address.to_string(), "127.0.0.1");
+        assert_eq!(c.guard_table, "vman_guard");
+        let c = parse(&["--network-mode", "none", "--user-net", "passt"]).unwrap();
+        assert_eq!(
+            (c.network_mode, c.user_net),
+            (NetworkMode::None, UserNet::Passt)
+        );
+        for bad in [
+            ["--network-mode", "nat"],
+            ["--user-net", "tap"],
+            ["--guard-table", "a b"],
+            ["--forward-address", "localhost"],
+        ] {
+            assert!(parse(&bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

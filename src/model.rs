@@ -420,6 +420,10 @@ pub struct Vm {
     pub last_error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// How the VM is networked.
+    pub network_mode: NetworkMode,
+    /// Its port forwards (user mode), by host port.
+    pub ports: Vec<PortForward>,
 }
 
 /// Cloud-init metadata of a VM; `None` fields were never set.
@@ -443,4 +447,152 @@ pub struct MetadataPatch {
 /// Current time as stored and shown: RFC 3339 UTC with milliseconds.
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// How a VM is networked (`network.mode` of POST /vms; `VMAN_NETWORK_MODE`
+/// is the default). VMs made before networking existed have `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Rootless user-mode networking (slirp or passt), with port forwards.
+    User,
+    /// A TAP on vman's managed bridge (root only).
+    Bridge,
+    /// No NIC.
+    None,
+}
+
+impl NetworkMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::User => "user",
+            Self::Bridge => "bridge",
+            Self::None => "none",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        [Self::User, Self::Bridge, Self::None]
+            .into_iter()
+            .find(|m| m.as_str() == raw)
+    }
+}
+
+impl fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The user-mode backend (`VMAN_USER_NET`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UserNet {
+    /// QEMU's built-in user networking (libslirp).
+    Slirp,
+    /// The passt daemon, connected to QEMU by a stream socket.
+    Passt,
+}
+
+impl UserNet {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Slirp => "slirp",
+            Self::Passt => "passt",
+        }
+    }
+
+    /// The address the guest gets by DHCP from this backend (vman fixes it:
+    /// slirp's first lease of `dhcpstart`, passt's `-a`).
+    pub fn guest_ip(self) -> &'static str {
+        match self {
+            Self::Slirp => "169.254.169.15",
+            Self::Passt => "10.0.2.15",
+        }
+    }
+}
+
+/// The protocol of a port forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "tcp" => Some(Self::Tcp),
+            "udp" => Some(Self::Udp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A host port forwarded to a guest port of a user-mode VM. A host port and
+/// protocol belong to one VM at most.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct PortForward {
+    pub host_port: u16,
+    pub guest_port: u16,
+    pub protocol: Protocol,
+    /// The host address the port is bound on (`VMAN_FORWARD_ADDRESS` when
+    /// the forward was made).
+    pub host_address: String,
+}
+
+/// The guest port every user-mode VM gets a forward to (SSH).
+pub const SSH_PORT: u16 = 22;
+
+/// The stable MAC address of a VM: QEMU's locally administered prefix
+/// `52:54:00` and 24 bits of a 64-bit FNV-1a hash of its id.
+pub fn mac_for(vm_id: &str) -> String {
+    let hash = vm_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let [a, b, c, ..] = hash.to_be_bytes();
+    format!("52:54:00:{a:02x}:{b:02x}:{c:02x}")
+}
+
+#[cfg(test)]
+mod network_tests {
+    use super::*;
+
+    #[test]
+    fn mac_is_stable_local_and_differs_by_id() {
+        let m = mac_for("vm-a");
+        assert_eq!(m, mac_for("vm-a"));
+        assert_ne!(m, mac_for("vm-b"));
+        assert!(m.starts_with("52:54:00:"), "{m}");
+        assert_eq!(m.len(), 17);
+        assert!(m
+            .split(':')
+            .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok()));
+    }
+
+    #[test]
+    fn modes_and_protocols_round_trip() {
+        for m in [NetworkMode::User, NetworkMode::Bridge, NetworkMode::None] {
+            assert_eq!(NetworkMode::parse(m.as_str()), Some(m));
+        }
+        assert_eq!(NetworkMode::parse("nat"), None);
+        for p in [Protocol::Tcp, Protocol::Udp] {
+            assert_eq!(Protocol::parse(p.as_str()), Some(p));
+        }
+        assert_eq!(Protocol::parse("sctp"), None);
+    }
 }

@@ -28,7 +28,8 @@ pub struct ErrorBody {
     /// `console_write_failed`, `too_many_viewers`, `image_refused`, `image_failed`,
     /// `disk_file_refused`, `disk_attached`, `not_attached`, `disk_busy`,
     /// `no_free_slot`, `cannot_shrink`, `guest_did_not_release`,
-    /// `hotplug_failed`, `invalid_transition`. Others: `invalid` (422), `required` (400),
+    /// `hotplug_failed`, `invalid_transition`, `port_in_use`,
+    /// `network_unavailable`, `not_user_network`, `network_failed`. Others: `invalid` (422), `required` (400),
     /// `malformed_json` (400), `bad_body` (400), `not_found` (404),
     /// `method_not_allowed` (405), `unauthorized` (401), `host_not_allowed`
     /// (403), `origin_not_allowed` (403), `too_large` (413),
@@ -99,6 +100,10 @@ fn code_of(reason: &Reason) -> &'static str {
         Reason::GuestDidNotRelease => "guest_did_not_release",
         Reason::HotplugFailed(_) => "hotplug_failed",
         Reason::InvalidTransition => "invalid_transition",
+        Reason::PortInUse => "port_in_use",
+        Reason::NetworkUnavailable => "network_unavailable",
+        Reason::NotUserNetwork => "not_user_network",
+        Reason::NetworkFailed => "network_failed",
     }
 }
 
@@ -180,7 +185,7 @@ mod tests {
 
     /// The code of every reason, in the order of `every_reason()`. These
     /// are published (docs/errors.md): never change one.
-    const REFUSAL_CODES: [&str; 25] = [
+    const REFUSAL_CODES: [&str; 29] = [
         "already_exists",
         "template_missing",
         "in_use",
@@ -206,6 +211,10 @@ mod tests {
         "guest_did_not_release",
         "hotplug_failed",
         "invalid_transition",
+        "port_in_use",
+        "network_unavailable",
+        "not_user_network",
+        "network_failed",
     ];
 
     #[test]

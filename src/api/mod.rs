@@ -15,6 +15,7 @@ pub mod guard;
 pub mod listen;
 pub mod metadata;
 pub mod metrics;
+pub mod ports;
 pub mod system;
 pub mod templates;
 pub mod vms;
@@ -58,6 +59,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(events::router())
         .merge(console_ws::router())
         .merge(metrics::router())
+        .merge(ports::router())
 }
 
 /// The served routes and their document, with the parts every operation

@@ -15,7 +15,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{Body, PathName};
 use super::templates::TemplateResponse;
 use super::AppState;
-use crate::model::{Invalid, Name, RootDiskSource, Vm, VmState};
+use crate::model::{mac_for, Invalid, Name, NetworkMode, PortForward, RootDiskSource, Vm, VmState};
 use crate::service::CreateVm;
 use crate::sync::LockExt;
 
@@ -31,6 +31,29 @@ pub struct VmRequest {
     pub qcow2_path: Option<String>,
     /// Image copied instead of the default boot disk (extension; same rule).
     pub boot_disk: Option<String>,
+    /// The VM's network; without it `VMAN_NETWORK_MODE` (default `user`).
+    pub network: Option<NetworkRequest>,
+}
+
+/// `network` of POST /vms.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRequest {
+    /// `user` (rootless, port forwards; guest 22 gets a host port),
+    /// `bridge` (root only) or `none` (no NIC).
+    pub mode: NetworkMode,
+}
+
+/// `network` of a VM.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NetworkResponse {
+    pub mode: NetworkMode,
+    /// Stable, derived from the VM id.
+    pub mac: String,
+    /// The guest's address while the VM runs.
+    pub local_ip: Option<String>,
+    /// Port forwards (user mode); guest 22 is forwarded from the first.
+    pub ports: Vec<PortForward>,
 }
 
 /// Longest accepted disk path; longer is not a path anyone means.
@@ -63,6 +86,7 @@ impl VmRequest {
             id,
             qcow2_path,
             boot_disk,
+            network: self.network.map(|n| n.mode),
         })
     }
 }
@@ -89,6 +113,7 @@ pub struct VmResponse {
     pub last_error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    pub network: NetworkResponse,
 }
 
 impl From<&Vm> for VmResponse {
@@ -101,11 +126,13 @@ impl From<&Vm> for VmResponse {
             }),
             _ => None,
         };
+        // The guest's address is only true while it runs.
+        let local_ip = vm.local_ip.clone().filter(|_| vm.state == VmState::Running);
         Self {
             id: vm.id.to_string(),
             vm_template: TemplateResponse::from(&vm.template),
             state: vm.state,
-            local_ip: vm.local_ip.clone(),
+            local_ip: local_ip.clone(),
             root_disk,
             qcow2_path: vm.qcow2_path.clone(),
             boot_disk: vm.boot_disk.clone(),
@@ -113,6 +140,12 @@ impl From<&Vm> for VmResponse {
             last_error: vm.last_error.clone(),
             created_at: vm.created_at.clone(),
             updated_at: vm.updated_at.clone(),
+            network: NetworkResponse {
+                mode: vm.network_mode,
+                mac: mac_for(vm.id.as_str()),
+                local_ip,
+                ports: vm.ports.clone(),
+            },
         }
     }
 }

@@ -3,9 +3,12 @@
 
 pub mod cgroup;
 pub mod console;
+pub mod guard;
 pub mod hotplug;
 pub mod image;
 pub mod leftovers;
+pub mod nic;
+pub mod passt;
 pub mod privilege;
 pub mod process;
 pub mod qemu;
@@ -34,6 +37,8 @@ pub struct Host {
     pub run_as: Option<privilege::RunAs>,
     /// Where QEMU processes go for a lower CPU weight.
     pub cpu: cgroup::CpuPolicy,
+    /// The nftables guard (`guard`) is in place: slirp may run unrestricted.
+    pub guard: bool,
 }
 
 impl Host {
@@ -56,6 +61,7 @@ impl Host {
             images: image::ImagePolicy::from_config(config),
             run_as,
             cpu: cgroup::CpuPolicy::probe(config.qemu_cpu_weight, &config.vms_dir()),
+            guard: false,
         })
     }
 }

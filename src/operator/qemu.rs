@@ -109,6 +109,8 @@ pub struct LaunchSpec {
     pub run_as: Option<RunAs>,
     /// The CPU weight of the process (see `cgroup`).
     pub placement: Placement,
+    /// The network card (none: no NIC).
+    pub nic: Option<super::nic::Nic>,
 }
 
 /// Id of the `n`th hot-pluggable PCIe root port.
@@ -203,6 +205,7 @@ pub fn passed_fds(spec: &LaunchSpec) -> Vec<RawFd> {
         .iter()
         .chain(spec.data_disks.iter().map(|d| &d.file))
         .filter_map(|f| f.fd.as_ref().map(|fd| fd.as_raw_fd()))
+        .chain(spec.nic.iter().flat_map(super::nic::nic_fds))
         .collect()
 }
 
@@ -268,6 +271,7 @@ pub fn argv(spec: &LaunchSpec) -> Vec<OsString> {
             slot_id(d.slot)
         ));
     }
+    a.extend(spec.nic.iter().flat_map(super::nic::nic_args));
     a.extend(privilege_args(spec));
     a.into_iter().map(OsString::from).collect()
 }
@@ -286,8 +290,14 @@ fn privilege_args(spec: &LaunchSpec) -> Vec<String> {
             "deny"
         };
         a.push("-sandbox".into());
+        // QEMU forks socat per connection of the metadata relay only.
+        let spawn = if spec.nic.as_ref().is_some_and(super::nic::needs_spawn) {
+            "allow"
+        } else {
+            "deny"
+        };
         a.push(format!(
-            "on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"
+            "on,obsolete=deny,elevateprivileges={elevate},spawn={spawn},resourcecontrol=deny"
         ));
     }
     a
@@ -360,6 +370,7 @@ mod tests {
             }],
             run_as: None,
             placement: Placement::default(),
+            nic: None,
         }
     }
 
@@ -407,6 +418,38 @@ mod tests {
         assert!(line.contains(
             "-runas vman-qemu -sandbox on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
         ));
+    }
+
+    #[test]
+    fn a_nic_follows_the_disks_and_only_the_metadata_relay_may_fork() {
+        use super::super::nic::{Nic, NicBackend};
+        let mut s = spec();
+        assert!(!joined(&s).contains("-netdev"), "no NIC in mode none");
+        let slirp = |metadata| Nic {
+            mac: "52:54:00:01:02:03".into(),
+            backend: NicBackend::Slirp {
+                restrict: true,
+                forwards: Vec::new(),
+                metadata,
+            },
+        };
+        s.nic = Some(slirp(false));
+        let line = joined(&s);
+        assert!(line.contains("-netdev user,id=net0,net=169.254.169.0/24"));
+        assert!(line.contains("restrict=on"));
+        assert!(line.contains("-device virtio-net-pci,netdev=net0,mac=52:54:00:01:02:03"));
+        assert!(line.contains("spawn=deny"));
+        s.nic = Some(slirp(true));
+        assert!(joined(&s).contains("spawn=allow"));
+        // A stream NIC's descriptor is passed to QEMU.
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let fd: std::os::fd::OwnedFd = a.into();
+        let raw = fd.as_raw_fd();
+        s.nic = Some(Nic {
+            mac: "52:54:00:01:02:03".into(),
+            backend: NicBackend::Stream { fd: Arc::new(fd) },
+        });
+        assert!(passed_fds(&s).contains(&raw));
     }
 
     #[test]

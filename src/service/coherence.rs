@@ -153,6 +153,7 @@ impl Service {
             }
         }
         issues.extend(self.disk_observations().await);
+        issues.extend(self.network_observations().await);
         issues.extend(self.space_observations());
         issues
     }

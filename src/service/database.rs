@@ -95,6 +95,8 @@ pub fn recover(config: &Config, template: &RecoverTemplate) -> Result<RecoverRep
             boot_disk: None,
             qcow2_path_format: None,
             boot_disk_format: None,
+            network_mode: crate::model::NetworkMode::None,
+            ports: Vec::new(),
         };
         match store.insert_vm(&new) {
             Ok(_) => {

@@ -163,6 +163,15 @@ pub enum Reason {
     /// The VM's state does not allow this change (the transition table of
     /// `VmState::next`), or another writer changed it meanwhile.
     InvalidTransition,
+    /// A host port of a forward is taken (by a VM's forward or any socket).
+    PortInUse,
+    /// The network mode cannot be used here (`bridge` without root).
+    NetworkUnavailable,
+    /// Port forwards of a VM that is not in user mode.
+    NotUserNetwork,
+    /// Setting up the VM's network failed (passt would not start, QEMU
+    /// refused a forward).
+    NetworkFailed,
 }
 
 impl Reason {
@@ -253,6 +262,10 @@ pub(crate) fn every_reason() -> Vec<Reason> {
         Reason::GuestDidNotRelease,
         Reason::HotplugFailed(HotplugError::NotReleased(3)),
         Reason::InvalidTransition,
+        Reason::PortInUse,
+        Reason::NetworkUnavailable,
+        Reason::NotUserNetwork,
+        Reason::NetworkFailed,
     ];
     for r in &all {
         match r {
@@ -278,7 +291,11 @@ pub(crate) fn every_reason() -> Vec<Reason> {
             | Reason::CannotShrink
             | Reason::GuestDidNotRelease
             | Reason::HotplugFailed(_)
-            | Reason::InvalidTransition => {}
+            | Reason::InvalidTransition
+            | Reason::PortInUse
+            | Reason::NetworkUnavailable
+            | Reason::NotUserNetwork
+            | Reason::NetworkFailed => {}
         }
     }
     all

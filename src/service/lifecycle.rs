@@ -107,6 +107,7 @@ impl Service {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.release_memory(id);
+                self.teardown_network(id).await;
                 let reason = e.to_string();
                 tracing::warn!("vm {id}: start failed: {reason}");
                 if let Err(w) = self.record(id, VmEvent::Failed, Detail::error(reason)) {
@@ -138,6 +139,7 @@ impl Service {
             .unwrap_or_else(|| vm.id.to_string());
         // Checked and planned only: moved slots are recorded once QEMU runs.
         let boot = self.boot_disks(&vm.id)?;
+        let nic = self.prepare_network(vm).await?;
         let spec = LaunchSpec {
             vm_id: vm.id.to_string(),
             hostname,
@@ -151,6 +153,7 @@ impl Service {
             data_disks: boot.disks,
             run_as: self.host.run_as.clone(),
             placement: self.host.cpu.placement(vm.id.as_str()),
+            nic,
         };
         if root.pin_qcow2_path.is_some() || root.pin_boot_disk.is_some() {
             self.store
@@ -211,6 +214,7 @@ impl Service {
             if !service.unregister(&id, &run) {
                 return;
             }
+            service.teardown_network(&id).await;
             service.record_unexpected_exit(&id, &run, &info);
             service.counters.exit_recorded(seen.elapsed());
         });
@@ -246,6 +250,7 @@ impl Service {
             // An unresponsive (adoption pending) or unmanaged QEMU: by pid.
             return match self.kill_unmanaged(id).await? {
                 Some(_) => {
+                    self.teardown_network(id).await;
                     self.record(id, VmEvent::Killed, Detail::clear().because("killed"))?;
                     tracing::info!("vm {id} stopped by SIGKILL (its QEMU was not adopted)");
                     Ok(StopReport {
@@ -262,6 +267,7 @@ impl Service {
             .await;
         let elapsed = started.elapsed();
         self.unregister(id, &run);
+        self.teardown_network(id).await;
         let how = Detail::clear().because(super::events::stop_cause(method));
         self.record(id, VmEvent::Halted, how)?;
         tracing::info!(
@@ -297,6 +303,7 @@ impl Service {
         // killed by pid; its files go only once no QEMU of it runs (a QEMU
         // that survives SIGKILL keeps them, and the observer reports it).
         self.kill_unmanaged(id).await?;
+        self.teardown_network(id).await;
         let dir = self.paths(id).dir;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}

@@ -15,6 +15,7 @@ mod events;
 mod health;
 mod lifecycle;
 pub mod metrics;
+mod network;
 mod observe;
 mod record;
 pub mod rootdisk;
@@ -28,6 +29,7 @@ pub(crate) use error::every_reason;
 pub use error::{Reason, Refusal, ServiceError};
 pub use events::{Event, EventKind, EventQuery};
 pub use lifecycle::StopReport;
+pub use network::{AddPort, Applied};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -64,6 +66,8 @@ pub struct CreateVm {
     pub id: Option<Name>,
     pub qcow2_path: Option<String>,
     pub boot_disk: Option<String>,
+    /// `network.mode`; `None`: `VMAN_NETWORK_MODE`.
+    pub network: Option<crate::model::NetworkMode>,
 }
 
 pub struct Service {
@@ -174,6 +178,7 @@ impl Service {
             ))
         })
         .await??;
+        let (network_mode, ports) = self.network_for_new(input.network).await?;
         let path = |a: &Option<rootdisk::Accepted>| {
             a.as_ref().map(|a| a.path.to_string_lossy().into_owned())
         };
@@ -184,6 +189,8 @@ impl Service {
             boot_disk: path(&boot),
             qcow2_path_format: qcow2.as_ref().map(|a| a.format),
             boot_disk_format: boot.as_ref().map(|a| a.format),
+            network_mode,
+            ports,
         };
         match self.store.insert_vm(&new) {
             Ok(vm) => {
@@ -191,6 +198,12 @@ impl Service {
                 let from = serde_json::json!({ "template": vm.template.name.as_str() });
                 self.emit(EventKind::Vm, vm.id.as_str(), "created", from);
                 Ok(vm)
+            }
+            Err(StoreError::AlreadyExists) if self.store.get_vm(&new.id).is_err() => {
+                // Not the id: the host port allocated for guest 22 was
+                // recorded by another VM meanwhile.
+                Err(Reason::PortInUse
+                    .refuse("The host port allocated for SSH was taken meanwhile; try again"))
             }
             Err(StoreError::AlreadyExists) => {
                 Err(Reason::AlreadyExists.refuse("VM with this ID already exists"))

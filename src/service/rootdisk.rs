@@ -351,6 +351,8 @@ mod tests {
             root_disk_size: None,
             pid: None,
             last_error: None,
+            network_mode: crate::model::NetworkMode::None,
+            ports: Vec::new(),
             created_at: String::new(),
             updated_at: String::new(),
         }

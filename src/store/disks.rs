@@ -239,6 +239,8 @@ mod tests {
                     boot_disk: None,
                     qcow2_path_format: None,
                     boot_disk_format: None,
+                    network_mode: crate::model::NetworkMode::None,
+                    ports: Vec::new(),
                 })
                 .expect("vm");
         }

@@ -29,6 +29,7 @@ macro_rules! template_columns {
 mod check;
 mod disks;
 mod events;
+mod ports;
 mod reserve;
 mod vms;
 
@@ -43,6 +44,7 @@ use crate::sync::LockExt;
 pub use check::{backup, CheckLevel, Holdings, Lock, OpenOptions};
 pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
 pub use events::{EventFilter, EventRow};
+pub use ports::PortInsert;
 pub use vms::{NewVm, VmRuntime, VmWrite};
 
 /// The migrations, in order. Index + 1 is the schema version they produce.
@@ -50,7 +52,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_disks.sql"),
     include_str!("../../migrations/0003_image_formats.sql"),
-    // 0004-0006 belong to other branches; the merge puts them before this.
+    include_str!("../../migrations/0004_network.sql"),
+    // 0005-0006 belong to other branches; the merge puts them before this.
     include_str!("../../migrations/0007_events.sql"),
 ];
 
@@ -341,6 +344,8 @@ mod tests {
             boot_disk: None,
             qcow2_path_format: None,
             boot_disk_format: None,
+            network_mode: crate::model::NetworkMode::None,
+            ports: Vec::new(),
         };
         store.insert_vm(&vm).expect("vm");
         assert!(matches!(

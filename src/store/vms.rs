@@ -3,7 +3,10 @@
 use rusqlite::OptionalExtension;
 
 use super::{template_row, template_row_at, Store, StoreError};
-use crate::model::{ImageFormat, Metadata, MetadataPatch, Name, RootDiskSource, Vm, VmState};
+use crate::model::{
+    ImageFormat, Metadata, MetadataPatch, Name, NetworkMode, PortForward, RootDiskSource, Vm,
+    VmState,
+};
 
 /// What POST /vms records.
 #[derive(Debug, Clone)]
@@ -14,6 +17,9 @@ pub struct NewVm {
     pub boot_disk: Option<String>,
     pub qcow2_path_format: Option<ImageFormat>,
     pub boot_disk_format: Option<ImageFormat>,
+    pub network_mode: NetworkMode,
+    /// Forwards recorded with the VM (user mode: guest 22).
+    pub ports: Vec<PortForward>,
 }
 
 /// One write of a VM's state (`Service::record` builds it from an event):
@@ -40,7 +46,7 @@ pub enum VmWrite {
 const VM_SELECT: &str = concat!(
     "SELECT v.id, v.state, v.local_ip, v.qcow2_path, v.boot_disk,
         v.root_disk_source, v.root_disk_path, v.root_disk_size, v.pid, v.last_error,
-        v.created_at, v.updated_at, v.qcow2_path_format, v.boot_disk_format, v.root_disk_format, ",
+        v.created_at, v.updated_at, v.qcow2_path_format, v.boot_disk_format, v.root_disk_format, v.network_mode, ",
     template_columns!("t."),
     " FROM vms v JOIN templates t ON t.name = v.template_name"
 );
@@ -69,7 +75,9 @@ fn vm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Vm> {
         qcow2_path_format: format(12)?,
         boot_disk_format: format(13)?,
         root_disk_format: format(14)?,
-        template: template_row_at(r, 15)?,
+        network_mode: NetworkMode::parse(&r.get::<_, String>(15)?).unwrap_or(NetworkMode::None),
+        ports: Vec::new(),
+        template: template_row_at(r, 16)?,
     })
 }
 
@@ -94,8 +102,8 @@ impl Store {
             let now = crate::model::now();
             let n = tx.execute(
                 "INSERT INTO vms (id, template_name, state, qcow2_path, boot_disk, created_at, updated_at,
-                    qcow2_path_format, boot_disk_format)
-                 VALUES (?1, ?2, 'stopped', ?3, ?4, ?5, ?5, ?6, ?7) ON CONFLICT(id) DO NOTHING",
+                    qcow2_path_format, boot_disk_format, network_mode)
+                 VALUES (?1, ?2, 'stopped', ?3, ?4, ?5, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
                 rusqlite::params![
                     new.id.as_str(),
                     new.template.as_str(),
@@ -103,11 +111,15 @@ impl Store {
                     new.boot_disk,
                     now,
                     new.qcow2_path_format.map(ImageFormat::as_str),
-                    new.boot_disk_format.map(ImageFormat::as_str)
+                    new.boot_disk_format.map(ImageFormat::as_str),
+                    new.network_mode.as_str()
                 ],
             )?;
             if n == 0 {
                 return Err(StoreError::AlreadyExists);
+            }
+            for port in &new.ports {
+                super::ports::insert_in(tx, &new.id, port, &now)?;
             }
             Ok(Vm {
                 id: new.id.clone(),
@@ -126,16 +138,21 @@ impl Store {
                 last_error: None,
                 created_at: now.clone(),
                 updated_at: now,
+                network_mode: new.network_mode,
+                ports: new.ports.clone(),
             })
         })
     }
 
     pub fn get_vm(&self, id: &Name) -> Result<Vm, StoreError> {
         self.read(|c| {
-            c.prepare_cached(&format!("{VM_SELECT} WHERE v.id = ?1"))?
+            let mut vm = c
+                .prepare_cached(&format!("{VM_SELECT} WHERE v.id = ?1"))?
                 .query_row([id.as_str()], vm_row)
                 .optional()?
-                .ok_or(StoreError::NotFound)
+                .ok_or(StoreError::NotFound)?;
+            vm.ports = super::ports::of_vm(c, &vm.id)?;
+            Ok(vm)
         })
     }
 
@@ -153,7 +170,7 @@ impl Store {
                     .query_map([], vm_row)?
                     .collect::<Result<Vec<_>, _>>()?,
             };
-            Ok(rows)
+            super::ports::fill(c, rows)
         })
     }
 
@@ -226,13 +243,13 @@ impl Store {
                     rusqlite::params![id.as_str(), source.as_str(), path, size, format.as_str()],
                 )?;
             }
-            tx.query_row(
+            let mut vm = tx.query_row(
                 &format!("{VM_SELECT} WHERE v.id = ?1"),
                 [id.as_str()],
                 vm_row,
-            )
-            .map(|vm| VmWrite::Written(Box::new(vm)))
-            .map_err(StoreError::from)
+            )?;
+            vm.ports = super::ports::of_vm(tx, &vm.id)?;
+            Ok(VmWrite::Written(Box::new(vm)))
         })
     }
 
@@ -379,6 +396,8 @@ mod tests {
                 boot_disk: None,
                 qcow2_path_format: None,
                 boot_disk_format: None,
+                network_mode: NetworkMode::None,
+                ports: Vec::new(),
             })
             .expect("vm");
         let a = name("a");

@@ -17,6 +17,7 @@ mod limits;
 mod metadata;
 mod metrics;
 mod persistence;
+mod ports;
 mod robustness;
 mod routes;
 mod system;

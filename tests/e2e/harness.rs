@@ -55,15 +55,21 @@ pub struct Vman {
     pub storage: PathBuf,
     pub base: String,
     server: Server,
+    guard_table: String,
 }
 
 pub struct Builder {
     inner: ServerBuilder,
+    guard_table: String,
 }
 
 impl Builder {
     pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
-        self.inner = self.inner.env(key, &value.as_ref().to_string_lossy());
+        let value = value.as_ref().to_string_lossy();
+        if key == "VMAN_GUARD_TABLE" {
+            self.guard_table = value.to_string();
+        }
+        self.inner = self.inner.env(key, &value);
         self
     }
 
@@ -93,14 +99,23 @@ impl Builder {
             base: server.url(""),
             storage,
             server,
+            guard_table: self.guard_table,
         }
     }
 }
 
 impl Vman {
+    /// Each vman of a test gets its own nftables guard table (as root its
+    /// user-mode guests need one), removed when the test drops it: a killed
+    /// vman leaves its table, and tests running at once must not remove
+    /// each other's.
     pub fn builder() -> Builder {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let table = format!("vman_e2e_{}_{n}", std::process::id());
         Builder {
-            inner: Server::builder(),
+            inner: Server::builder().env("VMAN_GUARD_TABLE", &table),
+            guard_table: table,
         }
     }
 
@@ -110,6 +125,14 @@ impl Vman {
 
     pub fn log_count(&self, needle: &str) -> usize {
         self.logs().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// A clean stop (SIGTERM); asserts vman exited with success.
+    pub fn sigterm(&mut self) {
+        if self.server.is_running() {
+            let status = self.server.sigterm();
+            assert!(status.success(), "vman exit after SIGTERM: {status:?}");
+        }
     }
 
     /// SIGKILL, as a crash would.
@@ -253,6 +276,12 @@ impl Drop for Vman {
             // SAFETY: kill(2) has no memory effects.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
+        // Quietly: nft may be missing (not root), the table may not exist.
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.guard_table])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
     }
 }
 
