@@ -38,6 +38,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => tracing::info!("no default boot disk configured; new VMs get an empty disk"),
     }
     let service = Arc::new(Service::new(config.clone(), store, host));
+    service.wire_metadata();
     service.sweep_leftovers();
     let state = AppState {
         service: service.clone(),

@@ -4,6 +4,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod logging;
+pub mod metadata;
 pub mod model;
 pub mod observer;
 pub mod operator;

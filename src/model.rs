@@ -420,6 +420,8 @@ pub struct Vm {
     pub last_error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// When the guest last fetched its meta-data (metadata service).
+    pub metadata_fetched_at: Option<String>,
 }
 
 /// Cloud-init metadata of a VM; `None` fields were never set.
@@ -441,6 +443,16 @@ pub struct MetadataPatch {
 }
 
 /// Current time as stored and shown: RFC 3339 UTC with milliseconds.
+/// The MAC of a VM's NIC: QEMU's locally administered prefix 52:54:00 and
+/// three bytes of a stable hash (FNV-1a) of the VM's id.
+pub fn mac_for(vm_id: &str) -> String {
+    let h = vm_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let b = h.to_be_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[5], b[6], b[7])
+}
+
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

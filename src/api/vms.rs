@@ -89,6 +89,9 @@ pub struct VmResponse {
     pub last_error: Option<String>,
     pub created_at: String,
     pub updated_at: String,
+    /// When the guest last fetched its meta-data from the metadata service
+    /// (null: never).
+    pub metadata_fetched_at: Option<String>,
 }
 
 impl From<&Vm> for VmResponse {
@@ -113,6 +116,7 @@ impl From<&Vm> for VmResponse {
             last_error: vm.last_error.clone(),
             created_at: vm.created_at.clone(),
             updated_at: vm.updated_at.clone(),
+            metadata_fetched_at: vm.metadata_fetched_at.clone(),
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod database;
 mod disk_plan;
 mod disks;
 mod error;
+mod guest;
 mod health;
 mod lifecycle;
 mod observe;
@@ -79,11 +80,15 @@ pub struct Service {
     /// State changes that happened but could not be recorded (full disk);
     /// the observer records them (`space.rs`).
     unrecorded: Mutex<HashMap<Name, (crate::model::VmEvent, record::Detail)>>,
+    /// The guest metadata service (channels opened at launch, see `guest`).
+    pub(crate) metadata: crate::metadata::Metadata,
 }
 
 impl Service {
     pub fn new(config: Arc<Config>, store: Store, host: Host) -> Self {
+        let metadata = crate::metadata::Metadata::new(host.run_as.as_ref().map(|r| r.uid));
         Self {
+            metadata,
             config,
             store,
             host,

@@ -347,6 +347,7 @@ mod tests {
             root_disk_size: None,
             pid: None,
             last_error: None,
+            metadata_fetched_at: None,
             created_at: String::new(),
             updated_at: String::new(),
         }

@@ -48,6 +48,9 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_disks.sql"),
     include_str!("../../migrations/0003_image_formats.sql"),
+    // 0004 is issue 11's network migration (branch net-user); the merge
+    // puts it before this one.
+    include_str!("../../migrations/0005_metadata.sql"),
 ];
 
 const READERS: usize = 4;
