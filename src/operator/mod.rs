@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod console;
+pub mod guestnet;
 pub mod hotplug;
 pub mod image;
 pub mod leftovers;

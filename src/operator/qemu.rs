@@ -109,6 +109,11 @@ pub struct LaunchSpec {
     pub run_as: Option<RunAs>,
     /// The CPU weight of the process (see `cgroup`).
     pub placement: Placement,
+    /// The command relaying guest connections to 169.254.169.254:80 to the
+    /// VM's metadata channel (`metadata::relay_command`); `None`: no NIC.
+    pub metadata_relay: Option<String>,
+    /// The NIC's MAC (`model::mac_for`).
+    pub mac: String,
 }
 
 /// Id of the `n`th hot-pluggable PCIe root port.
@@ -236,9 +241,17 @@ pub fn argv(spec: &LaunchSpec) -> Vec<OsString> {
         "-serial".into(),
         "chardev:serial0".into(),
         "-smbios".into(),
-        format!("type=1,serial={}", spec.vm_id),
+        // NoCloud's seed where the guest has a metadata channel (stock
+        // cloud-init reads it); the VM id stays in type 11 either way.
+        match spec.metadata_relay {
+            Some(_) => format!("type=1,serial={}", crate::metadata::NOCLOUD_SEED),
+            None => format!("type=1,serial={}", spec.vm_id),
+        },
         "-smbios".into(),
-        format!("type=11,value=vman.hostname={}", spec.hostname),
+        format!(
+            "type=11,value=vman.hostname={},value=vman.id={}",
+            spec.hostname, spec.vm_id
+        ),
     ];
     let mut fdsets = 0;
     push_chain(&mut a, &spec.root_chain, "root", &mut fdsets);
@@ -268,6 +281,7 @@ pub fn argv(spec: &LaunchSpec) -> Vec<OsString> {
             slot_id(d.slot)
         ));
     }
+    a.extend(super::guestnet::args(spec));
     a.extend(privilege_args(spec));
     a.into_iter().map(OsString::from).collect()
 }
@@ -286,8 +300,14 @@ fn privilege_args(spec: &LaunchSpec) -> Vec<String> {
             "deny"
         };
         a.push("-sandbox".into());
+        // The metadata relay is a process QEMU forks per connection.
+        let spawn = if spec.metadata_relay.is_some() {
+            "allow"
+        } else {
+            "deny"
+        };
         a.push(format!(
-            "on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"
+            "on,obsolete=deny,elevateprivileges={elevate},spawn={spawn},resourcecontrol=deny"
         ));
     }
     a
@@ -360,7 +380,28 @@ mod tests {
             }],
             run_as: None,
             placement: Placement::default(),
+            metadata_relay: None,
+            mac: "52:54:00:00:00:01".into(),
         }
+    }
+
+    #[test]
+    fn a_metadata_relay_brings_a_nic_the_nocloud_seed_and_spawn() {
+        let mut s = spec();
+        let line = joined(&s);
+        assert!(line.contains("-smbios type=1,serial=vm1 "));
+        assert!(line.contains("type=11,value=vman.hostname=vm1,value=vman.id=vm1"));
+        assert!(!line.contains("-netdev"));
+        s.metadata_relay = Some("socat STDIO ABSTRACT-CONNECT:x".into());
+        let line = joined(&s);
+        assert!(
+            line.contains("-smbios type=1,serial=ds=nocloud;s=http://169.254.169.254/nocloud/ ")
+        );
+        assert!(line.contains("type=11,value=vman.hostname=vm1,value=vman.id=vm1"));
+        assert!(line.contains(
+            "guestfwd=tcp:169.254.169.254:80-cmd:socat STDIO ABSTRACT-CONNECT:x -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01"
+        ));
+        assert!(line.contains("spawn=allow"));
     }
 
     fn joined(spec: &LaunchSpec) -> String {

@@ -107,6 +107,7 @@ impl Service {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.release_memory(id);
+                self.metadata.close_channel(id);
                 let reason = e.to_string();
                 tracing::warn!("vm {id}: start failed: {reason}");
                 if let Err(w) = self.record(id, VmEvent::Failed, Detail::error(reason)) {
@@ -149,6 +150,8 @@ impl Service {
             hotplug_slots: self.config.hotplug_slots,
             sandbox: self.host.sandbox,
             data_disks: boot.disks,
+            metadata_relay: Some(crate::metadata::relay_command(&paths)),
+            mac: crate::model::mac_for(vm.id.as_str()),
             run_as: self.host.run_as.clone(),
             placement: self.host.cpu.placement(vm.id.as_str()),
         };
@@ -157,6 +160,11 @@ impl Service {
                 .pin_image_formats(&vm.id, root.pin_qcow2_path, root.pin_boot_disk)?;
         }
         let t1 = t0.elapsed();
+        // Before QEMU: its relay connects to the channel (net-meta; the
+        // merge moves this into prepare_network).
+        self.metadata
+            .open_channel(&vm.id, &paths)
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
         let run = vm::launch(
             &self.config.qemu_binary,
             &spec,
@@ -209,6 +217,7 @@ impl Service {
             if !service.unregister(&id, &run) {
                 return;
             }
+            service.metadata.close_channel(&id);
             service.record_unexpected_exit(&id, &run, &info);
         });
     }
@@ -258,6 +267,7 @@ impl Service {
             .await;
         let elapsed = started.elapsed();
         self.unregister(id, &run);
+        self.metadata.close_channel(id);
         self.record(id, VmEvent::Halted, Detail::clear())?;
         tracing::info!(
             "vm {id} stopped by {method:?} in {:.0} ms",
@@ -292,6 +302,7 @@ impl Service {
         // killed by pid; its files go only once no QEMU of it runs (a QEMU
         // that survives SIGKILL keeps them, and the observer reports it).
         self.kill_unmanaged(id).await?;
+        self.metadata.close_channel(id);
         let dir = self.paths(id).dir;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
