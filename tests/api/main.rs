@@ -11,6 +11,7 @@ mod config;
 mod cross_site;
 mod database;
 mod disks;
+mod guest_metadata;
 mod limits;
 mod metadata;
 mod persistence;

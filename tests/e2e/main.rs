@@ -12,6 +12,7 @@ mod full_disk;
 mod harness;
 mod hostile_images;
 mod lifecycle;
+mod metadata;
 mod privilege;
 mod rootdisk;
 mod supervision;
