@@ -294,7 +294,12 @@ fn privilege_args(spec: &LaunchSpec) -> Vec<String> {
         a.extend(run_as.args());
     }
     if spec.sandbox {
-        let elevate = if spec.run_as.is_some() {
+        // libslirp's guestfwd `cmd:` child calls setsid(), which QEMU's
+        // sandbox counts among the privilege calls: a VM with a metadata
+        // relay needs them allowed (QEMU without a user switch has no
+        // capability to gain by them unless vman runs as root without
+        // VMAN_QEMU_USER, where it is root already).
+        let elevate = if spec.run_as.is_some() || spec.metadata_relay.is_some() {
             "allow"
         } else {
             "deny"
@@ -401,7 +406,7 @@ mod tests {
         assert!(line.contains(
             "guestfwd=tcp:169.254.169.254:80-cmd:socat STDIO ABSTRACT-CONNECT:x -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01"
         ));
-        assert!(line.contains("spawn=allow"));
+        assert!(line.contains("elevateprivileges=allow,spawn=allow"));
     }
 
     fn joined(spec: &LaunchSpec) -> String {
