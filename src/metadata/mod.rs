@@ -104,6 +104,10 @@ pub(crate) struct Inner {
 }
 
 struct Channel {
+    /// A second descriptor of the listening socket: `close_channel` shuts
+    /// it down at once (connects are refused from then on), whenever the
+    /// aborted task gets to drop its own.
+    socket: std::os::fd::OwnedFd,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -173,11 +177,15 @@ impl Metadata {
     pub fn open_channel(&self, id: &Name, paths: &VmPaths) -> Result<(), MetadataError> {
         self.close_channel(id);
         let name = channel_name(paths);
-        let listener = server::bind_abstract(&name).map_err(|source| MetadataError::Bind {
+        let fail = |source| MetadataError::Bind {
             vm: id.to_string(),
             name: name.clone(),
             source,
-        })?;
+        };
+        let listener = server::bind_abstract(&name).map_err(fail)?;
+        let socket = std::os::fd::AsFd::as_fd(&listener)
+            .try_clone_to_owned()
+            .map_err(fail)?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(server::serve_channel(
             listener,
@@ -187,7 +195,7 @@ impl Metadata {
         ));
         self.channels
             .lock_or_recover()
-            .insert(id.clone(), Channel { stop, task });
+            .insert(id.clone(), Channel { socket, stop, task });
         tracing::debug!("vm {id}: metadata channel @{name} open");
         Ok(())
     }
@@ -197,6 +205,8 @@ impl Metadata {
     pub fn close_channel(&self, id: &Name) {
         let channel = self.channels.lock_or_recover().remove(id);
         if let Some(c) = channel {
+            // SAFETY: shutdown(2) on a descriptor this struct owns.
+            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&c.socket), libc::SHUT_RDWR) };
             let _ = c.stop.send(true);
             c.task.abort();
             self.inner.tokens.forget(id);

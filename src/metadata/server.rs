@@ -24,9 +24,20 @@ const PER_LISTENER: usize = 128;
 /// Header buffer limit (hyper's minimum is 8 KiB).
 const MAX_HEADERS: usize = 16 * 1024;
 
+/// Binds `name` in the abstract namespace. A channel just closed may hold
+/// the name until its aborted task is dropped (moments): tried for 1 s.
 pub(super) fn bind_abstract(name: &str) -> std::io::Result<UnixListener> {
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-    let std = std::os::unix::net::UnixListener::bind_addr(&addr)?;
+    let mut tries = 0;
+    let std = loop {
+        match std::os::unix::net::UnixListener::bind_addr(&addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            other => break other?,
+        }
+    };
     std.set_nonblocking(true)?;
     UnixListener::from_std(std)
 }
@@ -51,7 +62,10 @@ async fn serve_conn<S>(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        .max_buf_size(MAX_HEADERS);
+        .max_buf_size(MAX_HEADERS)
+        // A relay (socat) shuts its write side once the guest's request is
+        // sent; the answer must still go out.
+        .half_close(true);
     let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
     tokio::pin!(conn);
     let result = tokio::select! {

@@ -426,30 +426,16 @@ fn oversize_requests_and_strangers_are_refused_and_the_channel_goes_with_qemu() 
     // Still serving after all that.
     assert_eq!(ok_text(&c1, "/latest/meta-data/instance-id"), "vm1");
 
-    // A peer of another user (not vman's, not QEMU's) is cut off unanswered.
+    // As root: QEMU's user (the relay it forks) is answered; a peer of
+    // another user (not vman's, not QEMU's) is cut off unanswered.
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        let name = c1.clone();
-        let out = std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "socat", "-"])
-            .arg(format!("ABSTRACT-CONNECT:{name}"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut child| {
-                child
-                    .stdin
-                    .take()
-                    .expect("stdin")
-                    .write_all(b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-                child.wait_with_output()
-            });
-        match out {
-            Ok(o) => assert!(
-                !String::from_utf8_lossy(&o.stdout).contains("vm1"),
-                "uid 65534 was answered: {}",
-                String::from_utf8_lossy(&o.stdout)
-            ),
+        if let Some(qemu_uid) = uid_of("vman-qemu") {
+            let out = as_user(&qemu_uid, &c1).expect("setpriv socat as vman-qemu");
+            assert!(out.contains("\r\n\r\nvm1"), "vman-qemu not answered: {out}");
+        }
+        match as_user("65534", &c1) {
+            Ok(out) => assert!(!out.contains("vm1"), "uid 65534 was answered: {out}"),
             Err(e) => eprintln!("setpriv/socat not usable, stranger check skipped: {e}"),
         }
     }
@@ -459,4 +445,33 @@ fn oversize_requests_and_strangers_are_refused_and_the_channel_goes_with_qemu() 
     assert_eq!(status, 202, "{b}");
     let err = connect(&c1).expect_err("vm1's channel outlived its QEMU");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+}
+
+fn uid_of(user: &str) -> Option<String> {
+    let out = std::process::Command::new("id")
+        .args(["-u", user])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A request for the instance id on `channel`, sent by socat as `uid`
+/// (`-t 30`: after sending, socat waits up to 30 s for the answer).
+fn as_user(uid: &str, channel: &str) -> std::io::Result<String> {
+    let mut child = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .args(["--regid=65534", "--clear-groups", "socat", "-t", "30", "-"])
+        .arg(format!("ABSTRACT-CONNECT:{channel}"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(
+            b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        )?;
+    }
+    let out = child.wait_with_output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
