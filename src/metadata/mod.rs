@@ -317,6 +317,64 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A fixed data set: `a` and `b` exist.
+    struct Two;
+
+    impl Source for Two {
+        fn guest_data(&self, id: &Name) -> Option<GuestData> {
+            ["a", "b"].contains(&id.as_str()).then(|| GuestData {
+                id: id.clone(),
+                hostname: format!("host-{id}"),
+                user_data: None,
+                ssh_keys: vec![],
+                mac: crate::model::mac_for(id.as_str()),
+                local_ip: None,
+            })
+        }
+        fn record_fetch(&self, _: &Name) {}
+    }
+
+    async fn ask_tcp(addr: SocketAddr, request: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        s.write_all(request.as_bytes()).await.expect("send");
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.expect("read");
+        out
+    }
+
+    #[tokio::test]
+    async fn tcp_identity_is_the_resolvers_answer_for_the_peer_address() {
+        let source: Arc<dyn Source> = Arc::new(Two);
+        let m = Metadata::new(None);
+        m.set_source(Arc::downgrade(&source));
+        let get = "GET /latest/meta-data/hostname HTTP/1.1\r\nHost: b\r\nX-Forwarded-For: 10.0.0.2\r\nConnection: close\r\n\r\n";
+        // 127.0.0.1 is VM a, whatever the request says.
+        let tcp = m
+            .serve_tcp("127.0.0.1:0".parse().expect("addr"), |ip: IpAddr| {
+                ip.is_loopback().then(|| Name::parse("id", "a").expect("a"))
+            })
+            .await
+            .expect("listen");
+        let out = ask_tcp(tcp.local_addr, get).await;
+        assert!(
+            out.starts_with("HTTP/1.1 200") && out.ends_with("\r\n\r\nhost-a"),
+            "{out}"
+        );
+        // An address of no VM: 404, nobody's data.
+        let none = m
+            .serve_tcp("127.0.0.1:0".parse().expect("addr"), |_| None)
+            .await
+            .expect("listen");
+        let out = ask_tcp(none.local_addr, get).await;
+        assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+        assert!(!out.contains("host-"), "{out}");
+        // Dropped: no longer served.
+        let addr = tcp.local_addr;
+        drop(tcp);
+        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    }
 
     #[test]
     fn channel_names_are_per_folder_and_fit_a_socket_address() {

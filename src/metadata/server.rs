@@ -113,12 +113,22 @@ pub(super) async fn serve_channel(
 /// A TCP listener of the service; stops serving when dropped.
 pub struct TcpChannel {
     pub local_addr: SocketAddr,
+    /// A second descriptor of the listener, shut down on drop so that no
+    /// connection is accepted from then on.
+    socket: std::os::fd::OwnedFd,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for TcpChannel {
     fn drop(&mut self) {
+        // SAFETY: shutdown(2) on a descriptor this struct owns.
+        unsafe {
+            libc::shutdown(
+                std::os::fd::AsRawFd::as_raw_fd(&self.socket),
+                libc::SHUT_RDWR,
+            )
+        };
         let _ = self.stop.send(true);
         self.task.abort();
     }
@@ -136,6 +146,9 @@ pub(super) async fn serve_tcp(
         .map_err(|source| MetadataError::Listen { addr, source })?;
     let local_addr = listener
         .local_addr()
+        .map_err(|source| MetadataError::Listen { addr, source })?;
+    let socket = std::os::fd::AsFd::as_fd(&listener)
+        .try_clone_to_owned()
         .map_err(|source| MetadataError::Listen { addr, source })?;
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(async move {
@@ -168,6 +181,7 @@ pub(super) async fn serve_tcp(
     });
     Ok(TcpChannel {
         local_addr,
+        socket,
         stop,
         task,
     })
