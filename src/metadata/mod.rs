@@ -104,10 +104,6 @@ pub(crate) struct Inner {
 }
 
 struct Channel {
-    /// A second descriptor of the listening socket: `close_channel` shuts
-    /// it down at once (connects are refused from then on), whenever the
-    /// aborted task gets to drop its own.
-    socket: std::os::fd::OwnedFd,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -172,10 +168,12 @@ impl Metadata {
         Router::new().fallback(handle).with_state(inner)
     }
 
-    /// Binds VM `id`'s channel (replacing one left open) and serves it with
-    /// that identity until `close_channel`.
+    /// Binds VM `id`'s channel and serves it with that identity until
+    /// `close_channel`; one already open stays (same name, same VM).
     pub fn open_channel(&self, id: &Name, paths: &VmPaths) -> Result<(), MetadataError> {
-        self.close_channel(id);
+        if self.has_channel(id) {
+            return Ok(());
+        }
         let name = channel_name(paths);
         let fail = |source| MetadataError::Bind {
             vm: id.to_string(),
@@ -183,9 +181,6 @@ impl Metadata {
             source,
         };
         let listener = server::bind_abstract(&name).map_err(fail)?;
-        let socket = std::os::fd::AsFd::as_fd(&listener)
-            .try_clone_to_owned()
-            .map_err(fail)?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(server::serve_channel(
             listener,
@@ -195,20 +190,21 @@ impl Metadata {
         ));
         self.channels
             .lock_or_recover()
-            .insert(id.clone(), Channel { socket, stop, task });
+            .insert(id.clone(), Channel { stop, task });
         tracing::debug!("vm {id}: metadata channel @{name} open");
         Ok(())
     }
 
     /// Closes VM `id`'s channel (and its open connections) and forgets its
-    /// tokens; nothing when none is open.
-    pub fn close_channel(&self, id: &Name) {
+    /// tokens; nothing when none is open. Returns once the name is free
+    /// (connects are refused from then on).
+    pub async fn close_channel(&self, id: &Name) {
         let channel = self.channels.lock_or_recover().remove(id);
         if let Some(c) = channel {
-            // SAFETY: shutdown(2) on a descriptor this struct owns.
-            unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&c.socket), libc::SHUT_RDWR) };
+            // The accept loop returns on `stop` and drops its listener
+            // (never shut down in place: tokio would then spin on accept).
             let _ = c.stop.send(true);
-            c.task.abort();
+            let _ = c.task.await;
             self.inner.tokens.forget(id);
             tracing::debug!("vm {id}: metadata channel closed");
         }
@@ -373,7 +369,11 @@ mod tests {
         // Dropped: no longer served.
         let addr = tcp.local_addr;
         drop(tcp);
-        assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            assert!(Instant::now() < deadline, "still listening after drop");
+            tokio::task::yield_now().await;
+        }
     }
 
     #[test]

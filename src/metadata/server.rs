@@ -24,20 +24,10 @@ const PER_LISTENER: usize = 128;
 /// Header buffer limit (hyper's minimum is 8 KiB).
 const MAX_HEADERS: usize = 16 * 1024;
 
-/// Binds `name` in the abstract namespace. A channel just closed may hold
-/// the name until its aborted task is dropped (moments): tried for 1 s.
+/// Binds `name` in the abstract namespace.
 pub(super) fn bind_abstract(name: &str) -> std::io::Result<UnixListener> {
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-    let mut tries = 0;
-    let std = loop {
-        match std::os::unix::net::UnixListener::bind_addr(&addr) {
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 100 => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            other => break other?,
-        }
-    };
+    let std = std::os::unix::net::UnixListener::bind_addr(&addr)?;
     std.set_nonblocking(true)?;
     UnixListener::from_std(std)
 }
@@ -82,14 +72,22 @@ pub(super) async fn serve_channel(
     listener: UnixListener,
     id: Name,
     inner: Arc<Inner>,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let permits = Arc::new(Semaphore::new(PER_CHANNEL));
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stop.changed() => return,
         };
-        let stream = match listener.accept().await {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.changed() => return,
+        };
+        let stream = match accepted {
             Ok((s, _)) => s,
             Err(e) => {
                 tracing::warn!("vm {id}: metadata accept failed: {e}");
@@ -113,22 +111,12 @@ pub(super) async fn serve_channel(
 /// A TCP listener of the service; stops serving when dropped.
 pub struct TcpChannel {
     pub local_addr: SocketAddr,
-    /// A second descriptor of the listener, shut down on drop so that no
-    /// connection is accepted from then on.
-    socket: std::os::fd::OwnedFd,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for TcpChannel {
     fn drop(&mut self) {
-        // SAFETY: shutdown(2) on a descriptor this struct owns.
-        unsafe {
-            libc::shutdown(
-                std::os::fd::AsRawFd::as_raw_fd(&self.socket),
-                libc::SHUT_RDWR,
-            )
-        };
         let _ = self.stop.send(true);
         self.task.abort();
     }
@@ -147,17 +135,23 @@ pub(super) async fn serve_tcp(
     let local_addr = listener
         .local_addr()
         .map_err(|source| MetadataError::Listen { addr, source })?;
-    let socket = std::os::fd::AsFd::as_fd(&listener)
-        .try_clone_to_owned()
-        .map_err(|source| MetadataError::Listen { addr, source })?;
     let (stop, stopped) = watch::channel(false);
+    let mut ended = stopped.clone();
     let task = tokio::spawn(async move {
         let permits = Arc::new(Semaphore::new(PER_LISTENER));
         loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
-                return;
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = ended.changed() => return,
             };
-            let (stream, peer) = match listener.accept().await {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = ended.changed() => return,
+            };
+            let (stream, peer) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     tracing::warn!("metadata accept on {local_addr} failed: {e}");
@@ -181,7 +175,6 @@ pub(super) async fn serve_tcp(
     });
     Ok(TcpChannel {
         local_addr,
-        socket,
         stop,
         task,
     })

@@ -107,7 +107,7 @@ impl Service {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.release_memory(id);
-                self.metadata.close_channel(id);
+                self.metadata.close_channel(id).await;
                 let reason = e.to_string();
                 tracing::warn!("vm {id}: start failed: {reason}");
                 if let Err(w) = self.record(id, VmEvent::Failed, Detail::error(reason)) {
@@ -217,7 +217,7 @@ impl Service {
             if !service.unregister(&id, &run) {
                 return;
             }
-            service.metadata.close_channel(&id);
+            service.metadata.close_channel(&id).await;
             service.record_unexpected_exit(&id, &run, &info);
         });
     }
@@ -267,7 +267,7 @@ impl Service {
             .await;
         let elapsed = started.elapsed();
         self.unregister(id, &run);
-        self.metadata.close_channel(id);
+        self.metadata.close_channel(id).await;
         self.record(id, VmEvent::Halted, Detail::clear())?;
         tracing::info!(
             "vm {id} stopped by {method:?} in {:.0} ms",
@@ -302,7 +302,7 @@ impl Service {
         // killed by pid; its files go only once no QEMU of it runs (a QEMU
         // that survives SIGKILL keeps them, and the observer reports it).
         self.kill_unmanaged(id).await?;
-        self.metadata.close_channel(id);
+        self.metadata.close_channel(id).await;
         let dir = self.paths(id).dir;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}

@@ -475,3 +475,22 @@ fn as_user(uid: &str, channel: &str) -> std::io::Result<String> {
     let out = child.wait_with_output()?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Regression: a restart (stop, then start at once) failed with a 500
+/// "cannot open the metadata channel ... Address already in use" when the
+/// closed channel's listener had not been dropped yet.
+#[test]
+fn restart_reopens_the_channel_without_address_in_use() {
+    let (s, mut qemus, c1, _c2) = server_with_two_vms();
+    for round in 0..5 {
+        let (status, b) = s.post_json("/vms/vm1/actions/restart", &json!({"force": true}));
+        assert_eq!(status, 202, "round {round}: {b}");
+        let (_, vm) = s.get("/vms/vm1");
+        qemus.0.push(vm["pid"].as_i64().expect("pid") as i32);
+        assert_eq!(
+            ok_text(&c1, "/latest/meta-data/instance-id"),
+            "vm1",
+            "round {round}"
+        );
+    }
+}
