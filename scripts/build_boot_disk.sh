@@ -357,7 +357,7 @@ build_tiny() {
     install -m 755 "$tiny/init" "$root/init"
     install -m 644 "$tiny/inittab" "$root/etc/inittab"
     install -m 644 "$tiny/profile" "$root/etc/profile"
-    install -m 755 "$tiny/shell" "$tiny/uevent" "$tiny/disk" "$tiny/udhcpc" "$root/etc/vman/"
+    install -m 755 "$tiny/shell" "$tiny/uevent" "$tiny/disk" "$tiny/udhcpc" "$tiny/metadata" "$root/etc/vman/"
     install -m 755 "$tiny/power-button" "$root/etc/acpi/PWRF/00000080"
     install -m 755 "$tiny/net-up" "$root/etc/vman/"
     echo 'root::0:0:root:/root:/bin/sh' >"$root/etc/passwd"

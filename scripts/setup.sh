@@ -59,4 +59,11 @@ if ! getent passwd vman-qemu >/dev/null; then
     useradd --system --user-group --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin vman-qemu
 fi
+# passt runs as this user (VMAN_PASST_USER), not QEMU's: the nftables guard
+# keeps its connections off the host's own addresses.
+if ! getent passwd vman-passt >/dev/null; then
+    echo "setup: creating system user vman-passt"
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin vman-passt
+fi
 echo "setup: $(qemu-system-x86_64 --version | head -n1)"

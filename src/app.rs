@@ -28,9 +28,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .any(|v| v.network_mode == crate::model::NetworkMode::User)
         })
         .unwrap_or(true);
-    host.guard = crate::operator::guard::start(&config.guard_table, host.run_as.as_ref(), guarded);
+    host.guard = crate::operator::guard::start(
+        &config.guard_table,
+        host.passt_as.as_ref().map(|(_, uid)| *uid),
+        guarded,
+    );
     if config.user_net == crate::model::UserNet::Passt {
         crate::operator::passt::check(&config.passt_binary)?;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 && host.passt_as.is_none() {
+            anyhow::bail!(
+                "VMAN_PASST_USER={:?}: no such user; as root passt runs as its own user \
+                 (scripts/setup.sh creates vman-passt)",
+                config.passt_user
+            );
+        }
     }
     tracing::info!(
         "accelerator {} ({}), QEMU sandbox {}, QEMU user {}, QEMU CPU weight {}",
@@ -50,6 +62,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None => tracing::info!("no default boot disk configured; new VMs get an empty disk"),
     }
     let service = Arc::new(Service::new(config.clone(), store, host));
+    service.wire_metadata();
     service.sweep_leftovers();
     let state = AppState {
         service: service.clone(),

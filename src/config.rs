@@ -171,6 +171,12 @@ pub struct Config {
     #[arg(long, env = "VMAN_PASST_BINARY", default_value = "passt")]
     pub passt_binary: PathBuf,
 
+    /// User passt runs as when vman is root (its own user, not QEMU's: the
+    /// nftables guard table keeps this user's connections off the host's
+    /// own addresses, while QEMU needs loopback for the metadata relay).
+    #[arg(long, env = "VMAN_PASST_USER", default_value = "vman-passt")]
+    pub passt_user: String,
+
     /// Name of the nftables table (family inet) that keeps user-mode guests
     /// of a root vman off the host's own addresses (see README).
     #[arg(long, env = "VMAN_GUARD_TABLE", default_value = "vman_guard", value_parser = parse_table_name)]

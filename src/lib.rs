@@ -5,6 +5,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod metadata;
 pub mod model;
 pub mod observer;
 pub mod operator;

@@ -424,6 +424,8 @@ pub struct Vm {
     pub network_mode: NetworkMode,
     /// Its port forwards (user mode), by host port.
     pub ports: Vec<PortForward>,
+    /// When the guest last fetched its meta-data (metadata service).
+    pub metadata_fetched_at: Option<String>,
 }
 
 /// Cloud-init metadata of a VM; `None` fields were never set.

@@ -114,6 +114,9 @@ pub struct VmResponse {
     pub created_at: String,
     pub updated_at: String,
     pub network: NetworkResponse,
+    /// When the guest last fetched its meta-data from the metadata service
+    /// (null: never).
+    pub metadata_fetched_at: Option<String>,
 }
 
 impl From<&Vm> for VmResponse {
@@ -146,6 +149,7 @@ impl From<&Vm> for VmResponse {
                 local_ip,
                 ports: vm.ports.clone(),
             },
+            metadata_fetched_at: vm.metadata_fetched_at.clone(),
         }
     }
 }

@@ -1,13 +1,17 @@
-//! The nftables table that keeps user-mode guests of a root vman off the
-//! host itself. QEMU (slirp) and passt run as `VMAN_QEMU_USER`; every new
-//! connection such a process opens on behalf of a guest to a local address
-//! of the host (loopback, any address the host owns: `fib daddr type local`)
-//! or to 169.254.169.254 (the host's own cloud metadata) is rejected, except
-//! DNS (port 53) to the host's resolver. Guests keep the outside network;
-//! the vman API and every other host service stay out of reach. Created when
-//! a user-mode VM starts (and at start-up when VMs run; a stale one is
-//! removed then), replaced atomically each time, removed when no VM of
-//! this vman runs or starts any more (and at a clean exit in that case).
+//! The nftables table that keeps passt's guests of a root vman off the
+//! host itself. passt runs as `VMAN_PASST_USER` (its own user: QEMU's user
+//! needs loopback for the slirp metadata relay, whose plumbing libslirp
+//! builds over a TCP connection to 127.0.0.1); every new connection such a
+//! process opens on behalf of a guest to a local address of the host
+//! (loopback, any address the host owns: `fib daddr type local`) or to
+//! 169.254.169.254 (the host's own cloud metadata) is rejected, except DNS
+//! (port 53) to the host's resolver. Guests keep the outside network; the
+//! vman API and every other host service stay out of reach. slirp guests
+//! need no table: slirp always runs with `restrict=on` (see
+//! `service::network`). Created when a passt VM starts (and at start-up
+//! when VMs run; a stale one is removed then), replaced atomically each
+//! time, removed when no VM of this vman runs or starts any more (and at a
+//! clean exit in that case).
 
 use std::io::Write;
 use std::process::{Command, Stdio};
@@ -77,16 +81,16 @@ fn nft(args: &[&str], input: Option<&str>) -> Result<String, GuardError> {
 /// running), else a table left by a crash is removed; every start of a
 /// user-mode VM re-applies it. Without root there is no guard and slirp
 /// runs with `restrict=on`.
-pub fn start(table: &str, run_as: Option<&super::privilege::RunAs>, needed: bool) -> bool {
-    let Some(run_as) = run_as else {
+pub fn start(table: &str, uid: Option<u32>, needed: bool) -> bool {
+    let Some(uid) = uid else {
         tracing::info!(
-            "user-mode networking: no nftables guard (not root); slirp guests are restricted \
-             to their forwards and metadata (restrict=on)"
+            "user-mode networking: no nftables guard (not root, or no passt user); slirp \
+             guests are restricted to their forwards and metadata (restrict=on)"
         );
         return false;
     };
     let done = if needed {
-        ensure(table, run_as.uid)
+        ensure(table, uid)
     } else {
         nft(&["list", "tables"], None).and_then(|_| remove(table))
     };
@@ -95,7 +99,7 @@ pub fn start(table: &str, run_as: Option<&super::privilege::RunAs>, needed: bool
             tracing::info!(
                 "user-mode networking: nftables table inet {table} keeps guests (uid {}) off \
                  the host's own addresses{}",
-                run_as.uid,
+                uid,
                 if needed {
                     ""
                 } else {
@@ -106,8 +110,8 @@ pub fn start(table: &str, run_as: Option<&super::privilege::RunAs>, needed: bool
         }
         Err(e) => {
             tracing::warn!(
-                "user-mode networking: nftables unusable ({e}); slirp guests run restricted \
-                 (restrict=on)"
+                "user-mode networking: nftables unusable ({e}); passt guests are not kept off \
+                 the host's addresses"
             );
             false
         }

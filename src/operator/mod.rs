@@ -37,7 +37,10 @@ pub struct Host {
     pub run_as: Option<privilege::RunAs>,
     /// Where QEMU processes go for a lower CPU weight.
     pub cpu: cgroup::CpuPolicy,
-    /// The nftables guard (`guard`) is in place: slirp may run unrestricted.
+    /// The user passt switches to and its uid (vman is root and
+    /// `VMAN_PASST_USER` exists); the guard table is made for this uid.
+    pub passt_as: Option<(String, u32)>,
+    /// The nftables guard (`guard`) can be used (root, nft works).
     pub guard: bool,
 }
 
@@ -61,6 +64,7 @@ impl Host {
             images: image::ImagePolicy::from_config(config),
             run_as,
             cpu: cgroup::CpuPolicy::probe(config.qemu_cpu_weight, &config.vms_dir()),
+            passt_as: privilege::passt_user(&config.passt_user),
             guard: false,
         })
     }

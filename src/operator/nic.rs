@@ -37,12 +37,13 @@ pub struct Nic {
 #[derive(Debug, Clone)]
 pub enum NicBackend {
     /// QEMU's user networking. `restrict`: the guest reaches only its
-    /// forwards and the metadata relay (no root, so no nftables guard);
-    /// `metadata`: relay 169.254.169.254:80 to `metadata.sock`.
+    /// forwards and the metadata relay (what vman asks for: see
+    /// `service::network`); `metadata`: the command QEMU runs per guest
+    /// connection to 169.254.169.254:80 (`metadata::relay_command`).
     Slirp {
         restrict: bool,
         forwards: Vec<PortForward>,
-        metadata: bool,
+        metadata: Option<String>,
     },
     /// A connected stream socket to passt (one end of a socketpair; passt
     /// has the other). QEMU inherits it (`addr.type=fd`).
@@ -93,10 +94,8 @@ pub fn nic_args(nic: &Nic) -> Vec<String> {
                 s.push_str(",hostfwd=");
                 s.push_str(&hostfwd_rule(f));
             }
-            if *metadata {
-                s.push_str(&format!(
-                    ",guestfwd=tcp:{METADATA_ADDR}:80-cmd:socat STDIO UNIX-CONNECT:{METADATA_SOCK}"
-                ));
+            if let Some(relay) = metadata {
+                s.push_str(&format!(",guestfwd=tcp:{METADATA_ADDR}:80-cmd:{relay}"));
             }
             s
         }
@@ -127,7 +126,13 @@ pub fn nic_fds(nic: &Nic) -> Vec<RawFd> {
 /// QEMU must be allowed to fork (seccomp `spawn=allow`): only for the
 /// metadata relay, which runs socat per guest connection.
 pub fn needs_spawn(nic: &Nic) -> bool {
-    matches!(nic.backend, NicBackend::Slirp { metadata: true, .. })
+    matches!(
+        nic.backend,
+        NicBackend::Slirp {
+            metadata: Some(_),
+            ..
+        }
+    )
 }
 
 /// True when nothing on this host holds `port` on `addr` for `protocol`:
@@ -179,7 +184,7 @@ mod tests {
                         host_address: "::1".into(),
                     },
                 ],
-                metadata: false,
+                metadata: None,
             },
         };
         let a = nic_args(&nic);
@@ -205,7 +210,7 @@ mod tests {
             backend: NicBackend::Slirp {
                 restrict: false,
                 forwards: vec![ssh(2222)],
-                metadata: true,
+                metadata: Some("socat STDIO UNIX-CONNECT:metadata.sock".into()),
             },
         };
         let a = nic_args(&nic);

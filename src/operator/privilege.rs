@@ -67,6 +67,17 @@ pub enum PrivilegeError {
     Restrict { path: String, source: io::Error },
 }
 
+/// The user passt switches to, with its uid: none when vman is not root
+/// (passt keeps vman's user) or `name` is empty or unknown here (start-up
+/// refuses passt as root then: see `passt::check_user`).
+pub fn passt_user(name: &str) -> Option<(String, u32)> {
+    // SAFETY: geteuid has no preconditions.
+    if name.is_empty() || unsafe { libc::geteuid() } != 0 {
+        return None;
+    }
+    lookup_user(name).map(|(uid, _)| (name.to_owned(), uid))
+}
+
 /// Decides the user QEMU runs as: none when `user` is empty or vman is not
 /// root (it could not switch anyway); otherwise the user must exist and not
 /// be root, and QEMU must know a way to switch.

@@ -239,9 +239,18 @@ pub fn argv(spec: &LaunchSpec) -> Vec<OsString> {
         "-serial".into(),
         "chardev:serial0".into(),
         "-smbios".into(),
-        format!("type=1,serial={}", spec.vm_id),
+        // NoCloud's seed where the guest has a metadata channel (stock
+        // cloud-init reads it); the VM id stays in type 11 either way.
+        if has_relay(spec) {
+            format!("type=1,serial={}", crate::metadata::NOCLOUD_SEED)
+        } else {
+            format!("type=1,serial={}", spec.vm_id)
+        },
         "-smbios".into(),
-        format!("type=11,value=vman.hostname={}", spec.hostname),
+        format!(
+            "type=11,value=vman.hostname={},value=vman.id={}",
+            spec.hostname, spec.vm_id
+        ),
     ];
     let mut fdsets = 0;
     push_chain(&mut a, &spec.root_chain, "root", &mut fdsets);
@@ -276,6 +285,12 @@ pub fn argv(spec: &LaunchSpec) -> Vec<OsString> {
     a.into_iter().map(OsString::from).collect()
 }
 
+/// The VM's NIC relays 169.254.169.254:80 to its metadata channel (a
+/// process QEMU forks per guest connection).
+fn has_relay(spec: &LaunchSpec) -> bool {
+    spec.nic.as_ref().is_some_and(super::nic::needs_spawn)
+}
+
 /// `-runas` and `-sandbox`: QEMU's own user switch needs the set*id calls
 /// that `elevateprivileges=deny` forbids (see `privilege`).
 fn privilege_args(spec: &LaunchSpec) -> Vec<String> {
@@ -284,18 +299,19 @@ fn privilege_args(spec: &LaunchSpec) -> Vec<String> {
         a.extend(run_as.args());
     }
     if spec.sandbox {
-        let elevate = if spec.run_as.is_some() {
+        // libslirp's guestfwd `cmd:` child calls setsid(), which QEMU's
+        // sandbox counts among the privilege calls: a VM with a metadata
+        // relay needs them allowed (QEMU without a user switch has no
+        // capability to gain by them unless vman runs as root without
+        // VMAN_QEMU_USER, where it is root already).
+        let elevate = if spec.run_as.is_some() || has_relay(spec) {
             "allow"
         } else {
             "deny"
         };
         a.push("-sandbox".into());
         // QEMU forks socat per connection of the metadata relay only.
-        let spawn = if spec.nic.as_ref().is_some_and(super::nic::needs_spawn) {
-            "allow"
-        } else {
-            "deny"
-        };
+        let spawn = if has_relay(spec) { "allow" } else { "deny" };
         a.push(format!(
             "on,obsolete=deny,elevateprivileges={elevate},spawn={spawn},resourcecontrol=deny"
         ));
@@ -374,6 +390,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_metadata_relay_brings_a_nic_the_nocloud_seed_and_spawn() {
+        let mut s = spec();
+        let line = joined(&s);
+        assert!(line.contains("-smbios type=1,serial=vm1 "));
+        assert!(line.contains("type=11,value=vman.hostname=vm1,value=vman.id=vm1"));
+        assert!(!line.contains("-netdev"));
+        s.nic = Some(super::super::nic::Nic {
+            mac: "52:54:00:00:00:01".into(),
+            backend: super::super::nic::NicBackend::Slirp {
+                restrict: true,
+                forwards: Vec::new(),
+                metadata: Some("socat STDIO ABSTRACT-CONNECT:x".into()),
+            },
+        });
+        let line = joined(&s);
+        assert!(line
+            .contains("-smbios type=1,serial=ds=nocloud-net;s=http://169.254.169.254/nocloud/ "));
+        assert!(line.contains("type=11,value=vman.hostname=vm1,value=vman.id=vm1"));
+        assert!(line.contains(
+            "guestfwd=tcp:169.254.169.254:80-cmd:socat STDIO ABSTRACT-CONNECT:x -device virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01"
+        ));
+        assert!(line.contains("elevateprivileges=allow,spawn=allow"));
+    }
+
     fn joined(spec: &LaunchSpec) -> String {
         argv(spec)
             .iter()
@@ -433,13 +474,13 @@ mod tests {
                 metadata,
             },
         };
-        s.nic = Some(slirp(false));
+        s.nic = Some(slirp(None));
         let line = joined(&s);
         assert!(line.contains("-netdev user,id=net0,net=169.254.169.0/24"));
         assert!(line.contains("restrict=on"));
         assert!(line.contains("-device virtio-net-pci,netdev=net0,mac=52:54:00:01:02:03"));
         assert!(line.contains("spawn=deny"));
-        s.nic = Some(slirp(true));
+        s.nic = Some(slirp(Some("socat STDIO ABSTRACT-CONNECT:x".to_owned())));
         assert!(joined(&s).contains("spawn=allow"));
         // A stream NIC's descriptor is passed to QEMU.
         let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");

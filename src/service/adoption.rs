@@ -127,6 +127,10 @@ impl Service {
         self.set_pending(id, None);
         self.memory.lock_or_recover().insert(id.clone(), ram_mib);
         self.record(id, VmEvent::Adopted, Detail::pid(run.pid))?;
+        // Its relay (if it has one) reaches the channel by name again.
+        if let Err(e) = self.metadata.open_channel(id, &run.paths) {
+            tracing::warn!("vm {id}: {e}");
+        }
         self.register(id.clone(), run);
         Ok(())
     }

@@ -12,6 +12,7 @@ mod disk_plan;
 mod disks;
 mod error;
 mod events;
+mod guest;
 mod health;
 mod lifecycle;
 pub mod metrics;
@@ -92,11 +93,15 @@ pub struct Service {
     events: events::Events,
     /// What /metrics counts as it happens (`metrics.rs`).
     pub(crate) counters: metrics::Counters,
+    /// The guest metadata service (channels opened at launch, see `guest`).
+    pub(crate) metadata: crate::metadata::Metadata,
 }
 
 impl Service {
     pub fn new(config: Arc<Config>, store: Store, host: Host) -> Self {
+        let metadata = crate::metadata::Metadata::new(host.run_as.as_ref().map(|r| r.uid));
         Self {
+            metadata,
             config,
             store,
             host,

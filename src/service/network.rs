@@ -250,22 +250,37 @@ impl Service {
                 Ok(None)
             }
             NetworkMode::User => {
-                let dir = self.paths(&vm.id).dir;
+                let paths = self.paths(&vm.id);
+                let dir = paths.dir.clone();
                 let backend = match self.config.user_net {
-                    UserNet::Slirp => NicBackend::Slirp {
-                        restrict: !self.guard_in_place().await,
-                        forwards: vm.ports.clone(),
-                        metadata: dir.join(nic::METADATA_SOCK).exists(),
-                    },
+                    UserNet::Slirp => {
+                        // The guest's metadata channel, before QEMU: its
+                        // relay connects to it per guest connection.
+                        self.metadata.open_channel(&vm.id, &paths).map_err(|e| {
+                            Reason::NetworkFailed.refuse(format!("metadata channel: {e}"))
+                        })?;
+                        // Always restricted: slirp maps every address of its
+                        // own network to the host's loopback, so an
+                        // unrestricted guest would reach the vman API and
+                        // every loopback service (the guard table cannot
+                        // tell those connections from QEMU's own loopback
+                        // plumbing of the relay). Forwards and the relay work.
+                        NicBackend::Slirp {
+                            restrict: true,
+                            forwards: vm.ports.clone(),
+                            metadata: Some(crate::metadata::relay_command(&paths)),
+                        }
+                    }
                     UserNet::Passt => {
-                        // As root, passt (the QEMU user) is guarded too.
+                        // As root, passt runs as its own user, whose
+                        // connections the guard keeps off the host.
                         self.guard_in_place().await;
                         // A passt left from an earlier run of this VM goes.
                         passt::stop(&dir).await;
                         let spec = passt::PasstSpec {
                             dir: dir.clone(),
                             forwards: vm.ports.clone(),
-                            run_as: self.host.run_as.as_ref().map(|r| r.user.clone()),
+                            run_as: self.host.passt_as.as_ref().map(|(user, _)| user.clone()),
                         };
                         let started = passt::spawn(&self.config.passt_binary, &spec)
                             .await
@@ -290,6 +305,7 @@ impl Service {
     /// After the VM's QEMU is gone (stopped, exited, failed start, deleted):
     /// stops its passt, forgets its address.
     pub(crate) async fn teardown_network(&self, id: &Name) {
+        self.metadata.close_channel(id).await;
         let dir = self.paths(id).dir;
         let running = passt::find(&dir);
         if !passt::stop(&dir).await {
@@ -326,24 +342,25 @@ impl Service {
         }
     }
 
-    /// True when the nftables guard keeps guests off the host: re-applied
-    /// before each start (another vman's exit or a flush may have removed
-    /// it). Without it slirp runs with `restrict=on`.
+    /// True when the nftables guard keeps passt's guests off the host:
+    /// re-applied before each passt start (another vman's exit or a flush
+    /// may have removed it).
     async fn guard_in_place(&self) -> bool {
-        let (Some(run_as), true) = (self.host.run_as.clone(), self.host.guard) else {
+        let (Some((_, uid)), true) = (self.host.passt_as.clone(), self.host.guard) else {
             return false;
         };
         let table = self.config.guard_table.clone();
-        let done =
-            super::blocking::blocking("nft guard", move || guard::ensure(&table, run_as.uid)).await;
+        let done = super::blocking::blocking("nft guard", move || guard::ensure(&table, uid)).await;
         match done {
             Ok(Ok(())) => true,
             Ok(Err(e)) => {
-                tracing::warn!("nftables guard unavailable ({e}); slirp runs with restrict=on");
+                tracing::warn!("nftables guard unavailable ({e}): passt guests are not kept off the host's addresses");
                 false
             }
             Err(e) => {
-                tracing::warn!("nftables guard: {e}; slirp runs with restrict=on");
+                tracing::warn!(
+                    "nftables guard: {e}: passt guests are not kept off the host's addresses"
+                );
                 false
             }
         }

@@ -353,6 +353,7 @@ mod tests {
             last_error: None,
             network_mode: crate::model::NetworkMode::None,
             ports: Vec::new(),
+            metadata_fetched_at: None,
             created_at: String::new(),
             updated_at: String::new(),
         }

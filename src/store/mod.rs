@@ -53,7 +53,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0002_disks.sql"),
     include_str!("../../migrations/0003_image_formats.sql"),
     include_str!("../../migrations/0004_network.sql"),
-    // 0005-0006 belong to other branches; the merge puts them before this.
+    include_str!("../../migrations/0005_metadata.sql"),
+    // 0006 belongs to the bridge branch; the merge puts it before this.
     include_str!("../../migrations/0007_events.sql"),
 ];
 

@@ -46,7 +46,8 @@ pub enum VmWrite {
 const VM_SELECT: &str = concat!(
     "SELECT v.id, v.state, v.local_ip, v.qcow2_path, v.boot_disk,
         v.root_disk_source, v.root_disk_path, v.root_disk_size, v.pid, v.last_error,
-        v.created_at, v.updated_at, v.qcow2_path_format, v.boot_disk_format, v.root_disk_format, v.network_mode, ",
+        v.created_at, v.updated_at, v.qcow2_path_format, v.boot_disk_format, v.root_disk_format, v.network_mode, \
+        v.metadata_fetched_at, ",
     template_columns!("t."),
     " FROM vms v JOIN templates t ON t.name = v.template_name"
 );
@@ -77,7 +78,8 @@ fn vm_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Vm> {
         root_disk_format: format(14)?,
         network_mode: NetworkMode::parse(&r.get::<_, String>(15)?).unwrap_or(NetworkMode::None),
         ports: Vec::new(),
-        template: template_row_at(r, 16)?,
+        metadata_fetched_at: r.get(16)?,
+        template: template_row_at(r, 17)?,
     })
 }
 
@@ -140,6 +142,7 @@ impl Store {
                 updated_at: now,
                 network_mode: new.network_mode,
                 ports: new.ports.clone(),
+                metadata_fetched_at: None,
             })
         })
     }
@@ -312,6 +315,21 @@ impl Store {
                 created_at,
                 updated_at,
             })
+        })
+    }
+
+    /// Records when the guest fetched its meta-data; `NotFound` when the VM
+    /// does not exist. Leaves `updated_at` alone (the VM did not change).
+    pub fn set_metadata_fetched(&self, id: &Name, at: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "UPDATE vms SET metadata_fetched_at = ?2 WHERE id = ?1",
+                rusqlite::params![id.as_str(), at],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound);
+            }
+            Ok(())
         })
     }
 

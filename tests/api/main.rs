@@ -13,6 +13,7 @@ mod cross_site;
 mod database;
 mod disks;
 mod events;
+mod guest_metadata;
 mod limits;
 mod metadata;
 mod metrics;

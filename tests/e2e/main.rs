@@ -13,6 +13,7 @@ mod full_disk;
 mod harness;
 mod hostile_images;
 mod lifecycle;
+mod metadata;
 mod network_user;
 mod privilege;
 mod rootdisk;
