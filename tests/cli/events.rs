@@ -125,3 +125,83 @@ fn bad_event_filters_exit_1_with_the_servers_detail() {
     let d = c.refused(&["events", "--limit", "0"]);
     assert!(d.contains("limit"), "{d}");
 }
+
+/// Serves one SSE request on `listener`: answers `body` and closes (when
+/// `close`) or keeps the connection open; returns the request's head.
+fn serve_sse(listener: &std::net::TcpListener, body: &str, close: bool) -> String {
+    use std::io::{Read, Write};
+    let (mut conn, _) = listener.accept().expect("accept");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte).expect("read request") == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    write!(
+        conn,
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n{body}"
+    )
+    .expect("answer");
+    conn.flush().expect("flush");
+    if !close {
+        // Held open until the test ends (the client is killed first).
+        std::mem::forget(conn);
+    }
+    String::from_utf8_lossy(&head).to_lowercase()
+}
+
+/// A stream the server drops while it is still up is resumed after the
+/// last event printed: the next request carries `Last-Event-ID`, and no
+/// event is printed twice. (A scripted SSE endpoint: the real server only
+/// ends streams when it shuts down, where exit 3 is the right answer.)
+#[test]
+fn follow_resumes_a_dropped_stream_with_last_event_id() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let first = serve_sse(
+            &listener,
+            ": keep-alive\n\nid: 5\ndata: {\"id\":5,\"action\":\"created\"}\n\n",
+            true,
+        );
+        let second = serve_sse(
+            &listener,
+            "id: 6\ndata: {\"id\":6,\"action\":\"started\"}\n\n",
+            false,
+        );
+        (first, second)
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cli::new(&url, dir.path());
+    let mut child = c
+        .command(&["events", "--follow", "--format", "json"])
+        .spawn()
+        .expect("spawn events --follow");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut next = || -> Value {
+        let line = rx.recv_timeout(GUEST);
+        let line = line.unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("events --follow printed no further event")
+        });
+        serde_json::from_str(&line).expect("a JSON line")
+    };
+    let one = next();
+    let two = next();
+    let (first, second) = server.join().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!((one["id"].as_i64(), two["id"].as_i64()), (Some(5), Some(6)));
+    assert!(first.starts_with("get /events "), "{first}");
+    assert!(!first.contains("last-event-id"), "{first}");
+    assert!(second.contains("last-event-id: 5\r\n"), "{second}");
+}
