@@ -20,7 +20,7 @@ fn nonce() -> u32 {
 
 /// A running `vman vm console` with its stdin, and its stdout as chunks.
 struct Console {
-    child: Child,
+    child: Option<Child>,
     stdin: ChildStdin,
     out: mpsc::Receiver<Vec<u8>>,
     seen: String,
@@ -45,7 +45,7 @@ impl Console {
             }
         });
         Self {
-            child,
+            child: Some(child),
             stdin,
             out,
             seen: String::new(),
@@ -78,7 +78,18 @@ impl Console {
         if detach {
             self.send(&[0x1d]);
         }
-        wait(self.child, CLIENT_DEADLINE, &["vm", "console"])
+        let child = self.child.take().expect("not finished yet");
+        wait(child, CLIENT_DEADLINE, &["vm", "console"])
+    }
+}
+
+impl Drop for Console {
+    /// A test that failed half-way leaves no client behind.
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
