@@ -95,8 +95,11 @@ impl Drop for Console {
 
 #[test]
 fn console_in_pipe_mode_types_into_the_guest_and_detaches_leaving_it_running() {
-    let v = Vman::builder().with_tiny_default().start();
-    let c = Cli::new(&v.base, &v.storage);
+    // With a token: the socket must carry it (as a header) too.
+    let token = "0123456789abcdef-console";
+    let v = Vman::builder().with_tiny_default().api_token(token).start();
+    let mut c = Cli::new(&v.base, &v.storage);
+    c.token = Some(token.into());
     c.ok(&[
         "template",
         "create",
