@@ -105,6 +105,11 @@ fn follow(c: &Client, out: Out, query: &[String], since: Option<String>) -> Resu
                 "the server answered {status} instead of an event stream"
             )));
         }
+        // The server subscribed before answering: from here on nothing is
+        // missed (scripts and tests may wait for this line on stderr).
+        if !out.quiet {
+            eprintln!("vman: following events at {} (Ctrl-C ends)", c.url(&path));
+        }
         let mut reader = BufReader::new(resp);
         let mut sse = Sse::default();
         let mut line = String::new();

@@ -68,16 +68,14 @@ fn events_list_a_vms_create_start_stop_in_order_and_follow_prints_a_start() {
     let later = c.json(&["events", "--resource", "e1", "--since", &since]);
     assert_eq!(actions(&later), ["started", "stopped"], "{later}");
 
-    // --follow: the next start shows up as a JSON line. From the last id
-    // seen, so a stream that connects after the start still sees it.
-    let last = ids[2].to_string();
+    // --follow: once it says it follows (on stderr, after the server
+    // subscribed it), the next start shows up as a JSON line, live.
     let mut child = c
-        .command(&[
-            "events", "--follow", "--type", "vm", "--since", &last, "--format", "json",
-        ])
+        .command(&["events", "--follow", "--type", "vm", "--format", "json"])
         .spawn()
         .expect("spawn events --follow");
     let stdout = child.stdout.take().expect("stdout");
+    let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines() {
@@ -85,6 +83,9 @@ fn events_list_a_vms_create_start_stop_in_order_and_follow_prints_a_start() {
             let _ = tx.send(line);
         }
     });
+    let mut err_lines = BufReader::new(stderr).lines();
+    let first = err_lines.next().expect("a line on stderr").expect("stderr");
+    assert!(first.starts_with("vman: following events at "), "{first}");
     c.ok(&["vm", "start", "e1"]);
     let start = Instant::now();
     let event: Value = loop {
