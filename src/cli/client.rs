@@ -96,6 +96,25 @@ impl Client {
         &self.base
     }
 
+    /// The API token, when one is set (the console socket sends it itself).
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// A GET of `path` with its headers, answered as a stream (SSE): the
+    /// response whatever its status; only a missing answer is an error.
+    pub fn get_stream(
+        &self,
+        path: &str,
+        headers: &[(&str, String)],
+    ) -> Result<reqwest::blocking::Response, CliError> {
+        let mut req = self.builder(Method::GET, path);
+        for (k, v) in headers {
+            req = req.header(*k, v);
+        }
+        req.send().map_err(|e| unreachable(&self.url(path), &e))
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -4,13 +4,15 @@
 //! database or storage; whatever it shows or changes goes through the API,
 //! so it obeys the same rules, locks and token as curl.
 //!
-//! One file per resource (`template`, `vm`, `disk`, `health`, `launch`),
+//! One file per resource (`template`, `vm`, `disk`, `health`, `launch`,
+//! `events`), `console` for `vman vm console` (WebSocket, raw terminal),
 //! `client` for HTTP and exit codes, `output` for tables, JSON/YAML and
-//! progress. `vman vm console` and `vman events` (WebSocket/SSE) belong to
-//! the events work and are not here yet.
+//! progress.
 
 pub mod client;
+mod console;
 mod disk;
+mod events;
 mod health;
 mod launch;
 pub mod output;
@@ -95,6 +97,13 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// The server's events: past ones, or `--follow` them as they happen.
+    Events {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        args: events::Args,
+    },
     /// Create a VM from TEMPLATE, start it and wait until its guest is up
     /// (console prints `vman-guest: ready`, or the guest fetched its metadata).
     Launch {
@@ -125,6 +134,9 @@ pub fn run(cmd: Command, root: clap::Command) -> ExitCode {
         Command::Launch { client, args } => client
             .connect()
             .and_then(|(c, out)| launch::run(&c, out, args)),
+        Command::Events { client, args } => client
+            .connect()
+            .and_then(|(c, out)| events::run(&c, out, args)),
         Command::Completions { shell } => {
             let mut root = root;
             let name = root.get_name().to_owned();

@@ -70,6 +70,14 @@ pub enum Cmd {
         #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u64).range(50..=60_000))]
         interval: u64,
     },
+    /// Attach to the serial console (raw terminal; Ctrl-] detaches). With
+    /// stdin not a terminal: sends stdin, prints output, ends at its end.
+    Console {
+        name: String,
+        /// Watch only: what you type is not sent.
+        #[arg(long)]
+        readonly: bool,
+    },
     /// List, add or remove port forwards of a VM.
     Ports {
         name: String,
@@ -256,6 +264,7 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
             follow,
             interval,
         } => logs(c, out, &name, follow, Duration::from_millis(interval)),
+        Cmd::Console { name, readonly } => super::console::run(c, &name, readonly),
         Cmd::Ports { name, action } => ports(c, out, &name, action.unwrap_or(PortsCmd::List)),
         Cmd::Metadata { name, action } => {
             metadata(c, out, &name, action.unwrap_or(MetadataCmd::Show))

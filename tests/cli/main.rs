@@ -11,7 +11,9 @@ mod common;
 #[path = "../e2e/harness.rs"]
 mod harness;
 
+mod console;
 mod disks;
+mod events;
 mod launch;
 mod system;
 mod templates;

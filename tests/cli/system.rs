@@ -39,6 +39,9 @@ fn a_server_that_is_down_gives_exit_3_with_the_url() {
         &["vm", "list"],
         &["template", "create", "t", "--cpus", "1", "--ram", "1"],
         &["launch", "t"],
+        &["events"],
+        &["events", "--follow"],
+        &["vm", "console", "g1"],
     ] {
         let msg = c.fails(3, args);
         assert!(msg.contains(&format!("{url}/")), "{args:?}: {msg}");
@@ -70,6 +73,10 @@ fn the_token_is_sent_from_the_environment_or_the_flag() {
     c.token = Some(token.into());
     c.ok(&["template", "create", "t", "--cpus", "1", "--ram", "1"]);
     assert_eq!(c.json(&["template", "list"])[0]["name"], "t");
+    // The event list and stream send it too.
+    assert_eq!(c.json(&["events"])[0]["action"], "created");
+    let d = c.refused(&["events", "--follow", "--token", "wrong-token-0123456789"]);
+    assert!(d.to_lowercase().contains("token"), "{d}");
     let wrong = c.refused(&["vm", "list", "--token", "wrong-token-0123456789"]);
     assert!(wrong.to_lowercase().contains("token"), "{wrong}");
 }
