@@ -6,6 +6,7 @@
 mod adoption;
 #[path = "../common/mod.rs"]
 mod common;
+mod debian_ssh;
 mod disks;
 mod faults;
 mod full_disk;
