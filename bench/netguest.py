@@ -94,13 +94,21 @@ class Guest:
                       f"dhcpstart=169.254.169.15{fw},"
                       f"guestfwd=tcp:169.254.169.254:80-cmd:socat STDIO UNIX-CONNECT:{meta}")
         else:
+            # passt started as root drops to `nobody` BEFORE it creates its
+            # socket: the folder must be writable (and its parents
+            # traversable) by that user
+            os.chmod(self.dir, 0o777)
+            for d in (work, os.path.dirname(work)):
+                os.chmod(d, os.stat(d).st_mode | 0o005)
             sock = os.path.join(self.dir, "passt.sock")
             argv = ["passt", "-f", "-q", "--socket", sock, "--no-map-gw", "-a", "10.0.2.15",
                     "-n", "24", "-g", "10.0.2.2"]
             for h, g in forwards:
                 argv += ["-t", f"127.0.0.1/{h}:{g}"]
-            spawn(argv, log)
+            p = spawn(argv, log)
             while not os.path.exists(sock):
+                if p.poll() is not None:
+                    raise SystemExit(f"passt exited ({p.returncode}); see {self.dir}/procs.log")
                 time.sleep(0.002)
             netdev = f"stream,id=n0,server=off,addr.type=unix,addr.path={sock}"
         args = ["qemu-system-x86_64", "-accel", "tcg", "-machine", "q35", "-m", str(ram),
@@ -184,8 +192,12 @@ def host_to_guest(port, mib):
 
 
 def guest_to_host(port, mib):
+    """The guest sends mib MiB once the host has sent one byte (passt of
+    Debian 12 forwards nothing from the guest before the host spoke, see
+    server_first); the guest reads that byte so it closes with FIN, not RST."""
     s = socket.create_connection(("127.0.0.1", port), timeout=300)
     t = time.monotonic()
+    s.sendall(b"x")
     n = 0
     while True:
         b = s.recv(1 << 20)
@@ -197,6 +209,25 @@ def guest_to_host(port, mib):
     if n != mib << 20:
         raise RuntimeError(f"received {n} bytes, expected {mib << 20}")
     return mib / dt
+
+
+def server_first(g, port):
+    """Does a guest service that speaks first (SSH banners, SMTP...) reach
+    the host through the forward before the host sends anything?"""
+    g.run("nc -l -p 5003 -e sh -c 'echo hello-from-guest; sleep 5' &")
+    time.sleep(1)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    got = b""
+    try:
+        while b"hello-from-guest" not in got:
+            b = s.recv(100)
+            if not b:
+                break
+            got += b
+    except socket.timeout:
+        pass
+    s.close()
+    return b"hello-from-guest" in got
 
 
 def retry(f, *a):
@@ -213,10 +244,12 @@ def retry(f, *a):
 def net(image, work, rounds, mib):
     res = {b: {"ip": [], "h2g": [], "g2h": []} for b in ("slirp", "passt")}
     meta_t = []
+    first = {}
     for r in range(rounds):
         for backend in ("slirp", "passt"):
-            hp1, hp2 = free_port(), free_port()
-            g = Guest(image, work, f"{backend}-{r}", backend, [(hp1, 5001), (hp2, 5002)],
+            hp1, hp2, hp3 = free_port(), free_port(), free_port()
+            g = Guest(image, work, f"{backend}-{r}", backend,
+                      [(hp1, 5001), (hp2, 5002), (hp3, 5003)],
                       hostname=f"bench-{backend}-{r}")
             t_ip, m = g.wait(MARK_IP)
             res[backend]["ip"].append(t_ip)
@@ -229,9 +262,12 @@ def net(image, work, rounds, mib):
             g.run("nc -l -p 5001 -e sh -c 'cat >/dev/null; echo ok' &")
             time.sleep(0.3)
             res[backend]["h2g"].append(retry(host_to_guest, hp1, mib))
-            g.run(f"nc -l -p 5002 -e dd if=/dev/zero bs=64k count={mib * 16} 2>/dev/null &")
+            g.run("nc -l -p 5002 -e sh -c 'head -c 1 >/dev/null; "
+                  f"dd if=/dev/zero bs=64k count={mib * 16} 2>/dev/null' &")
             time.sleep(0.3)
             res[backend]["g2h"].append(retry(guest_to_host, hp2, mib))
+            if r == 0:
+                first[backend] = server_first(g, hp3)
             print(f"  round {r + 1} {backend:5}: ip {m.group(1).decode()} after {t_ip:.2f} s, "
                   f"host->guest {res[backend]['h2g'][-1]:.0f} MiB/s, "
                   f"guest->host {res[backend]['g2h'][-1]:.0f} MiB/s", flush=True)
@@ -242,6 +278,9 @@ def net(image, work, rounds, mib):
     print(f"  start -> DHCP address     slirp {s['ip']:6.2f} s   passt {p['ip']:6.2f} s   passt/slirp {p['ip'] / s['ip']:.2f}x")
     print(f"  host -> guest TCP         slirp {s['h2g']:6.1f} MiB/s passt {p['h2g']:6.1f} MiB/s passt/slirp {p['h2g'] / s['h2g']:.2f}x")
     print(f"  guest -> host TCP         slirp {s['g2h']:6.1f} MiB/s passt {p['g2h']:6.1f} MiB/s passt/slirp {p['g2h'] / s['g2h']:.2f}x")
+    for b in ("slirp", "passt"):
+        print(f"  {b}: data of a guest service that speaks first reaches the host "
+              f"before the host sends: {'yes' if first[b] else 'NO (nothing in 10 s)'}")
     print(f"  slirp: guest read its meta-data via 169.254.169.254 (guestfwd) in every boot; "
           f"start -> shell ready + that answer {statistics.median(meta_t):.2f} s (typed after 'ready', "
           f"not an unattended fetch)")
@@ -290,6 +329,7 @@ def ssh(image, work, rounds):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if sys.argv[1] == "net":
             net(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
