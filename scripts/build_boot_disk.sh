@@ -541,7 +541,9 @@ path-exclude /usr/share/info/*
 path-exclude /usr/share/locale/*
 path-include /usr/share/locale/locale.alias
 EOF
-    chroot "$mnt" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    # flock: concurrent builds share the apt cache (apt refuses a locked one)
+    flock "$CACHE_DIR/debian-apt.lock" \
+        chroot "$mnt" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         systemd-sysv udev dbus linux-image-cloud-amd64 initramfs-tools ifupdown isc-dhcp-client \
         openssh-server cloud-init cloud-guest-utils netbase iproute2 ca-certificates procps \
         >"$WORK/apt.log" 2>&1 || {
@@ -575,6 +577,8 @@ ssh_pwauth: false
 network: {config: disabled}
 # minbase has no locales package
 locale: false
+# one host key type: RSA key generation alone costs seconds under TCG
+ssh_genkeytypes: [ed25519]
 EOF
     mkdir -p "$mnt/etc/systemd/system/serial-getty@ttyS0.service.d" "$mnt/etc/systemd/system/ssh.service.d"
     cat >"$mnt/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'EOF'
@@ -582,14 +586,19 @@ EOF
 ExecStart=
 ExecStart=-/sbin/agetty --autologin root --keep-baud 115200,57600,38400,9600 %I $TERM
 EOF
-    # host keys are generated on first boot (cloud-init's ssh module, or here
-    # when cloud-init did not run), never shared between VMs
+    # One ed25519 host key, generated on first boot (cloud-init's ssh module,
+    # or here when cloud-init did not run), never shared between VMs.
     cat >"$mnt/etc/systemd/system/ssh.service.d/hostkeys.conf" <<'EOF'
 [Service]
 ExecStartPre=
-ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/bin/sh -c 'test -s /etc/ssh/ssh_host_ed25519_key || exec /usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key'
 ExecStartPre=/usr/sbin/sshd -t
 EOF
+    mkdir -p "$mnt/etc/ssh/sshd_config.d"
+    echo 'HostKey /etc/ssh/ssh_host_ed25519_key' >"$mnt/etc/ssh/sshd_config.d/10-vman-hostkey.conf"
+    # nothing periodic competes with the guest's work (apt, e2scrub)
+    chroot "$mnt" systemctl mask apt-daily.timer apt-daily-upgrade.timer \
+        e2scrub_all.timer e2scrub_reap.service >/dev/null 2>&1 || true
     rm -f "$mnt"/etc/ssh/ssh_host_*
     chroot "$mnt" passwd -d root >/dev/null
     chroot "$mnt" systemctl enable serial-getty@ttyS0.service >/dev/null 2>&1 || true
