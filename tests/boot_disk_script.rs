@@ -654,6 +654,7 @@ fn debian_build_and_boot_to_login_opt_in_vman_test_debian() {
         size,
         size as f64 / 1048576.0
     );
+    share_debian_image(&image);
     let extra = vec![
         "-netdev".to_string(),
         "user,id=net0".to_string(),
@@ -677,4 +678,23 @@ fn debian_build_and_boot_to_login_opt_in_vman_test_debian() {
         "[timing] debian system_powerdown -> exit: {:.1} s",
         t.elapsed().as_secs_f64()
     );
+}
+
+/// Leaves the image this test built where tests/e2e/debian_ssh.rs looks for
+/// it (same name rule: FNV-1a of the build script), so one `scripts/test.sh`
+/// run builds the debian image once.
+fn share_debian_image(image: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build_boot_disk.sh");
+    let key = fs::read(script)
+        .expect("read build script")
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("debian-image");
+    fs::create_dir_all(&dir).expect("debian image cache folder");
+    let dest = dir.join(format!("debian-{key:016x}.qcow2"));
+    let part = dir.join(format!(".debian-{key:016x}.{}.part", std::process::id()));
+    fs::copy(image, &part).expect("copy the debian image to the cache");
+    fs::rename(&part, &dest).expect("rename the cached debian image");
 }

@@ -44,7 +44,8 @@ fn enabled() -> bool {
 }
 
 /// The debian boot disk, built once and kept in the target folder under a
-/// name that changes with the build script (a changed script builds anew).
+/// name that changes with the build script (a changed script builds anew);
+/// tests/boot_disk_script.rs leaves the image it built there too.
 fn debian_image() -> &'static Path {
     let built = DEBIAN.get_or_init(|| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build_boot_disk.sh");
@@ -58,6 +59,12 @@ fn debian_image() -> &'static Path {
         if image.exists() {
             println!("[debian] using the cached {}", image.display());
             return Ok(image);
+        }
+        // images of older build scripts go
+        for entry in fs::read_dir(&dir).map_err(|e| e.to_string())?.flatten() {
+            if entry.file_name().to_string_lossy().starts_with("debian-") {
+                let _ = fs::remove_file(entry.path());
+            }
         }
         let started = Instant::now();
         // The script writes a temporary file and renames it at the end:
