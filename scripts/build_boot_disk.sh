@@ -487,8 +487,10 @@ close_loop_disk() {
 # (vman sets it when the VM has a metadata channel). It must be
 # `nocloud-net`: bookworm's cloud-init 22.4 takes `ds=nocloud` as "local
 # mode", loads the http seed in the network stage and then exits without
-# applying it (DataSourceNone). `nocloud-net` works with 22.4 and later
-# (newer versions accept both). Once eth0 has its
+# applying it (DataSourceNone). cloud-init 22.x documents `nocloud-net` as
+# the form for http(s) seeds (`nocloud` for / and file://); later releases
+# document `nocloud` for both and keep `nocloud-net` as an alias (not
+# checked here). Once eth0 has its
 # DHCP lease, fetches meta-data (instance-id, local-hostname, public-keys),
 # user-data and vendor-data from there. cloud-init then sets the hostname and
 # writes the keys (meta-data public-keys and #cloud-config
