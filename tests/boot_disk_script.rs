@@ -747,6 +747,12 @@ fn share_debian_image(image: &Path) {
         });
     let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("debian-image");
     fs::create_dir_all(&dir).expect("debian image cache folder");
+    // images of older build scripts go
+    for entry in fs::read_dir(&dir).expect("read the cache folder").flatten() {
+        if entry.file_name().to_string_lossy().starts_with("debian-") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
     let dest = dir.join(format!("debian-{key:016x}.qcow2"));
     let part = dir.join(format!(".debian-{key:016x}.{}.part", std::process::id()));
     fs::copy(image, &part).expect("copy the debian image to the cache");
