@@ -12,7 +12,9 @@
 #           Default output: storage/templates/tiny.qcow2, default size 64M.
 #   debian  debootstrap --variant=minbase (Debian bookworm) on ext4 + extlinux,
 #           linux-image-cloud-amd64, ifupdown DHCP on eth0, openssh-server,
-#           cloud-init, root autologin on ttyS0. Needs root + loop devices; slow.
+#           stock cloud-init (NoCloud; hostname + root's SSH keys from the
+#           metadata service, see build_debian below), root autologin on
+#           ttyS0. Needs root + loop devices; ~1.5-3 min with a warm cache.
 #           Default output: storage/templates/debian-minimal.qcow2, size 2G.
 #   alpine  (default) Alpine minirootfs + linux-virt + extlinux from
 #           $ALPINE_MIRROR (default https://dl-cdn.alpinelinux.org/alpine),
@@ -483,6 +485,29 @@ close_loop_disk() {
 }
 
 # ================================================================ debian
+# A guest that stock cloud-init configures (no vman-specific code inside):
+# the NoCloud datasource finds its seed URL in the SMBIOS system serial
+#   qemu ... -smbios type=1,serial=ds=nocloud-net;s=http://169.254.169.254/nocloud/
+# (vman sets it when the VM has a metadata channel). It must be
+# `nocloud-net`: bookworm's cloud-init 22.4 takes `ds=nocloud` as "local
+# mode", loads the http seed in the network stage and then exits without
+# applying it (DataSourceNone). cloud-init 22.x documents `nocloud-net` as
+# the form for http(s) seeds (`nocloud` for / and file://); later releases
+# document `nocloud` for both and keep `nocloud-net` as an alias (not
+# checked here). Once eth0 has its
+# DHCP lease, fetches meta-data (instance-id, local-hostname, public-keys),
+# user-data and vendor-data from there. cloud-init then sets the hostname and
+# writes the keys (meta-data public-keys and #cloud-config
+# ssh_authorized_keys) to root's authorized_keys: there is no default user
+# (`users: []`) and root may log in with a key (`disable_root: false`;
+# sshd's stock PermitRootLogin prohibit-password). Only NoCloud and None are
+# probed, so a VM without a seed boots without waiting on absent sources.
+# Network: ifupdown, `auto eth0` by DHCP (net.ifnames=0: the first NIC is
+# eth0), written here; cloud-init's own network rendering is off so the two
+# never fight over eth0.
+# Packages come from $DEBIAN_MIRROR through debootstrap's and apt's caches
+# in $VMAN_CACHE_DIR (debootstrap/, debian-apt/): a second build downloads
+# nothing.
 build_debian() {
     STEPS=7
     is_root || die "the debian flavor needs root (loop devices, mount, chroot); use --flavor tiny without root"
@@ -494,8 +519,8 @@ build_debian() {
     new_loop_disk vman-root
     local mnt="$WORK/mnt"
 
-    step "debootstrap --variant=minbase $DEBIAN_SUITE + kernel, openssh, cloud-init (slow)"
-    mkdir -p "$CACHE_DIR/debootstrap"
+    step "debootstrap --variant=minbase $DEBIAN_SUITE + kernel, openssh, cloud-init"
+    mkdir -p "$CACHE_DIR/debootstrap" "$CACHE_DIR/debian-apt/partial"
     debootstrap --variant=minbase --components=main --cache-dir="$CACHE_DIR/debootstrap" \
         "$DEBIAN_SUITE" "$mnt" "$DEBIAN_MIRROR" >"$WORK/debootstrap.log" 2>&1 || {
         tail -n 20 "$WORK/debootstrap.log" "$mnt/debootstrap/debootstrap.log" >&2 2>/dev/null
@@ -503,29 +528,63 @@ build_debian() {
     }
     # The rest with apt inside the chroot (installing it through debootstrap's
     # --include breaks on dependency ordering); no services start meanwhile.
+    # apt's download folder is the shared cache (bind mount), so packages are
+    # fetched once per machine.
+    # debootstrap leaves its .debs in the target (they are in its cache too)
+    rm -f "$mnt"/var/cache/apt/archives/*.deb
     bind_mounts
+    mount --bind "$CACHE_DIR/debian-apt" "$mnt/var/cache/apt/archives"
+    MOUNTS+=("$mnt/var/cache/apt/archives")
     printf '#!/bin/sh\nexit 101\n' >"$mnt/usr/sbin/policy-rc.d"
     chmod 755 "$mnt/usr/sbin/policy-rc.d"
     cp /etc/resolv.conf "$mnt/etc/resolv.conf" 2>/dev/null || true
-    chroot "$mnt" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    # no documentation, man pages or translations in the image
+    cat >"$mnt/etc/dpkg/dpkg.cfg.d/01-vman-nodoc" <<'EOF'
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+EOF
+    # flock: concurrent builds share the apt cache (apt refuses a locked one)
+    flock "$CACHE_DIR/debian-apt.lock" \
+        chroot "$mnt" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
         systemd-sysv udev dbus linux-image-cloud-amd64 initramfs-tools ifupdown isc-dhcp-client \
-        openssh-server cloud-init netbase iproute2 ca-certificates less procps \
+        openssh-server cloud-init cloud-guest-utils netbase iproute2 ca-certificates procps \
         >"$WORK/apt.log" 2>&1 || {
         tail -n 30 "$WORK/apt.log" >&2
         die "apt-get install in the Debian chroot failed"
     }
     rm -f "$mnt/usr/sbin/policy-rc.d"
 
-    step "Configuring the system"
+    step "Configuring the system (cloud-init NoCloud, ssh, DHCP on eth0)"
     echo debian >"$mnt/etc/hostname"
     printf '127.0.0.1 localhost\n127.0.1.1 debian\n' >"$mnt/etc/hosts"
     echo "UUID=$ROOT_UUID / ext4 errors=remount-ro 0 1" >"$mnt/etc/fstab"
+    # `auto` (not allow-hotplug): networking.service waits for the lease, and
+    # cloud-init's network stage (which fetches the seed) runs after it.
     cat >"$mnt/etc/network/interfaces" <<'EOF'
 source /etc/network/interfaces.d/*
 auto lo
 iface lo inet loopback
-allow-hotplug eth0
+auto eth0
 iface eth0 inet dhcp
+EOF
+    cat >"$mnt/etc/cloud/cloud.cfg.d/90-vman.cfg" <<'EOF'
+# vman's debian guest (scripts/build_boot_disk.sh --flavor debian).
+# Seed: SMBIOS serial ds=nocloud;s=http://169.254.169.254/nocloud/ (set by vman).
+datasource_list: [NoCloud, None]
+# No default user: keys go to root, which may log in with them (key only).
+users: []
+disable_root: false
+ssh_pwauth: false
+# eth0 by DHCP comes from /etc/network/interfaces
+network: {config: disabled}
+# minbase has no locales package
+locale: false
+# one host key type: RSA key generation alone costs seconds under TCG
+ssh_genkeytypes: [ed25519]
 EOF
     mkdir -p "$mnt/etc/systemd/system/serial-getty@ttyS0.service.d" "$mnt/etc/systemd/system/ssh.service.d"
     cat >"$mnt/etc/systemd/system/serial-getty@ttyS0.service.d/autologin.conf" <<'EOF'
@@ -533,20 +592,29 @@ EOF
 ExecStart=
 ExecStart=-/sbin/agetty --autologin root --keep-baud 115200,57600,38400,9600 %I $TERM
 EOF
-    # host keys are generated on first boot, never shared between VMs
+    # One ed25519 host key, generated on first boot (cloud-init's ssh module,
+    # or here when cloud-init did not run), never shared between VMs.
     cat >"$mnt/etc/systemd/system/ssh.service.d/hostkeys.conf" <<'EOF'
 [Service]
 ExecStartPre=
-ExecStartPre=/usr/bin/ssh-keygen -A
+ExecStartPre=/bin/sh -c 'test -s /etc/ssh/ssh_host_ed25519_key || exec /usr/bin/ssh-keygen -q -t ed25519 -N "" -f /etc/ssh/ssh_host_ed25519_key'
 ExecStartPre=/usr/sbin/sshd -t
 EOF
+    mkdir -p "$mnt/etc/ssh/sshd_config.d"
+    echo 'HostKey /etc/ssh/ssh_host_ed25519_key' >"$mnt/etc/ssh/sshd_config.d/10-vman-hostkey.conf"
+    # nothing periodic competes with the guest's work (apt, e2scrub)
+    chroot "$mnt" systemctl mask apt-daily.timer apt-daily-upgrade.timer \
+        e2scrub_all.timer e2scrub_reap.service >/dev/null 2>&1 || true
     rm -f "$mnt"/etc/ssh/ssh_host_*
     chroot "$mnt" passwd -d root >/dev/null
     chroot "$mnt" systemctl enable serial-getty@ttyS0.service >/dev/null 2>&1 || true
     : >"$mnt/etc/machine-id"
     rm -f "$mnt/var/lib/dbus/machine-id"
-    chroot "$mnt" apt-get clean
-    rm -rf "$mnt"/var/lib/apt/lists/*
+    rm -rf "$mnt"/var/lib/apt/lists/* "$mnt"/var/cache/apt/*.bin "$mnt"/var/log/*.log "$mnt"/var/lib/cloud/*
+    # what debootstrap unpacked before the nodoc rules applied
+    find "$mnt"/usr/share/doc -mindepth 1 ! -name copyright ! -type d -delete 2>/dev/null || true
+    rm -rf "$mnt"/usr/share/man/* "$mnt"/usr/share/info/*
+    find "$mnt"/usr/share/locale -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} + 2>/dev/null || true
 
     step "Installing extlinux"
     local vmlinuz initrd
@@ -568,6 +636,11 @@ LABEL debian
 EOF
 
     step "Unmounting"
+    # free blocks become holes in disk.raw (loop passes discards through):
+    # deleted files do not end up in the image
+    umount "$mnt/var/cache/apt/archives"
+    unset 'MOUNTS[${#MOUNTS[@]}-1]'
+    fstrim "$mnt" 2>/dev/null || true
     close_loop_disk
 
     step "Converting to compressed qcow2"

@@ -10,9 +10,12 @@
 //!   disk, DHCP on a user-mode NIC, ACPI power-off through QMP;
 //! * the `alpine` flavor with an unreachable mirror must fail cleanly;
 //! * bad arguments must fail with one clear message;
-//! * the `debian` flavor (slow: debootstrap) is built and booted to a
-//!   `login:` prompt only when `VMAN_TEST_DEBIAN=1` is set; otherwise that
-//!   test prints that it is skipped and passes.
+//! * the `debian` flavor (slow: debootstrap) is built and booted only when
+//!   `VMAN_TEST_DEBIAN=1` is set (otherwise that test prints that it is
+//!   skipped and passes): to a `login:` prompt, then, with vman's slirp
+//!   metadata layout served by `bench/nocloud.py` and the SMBIOS seed
+//!   `ds=nocloud-net;s=http://169.254.169.254/nocloud/`, `ssh root@... hostname`
+//!   with the seeded key prints the seeded hostname (needs socat, ssh).
 //!
 //! Needs: qemu-system-x86_64, qemu-img, Debian's apt mirror (for the kernel
 //! .deb, cached in `$VMAN_CACHE_DIR` or `~/.cache/vman`), and the packages the
@@ -654,11 +657,23 @@ fn debian_build_and_boot_to_login_opt_in_vman_test_debian() {
         size,
         size as f64 / 1048576.0
     );
+    share_debian_image(&image);
+    // vman's slirp metadata layout, served by bench/nocloud.py (a stand-in
+    // for vman's metadata channel) on the guestfwd unix socket.
+    let seed = NoCloudStub::start(dir.path(), "deb-seeded");
+    let ssh_port = free_port();
     let extra = vec![
         "-netdev".to_string(),
-        "user,id=net0".to_string(),
+        format!(
+            "user,id=net0,net=169.254.169.0/24,host=169.254.169.2,dns=169.254.169.3,\
+             dhcpstart=169.254.169.15,hostfwd=tcp:127.0.0.1:{ssh_port}-:22,\
+             guestfwd=tcp:169.254.169.254:80-cmd:socat STDIO UNIX-CONNECT:{}",
+            seed.socket.display()
+        ),
         "-device".to_string(),
         "virtio-net-pci,netdev=net0".to_string(),
+        "-smbios".to_string(),
+        "type=1,serial=ds=nocloud-net;s=http://169.254.169.254/nocloud/".to_string(),
     ];
     let mut guest = Guest::boot(&image, "vman-debian", &[], &extra);
     // With root autologin agetty prints "<host> login: root (automatic login)".
@@ -667,6 +682,46 @@ fn debian_build_and_boot_to_login_opt_in_vman_test_debian() {
     println!(
         "[timing] debian QEMU start -> login: {:.1} s",
         login.as_secs_f64()
+    );
+    // Stock cloud-init took the hostname and root's key from the seed: the
+    // regression of `ds=nocloud;s=http://...`, which cloud-init 22.4 fetched
+    // and then ignored (DataSourceNone, no key, hostname `debian`).
+    let started = Instant::now();
+    let got = loop {
+        let out = Command::new("ssh")
+            .args([
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=10",
+                "-o",
+                "LogLevel=ERROR",
+                "-i",
+            ])
+            .arg(&seed.key)
+            .args(["-p", &ssh_port.to_string(), "root@127.0.0.1", "hostname"])
+            .output()
+            .expect("run ssh (openssh-client)");
+        if out.status.success() {
+            break text(&out.stdout).trim().to_owned();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "no ssh login with the seeded key: {}\nconsole:\n{}\nmetadata requests:\n{}",
+            text(&out.stderr),
+            guest.console(),
+            fs::read_to_string(dir.path().join("nocloud.log")).unwrap_or_default()
+        );
+        sleep(Duration::from_secs(2));
+    };
+    assert_eq!(got, "deb-seeded", "console:\n{}", guest.console());
+    println!(
+        "[timing] debian QEMU start -> ssh prints the seeded hostname: {:.1} s",
+        login.as_secs_f64() + started.elapsed().as_secs_f64()
     );
     let mut qmp = guest.qmp();
     let t = Instant::now();
@@ -677,4 +732,85 @@ fn debian_build_and_boot_to_login_opt_in_vman_test_debian() {
         "[timing] debian system_powerdown -> exit: {:.1} s",
         t.elapsed().as_secs_f64()
     );
+}
+
+/// Leaves the image this test built where tests/e2e/debian_ssh.rs looks for
+/// it (same name rule: FNV-1a of the build script), so one `scripts/test.sh`
+/// run builds the debian image once.
+fn share_debian_image(image: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build_boot_disk.sh");
+    let key = fs::read(script)
+        .expect("read build script")
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("debian-image");
+    fs::create_dir_all(&dir).expect("debian image cache folder");
+    // images of older build scripts go
+    for entry in fs::read_dir(&dir).expect("read the cache folder").flatten() {
+        if entry.file_name().to_string_lossy().starts_with("debian-") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    let dest = dir.join(format!("debian-{key:016x}.qcow2"));
+    let part = dir.join(format!(".debian-{key:016x}.{}.part", std::process::id()));
+    fs::copy(image, &part).expect("copy the debian image to the cache");
+    fs::rename(&part, &dest).expect("rename the cached debian image");
+}
+
+/// bench/nocloud.py on a unix socket (what vman's per-VM metadata channel
+/// is to the guest), serving `hostname` and a fresh key's public half.
+struct NoCloudStub {
+    child: Child,
+    socket: PathBuf,
+    key: PathBuf,
+}
+
+impl NoCloudStub {
+    fn start(dir: &Path, hostname: &str) -> NoCloudStub {
+        let key = dir.join("id_ed25519");
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&key)
+            .status()
+            .expect("run ssh-keygen (openssh-client)");
+        assert!(st.success(), "ssh-keygen failed");
+        let socket = dir.join("metadata.sock");
+        let log = fs::File::create(dir.join("nocloud.log")).expect("nocloud log");
+        let child = Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/nocloud.py"))
+            .arg(&socket)
+            .arg(hostname)
+            .arg(dir.join("id_ed25519.pub"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("run bench/nocloud.py");
+        let started = Instant::now();
+        while !socket.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "nocloud.py did not start"
+            );
+            sleep(Duration::from_millis(20));
+        }
+        NoCloudStub { child, socket, key }
+    }
+}
+
+impl Drop for NoCloudStub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local addr")
+        .port()
 }

@@ -7,6 +7,7 @@ mod adoption;
 #[path = "../common/mod.rs"]
 mod common;
 mod console_ws;
+mod debian_ssh;
 mod disks;
 mod faults;
 mod full_disk;
