@@ -58,6 +58,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             tracing::error!("cannot recover running VMs: {e}");
         }
         service.recover_disk_attachments().await;
+        service.reconcile_bridge().await;
         crate::observer::run(service, interval).await;
     });
     tracing::info!(

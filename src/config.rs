@@ -8,6 +8,9 @@ use clap::{Args, ValueEnum};
 use std::net::IpAddr;
 
 use crate::model::Accel;
+
+mod bridge;
+pub use bridge::{BridgeConfig, Subnet};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Args)]
@@ -144,6 +147,9 @@ pub struct Config {
     /// or `off`.
     #[arg(long, env = "VMAN_QEMU_CPU_WEIGHT", default_value = "10", value_parser = parse_cpu_weight)]
     pub qemu_cpu_weight: CpuWeight,
+
+    #[command(flatten)]
+    pub bridge: BridgeConfig,
 }
 
 /// `VMAN_QEMU_CPU_WEIGHT`: off, or 1..=10000 on cgroup v2's scale.

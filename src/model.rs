@@ -444,3 +444,24 @@ pub struct MetadataPatch {
 pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+/// How a VM is networked (`POST /vms` `network.mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    User,
+    Bridge,
+    None,
+}
+
+/// The VM's stable MAC address: QEMU's locally administered prefix
+/// 52:54:00 and three bytes of a stable hash (FNV-1a) of its id.
+pub fn mac_for(vm_id: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in vm_id.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[5], b[6], b[7])
+}

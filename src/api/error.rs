@@ -28,7 +28,8 @@ pub struct ErrorBody {
     /// `console_write_failed`, `image_refused`, `image_failed`,
     /// `disk_file_refused`, `disk_attached`, `not_attached`, `disk_busy`,
     /// `no_free_slot`, `cannot_shrink`, `guest_did_not_release`,
-    /// `hotplug_failed`, `invalid_transition`. Others: `invalid` (422), `required` (400),
+    /// `hotplug_failed`, `invalid_transition`, `bridge_unavailable`,
+    /// `subnet_full`, `bridge_failed`. Others: `invalid` (422), `required` (400),
     /// `malformed_json` (400), `bad_body` (400), `not_found` (404),
     /// `method_not_allowed` (405), `unauthorized` (401), `host_not_allowed`
     /// (403), `origin_not_allowed` (403), `too_large` (413),
@@ -97,6 +98,9 @@ fn code_of(reason: &Reason) -> &'static str {
         Reason::GuestDidNotRelease => "guest_did_not_release",
         Reason::HotplugFailed(_) => "hotplug_failed",
         Reason::InvalidTransition => "invalid_transition",
+        Reason::BridgeUnavailable => "bridge_unavailable",
+        Reason::SubnetFull => "subnet_full",
+        Reason::BridgeFailed(_) => "bridge_failed",
     }
 }
 
@@ -178,7 +182,7 @@ mod tests {
 
     /// The code of every reason, in the order of `every_reason()`. These
     /// are published (docs/errors.md): never change one.
-    const REFUSAL_CODES: [&str; 24] = [
+    const REFUSAL_CODES: [&str; 27] = [
         "already_exists",
         "template_missing",
         "in_use",
@@ -203,6 +207,9 @@ mod tests {
         "guest_did_not_release",
         "hotplug_failed",
         "invalid_transition",
+        "bridge_unavailable",
+        "subnet_full",
+        "bridge_failed",
     ];
 
     #[test]

@@ -12,6 +12,7 @@ pub mod extract;
 pub mod guard;
 pub mod listen;
 pub mod metadata;
+pub mod network;
 pub mod system;
 pub mod templates;
 pub mod vms;
@@ -51,6 +52,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(actions::router())
         .merge(metadata::router())
         .merge(disks::router())
+        .merge(network::router())
 }
 
 /// The served routes and their document, with the parts every operation

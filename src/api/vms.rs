@@ -31,6 +31,15 @@ pub struct VmRequest {
     pub qcow2_path: Option<String>,
     /// Image copied instead of the default boot disk (extension; same rule).
     pub boot_disk: Option<String>,
+    /// The VM's network; `bridge` needs vman running as root.
+    pub network: Option<NetworkRequest>,
+}
+
+/// `network` of POST /vms.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRequest {
+    pub mode: crate::model::NetworkMode,
 }
 
 /// Longest accepted disk path; longer is not a path anyone means.
@@ -63,6 +72,7 @@ impl VmRequest {
             id,
             qcow2_path,
             boot_disk,
+            network: self.network.map(|n| n.mode),
         })
     }
 }

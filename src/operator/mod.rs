@@ -1,11 +1,13 @@
 //! The LocalOperator: everything that touches QEMU and disk images on this
 //! host. It knows processes, QMP and files; it does not know HTTP or SQL.
 
+pub mod bridge;
 pub mod cgroup;
 pub mod console;
 pub mod hotplug;
 pub mod image;
 pub mod leftovers;
+pub mod nic;
 pub mod privilege;
 pub mod process;
 pub mod qemu;

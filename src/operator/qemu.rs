@@ -104,6 +104,8 @@ pub struct LaunchSpec {
     pub root_chain: Vec<DiskFile>,
     pub hotplug_slots: u8,
     pub sandbox: bool,
+    /// The network card (None: no NIC).
+    pub nic: Option<super::nic::Nic>,
     pub data_disks: Vec<BootDisk>,
     /// The user QEMU switches to once its start-up files are open.
     pub run_as: Option<RunAs>,
@@ -268,6 +270,7 @@ pub fn argv(spec: &LaunchSpec) -> Vec<OsString> {
             slot_id(d.slot)
         ));
     }
+    a.extend(spec.nic.iter().flat_map(super::nic::nic_args));
     a.extend(privilege_args(spec));
     a.into_iter().map(OsString::from).collect()
 }
@@ -349,6 +352,7 @@ mod tests {
             }],
             hotplug_slots: 2,
             sandbox: true,
+            nic: None,
             data_disks: vec![BootDisk {
                 id: "d1".into(),
                 file: DiskFile {

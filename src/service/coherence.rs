@@ -154,6 +154,7 @@ impl Service {
         }
         issues.extend(self.disk_observations().await);
         issues.extend(self.space_observations());
+        issues.extend(self.bridge_pass());
         issues
     }
 }

@@ -104,6 +104,7 @@ impl std::error::Error for Refusal {
             Reason::QemuFailed(e) | Reason::AlreadyRunning(Some(e)) => Some(e),
             Reason::HotplugFailed(e) => Some(e),
             Reason::ConsoleWriteFailed(e) => Some(e),
+            Reason::BridgeFailed(e) => Some(e),
             _ => None,
         }
     }
@@ -161,6 +162,13 @@ pub enum Reason {
     /// The VM's state does not allow this change (the transition table of
     /// `VmState::next`), or another writer changed it meanwhile.
     InvalidTransition,
+    /// `network.mode` `bridge` on a host that cannot do it (vman not root,
+    /// a tool missing).
+    BridgeUnavailable,
+    /// Every address of `VMAN_SUBNET` is allocated.
+    SubnetFull,
+    /// Setting up the bridge, the VM's TAP, its rules or dnsmasq failed.
+    BridgeFailed(crate::operator::bridge::BridgeError),
 }
 
 impl Reason {
@@ -250,6 +258,9 @@ pub(crate) fn every_reason() -> Vec<Reason> {
         Reason::GuestDidNotRelease,
         Reason::HotplugFailed(HotplugError::NotReleased(3)),
         Reason::InvalidTransition,
+        Reason::BridgeUnavailable,
+        Reason::SubnetFull,
+        Reason::BridgeFailed(crate::operator::bridge::BridgeError::Foreign("br".into())),
     ];
     for r in &all {
         match r {
@@ -274,7 +285,10 @@ pub(crate) fn every_reason() -> Vec<Reason> {
             | Reason::CannotShrink
             | Reason::GuestDidNotRelease
             | Reason::HotplugFailed(_)
-            | Reason::InvalidTransition => {}
+            | Reason::InvalidTransition
+            | Reason::BridgeUnavailable
+            | Reason::SubnetFull
+            | Reason::BridgeFailed(_) => {}
         }
     }
     all

@@ -57,7 +57,10 @@ impl Service {
         match map.get(id) {
             Some(r) if Arc::ptr_eq(r, run) => {
                 map.remove(id);
+                drop(map);
                 self.release_memory(id);
+                // QEMU is gone: its network goes (no-op for other modes).
+                self.teardown_bridge(id);
                 true
             }
             _ => false,
@@ -107,6 +110,7 @@ impl Service {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.release_memory(id);
+                self.teardown_bridge(id);
                 let reason = e.to_string();
                 tracing::warn!("vm {id}: start failed: {reason}");
                 if let Err(w) = self.record(id, VmEvent::Failed, Detail::error(reason)) {
@@ -138,6 +142,12 @@ impl Service {
             .unwrap_or_else(|| vm.id.to_string());
         // Checked and planned only: moved slots are recorded once QEMU runs.
         let boot = self.boot_disks(&vm.id)?;
+        // A bridge VM's TAP (the `net-user` branch routes every mode
+        // through `prepare_network`).
+        let nic = match self.store.bridge_address_of(&vm.id)? {
+            Some(_) => Some(self.prepare_bridge(vm)?),
+            None => None,
+        };
         let spec = LaunchSpec {
             vm_id: vm.id.to_string(),
             hostname,
@@ -148,6 +158,7 @@ impl Service {
             root_chain: crate::operator::qemu::DiskFile::chain(&root.chain),
             hotplug_slots: self.config.hotplug_slots,
             sandbox: self.host.sandbox,
+            nic,
             data_disks: boot.disks,
             run_as: self.host.run_as.clone(),
             placement: self.host.cpu.placement(vm.id.as_str()),
@@ -242,6 +253,7 @@ impl Service {
             // An unresponsive (adoption pending) or unmanaged QEMU: by pid.
             return match self.kill_unmanaged(id).await? {
                 Some(_) => {
+                    self.teardown_bridge(id);
                     self.record(id, VmEvent::Killed, Detail::clear())?;
                     tracing::info!("vm {id} stopped by SIGKILL (its QEMU was not adopted)");
                     Ok(StopReport {
@@ -292,6 +304,7 @@ impl Service {
         // killed by pid; its files go only once no QEMU of it runs (a QEMU
         // that survives SIGKILL keeps them, and the observer reports it).
         self.kill_unmanaged(id).await?;
+        self.teardown_bridge(id);
         let dir = self.paths(id).dir;
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}

@@ -5,6 +5,7 @@
 
 mod adoption;
 mod blocking;
+mod bridge;
 mod coherence;
 pub mod database;
 mod disk_plan;
@@ -17,6 +18,7 @@ mod record;
 pub mod rootdisk;
 mod space;
 
+pub use bridge::{Allocation, BridgeConfigView, NetworkConfig};
 pub use coherence::{Issue, Report};
 pub use disks::{CreateDisk, DiskState, DiskView};
 #[cfg(test)]
@@ -59,6 +61,8 @@ pub struct CreateVm {
     pub id: Option<Name>,
     pub qcow2_path: Option<String>,
     pub boot_disk: Option<String>,
+    /// `network.mode` (None: the default).
+    pub network: Option<crate::model::NetworkMode>,
 }
 
 pub struct Service {
@@ -79,12 +83,13 @@ pub struct Service {
     /// State changes that happened but could not be recorded (full disk);
     /// the observer records them (`space.rs`).
     unrecorded: Mutex<HashMap<Name, (crate::model::VmEvent, record::Detail)>>,
+    /// The bridge network's host side (`bridge.rs`).
+    bridge: bridge::BridgeHost,
 }
 
 impl Service {
     pub fn new(config: Arc<Config>, store: Store, host: Host) -> Self {
         Self {
-            config,
             store,
             host,
             tools: health::Tools::default(),
@@ -94,6 +99,8 @@ impl Service {
             memory: Mutex::default(),
             observer: Mutex::default(),
             unrecorded: Mutex::default(),
+            bridge: bridge::BridgeHost::probe(&config.storage_path),
+            config,
         }
     }
 
@@ -170,7 +177,17 @@ impl Service {
             qcow2_path_format: qcow2.as_ref().map(|a| a.format),
             boot_disk_format: boot.as_ref().map(|a| a.format),
         };
-        match self.store.insert_vm(&new) {
+        let bridged = input.network == Some(crate::model::NetworkMode::Bridge);
+        if bridged {
+            self.check_bridge_support()?;
+        }
+        let inserted = if bridged {
+            self.store
+                .insert_vm_with_address(&new, self.pick_bridge_address())
+        } else {
+            self.store.insert_vm(&new)
+        };
+        match inserted {
             Ok(vm) => {
                 tracing::info!("vm {} created from template {}", vm.id, vm.template.name);
                 Ok(vm)
@@ -181,6 +198,7 @@ impl Service {
             Err(StoreError::TemplateMissing) => {
                 Err(Reason::TemplateMissing.refuse("Template not found"))
             }
+            Err(StoreError::Exhausted) => Err(self.subnet_full()),
             Err(e) => Err(e.into()),
         }
     }

@@ -26,6 +26,7 @@ macro_rules! template_columns {
     };
 }
 
+mod bridge;
 mod check;
 mod disks;
 mod reserve;
@@ -48,6 +49,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_disks.sql"),
     include_str!("../../migrations/0003_image_formats.sql"),
+    include_str!("../../migrations/0006_bridge.sql"),
 ];
 
 const READERS: usize = 4;
@@ -62,6 +64,9 @@ pub enum StoreError {
     TemplateMissing,
     #[error("in use by {0} VM(s)")]
     InUse(u64),
+    /// Every value of a pool (a subnet's addresses) is taken.
+    #[error("none left")]
+    Exhausted,
     #[error("database schema version {found} is newer than this vman ({known})")]
     SchemaTooNew { found: i64, known: i64 },
     #[error("database error: {0}")]

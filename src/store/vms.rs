@@ -78,7 +78,15 @@ impl Store {
     /// `TemplateMissing` when the template is not there (checked in the same
     /// transaction, so a concurrent template delete cannot slip between).
     pub fn insert_vm(&self, new: &NewVm) -> Result<Vm, StoreError> {
-        self.write(|tx| {
+        self.write(|tx| insert_vm_in(tx, new))
+    }
+}
+
+/// `Store::insert_vm` inside a transaction the caller holds (so that other
+/// rows, e.g. a bridge address, are written with it or not at all).
+pub(super) fn insert_vm_in(tx: &rusqlite::Transaction<'_>, new: &NewVm) -> Result<Vm, StoreError> {
+    {
+        {
             let template = tx
                 .query_row(
                     concat!(
@@ -127,9 +135,11 @@ impl Store {
                 created_at: now.clone(),
                 updated_at: now,
             })
-        })
+        }
     }
+}
 
+impl Store {
     pub fn get_vm(&self, id: &Name) -> Result<Vm, StoreError> {
         self.read(|c| {
             c.prepare_cached(&format!("{VM_SELECT} WHERE v.id = ?1"))?
