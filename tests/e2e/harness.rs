@@ -73,6 +73,18 @@ impl Builder {
         self
     }
 
+    /// `--host` (requests still go to 127.0.0.1).
+    pub fn host(mut self, host: &str) -> Self {
+        self.inner = self.inner.host(host);
+        self
+    }
+
+    /// `VMAN_API_TOKEN`, sent by the request helpers.
+    pub fn api_token(mut self, token: &str) -> Self {
+        self.inner = self.inner.api_token(token);
+        self
+    }
+
     /// The default boot disk is the tiny image.
     pub fn with_tiny_default(self) -> Self {
         let image = tiny_image().to_path_buf();
@@ -104,6 +116,13 @@ impl Vman {
 
     pub fn log_count(&self, needle: &str) -> usize {
         self.logs().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// A graceful stop (SIGTERM), as an operator would.
+    pub fn sigterm(&mut self) {
+        if self.server.is_running() {
+            self.server.sigterm();
+        }
     }
 
     /// SIGKILL, as a crash would.

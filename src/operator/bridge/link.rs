@@ -53,16 +53,21 @@ pub fn ensure_bridge(
         Some(l) if l.ifalias.as_deref() == Some(&owner.bridge_alias()) => {}
         Some(_) => return Err(BridgeError::Foreign(name.into())),
         None => {
-            let filtering = if vlan.is_some() { "1" } else { "0" };
-            ip(&[
-                "link",
-                "add",
-                name,
-                "type",
-                "bridge",
-                "vlan_filtering",
-                filtering,
-            ])?;
+            // VLAN filtering only when asked for: kernels built without it
+            // refuse even `vlan_filtering 0`.
+            let mut add = vec!["link", "add", name, "type", "bridge"];
+            if vlan.is_some() {
+                add.extend(["vlan_filtering", "1"]);
+            }
+            ip(&add).map_err(|e| match (vlan, e) {
+                (Some(v), BridgeError::Command { command, message }) => BridgeError::Command {
+                    command,
+                    message: format!(
+                        "{message} (VMAN_VLAN_ID={v} needs a kernel with bridge VLAN filtering)"
+                    ),
+                },
+                (_, e) => e,
+            })?;
             let made = (|| {
                 ip(&["link", "set", "dev", name, "alias", &owner.bridge_alias()])?;
                 if let Some(v) = vlan {

@@ -191,4 +191,24 @@ mod tests {
         assert!(s.contains("ip saddr != 192.168.100.7 drop"));
         assert!(s.contains("arp saddr ip != { 192.168.100.7, 0.0.0.0 } drop"));
     }
+
+    #[test]
+    fn nft_accepts_the_script_in_check_mode() {
+        // `nft -c` checks against the kernel without changing anything.
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 || super::super::which("nft").is_none() {
+            eprintln!("SKIPPED: needs root and nft");
+            return;
+        }
+        let p = Port {
+            tap: "vman0123456789".into(),
+            mac: "52:54:00:aa:bb:cc".into(),
+            ip: Ipv4Addr::new(192, 168, 100, 7),
+        };
+        for nat in [false, true] {
+            let script = rules(nat, std::slice::from_ref(&p));
+            let checked = run("nft", &["-c", "-f", "-"], Some(&script));
+            assert!(checked.is_ok(), "{checked:?}\n{script}");
+        }
+    }
 }

@@ -1,0 +1,416 @@
+//! `bridge` network mode (issue 11 part C), as root, inside a network
+//! namespace each test creates (`ip netns add`): vman and everything it
+//! starts (QEMU, dnsmasq, `ip`, `nft`) run in it, because the test thread
+//! enters it (`setns`, what `ip netns exec` does for the network) before it
+//! spawns vman. The `Netns` guard kills what runs in the namespace and
+//! removes it in every outcome. Without root these tests say so and skip.
+
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::harness::{Vman, GUEST};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+macro_rules! require_root {
+    () => {
+        if !is_root() {
+            eprintln!("SKIPPED: bridge tests need root (network namespace, bridge, TAP, nftables)");
+            return;
+        }
+    };
+}
+
+/// A network namespace the current thread has entered; dropping it kills
+/// every process in it, returns the thread to its namespace and deletes it.
+struct Netns {
+    name: String,
+    original: fs::File,
+}
+
+impl Netns {
+    fn enter(tag: &str) -> Self {
+        let name = format!("vman-t-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .expect("run ip netns add");
+        assert!(ok.success(), "ip netns add {name} failed");
+        let original = fs::File::open("/proc/thread-self/ns/net").expect("own netns");
+        let target = fs::File::open(format!("/run/netns/{name}")).expect("new netns");
+        // SAFETY: setns on descriptors we hold; it changes only this thread.
+        let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
+        let guard = Self { name, original };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        sh("ip link set lo up");
+        guard
+    }
+
+    /// The namespace's inode, as /proc/<pid>/ns/net links show it.
+    fn id(&self) -> Option<String> {
+        fs::read_link(format!("/run/netns/{}", self.name))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+            .or_else(|| {
+                use std::os::unix::fs::MetadataExt;
+                let ino = fs::metadata(format!("/run/netns/{}", self.name))
+                    .ok()?
+                    .ino();
+                Some(format!("net:[{ino}]"))
+            })
+    }
+
+    /// Processes (pid, command) that live in the namespace.
+    fn processes(&self) -> Vec<(i32, String)> {
+        let Some(id) = self.id() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let ns = fs::read_link(format!("/proc/{pid}/ns/net"))
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if ns == id {
+                let cmd = fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                    .unwrap_or_default();
+                // Threads of this test binary live there too (this thread).
+                if pid != std::process::id() as i32 {
+                    out.push((pid, cmd));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for (pid, _) in self.processes() {
+            // SAFETY: kill(2) on a process of the test's own namespace.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        // SAFETY: back to the namespace this thread came from.
+        unsafe { libc::setns(self.original.as_raw_fd(), libc::CLONE_NEWNET) };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Runs a shell command in this thread's namespace; its stdout.
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .expect("run sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Interfaces of the namespace besides lo.
+fn interfaces() -> Vec<String> {
+    let v: Value = serde_json::from_str(&sh("ip -j link show")).expect("ip json");
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
+        .filter(|n| n != "lo")
+        .collect()
+}
+
+fn nft_tables() -> String {
+    sh("nft list tables")
+}
+
+/// The runtime folder vman uses for this storage (see
+/// `operator::bridge::Owner`): /run/vman/bridge-<fnv of the storage>.
+fn run_dir(storage: &Path) -> std::path::PathBuf {
+    let canonical = fs::canonicalize(storage).unwrap_or_else(|_| storage.to_path_buf());
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in canonical.to_string_lossy().bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    Path::new("/run/vman").join(format!("bridge-{:08x}", h as u32))
+}
+
+fn create_bridge_vm(v: &Vman, name: &str) -> Value {
+    let (s, vm) =
+        v.create_vm(json!({"template_name": "small", "name": name, "network": {"mode": "bridge"}}));
+    assert_eq!(s, 201, "{vm}");
+    vm
+}
+
+/// Types `cmd` into the guest's root shell, and waits for the line the
+/// shell prints afterwards: `<tag>-<n>` with n computed by the shell, so
+/// the echo of the typed command never matches.
+fn run_in_guest(v: &Vman, id: &str, cmd: &str, tag: &str) -> bool {
+    let before = v.console(id).matches(&format!("{tag}-OK-7")).count()
+        + v.console(id).matches(&format!("{tag}-FAIL-7")).count();
+    v.type_line(
+        id,
+        &format!("if {cmd}; then echo {tag}-OK-$((3+4)); else echo {tag}-FAIL-$((3+4)); fi"),
+    );
+    let start = Instant::now();
+    loop {
+        let c = v.console(id);
+        let ok = c.matches(&format!("{tag}-OK-7")).count();
+        let fail = c.matches(&format!("{tag}-FAIL-7")).count();
+        if ok + fail > before {
+            return ok > 0 && fail == 0;
+        }
+        assert!(
+            start.elapsed() < GUEST,
+            "no answer to {cmd:?} on {id}:\n{c}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn bridge_guests_get_their_addresses_by_dhcp_reach_each_other_but_not_the_api_and_leave_nothing() {
+    require_root!();
+    let ns = Netns::enter("br");
+    let bridge = "br-vmantest";
+    let mut v = Vman::builder()
+        .with_tiny_default()
+        // Listening on every address (the gateway's too): only the rules
+        // keep guests off the API.
+        .host("0.0.0.0")
+        .api_token("bridge-test-token-0123456789")
+        .env("VMAN_BRIDGE_NAME", bridge)
+        .env("VMAN_SUBNET", "10.77.0.0/24")
+        .start();
+    let port = v
+        .base
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_owned();
+    v.template("small", 128);
+    let cfg = v.get("/network/config");
+    assert_eq!(cfg["bridge_name"], bridge, "{cfg}");
+    assert_eq!(cfg["gateway"], "10.77.0.1");
+    assert_eq!(cfg["status"], "idle");
+    let a = create_bridge_vm(&v, "guest-a");
+    let b = create_bridge_vm(&v, "guest-b");
+    assert_eq!(a["local_ip"], "10.77.0.2");
+    assert_eq!(b["local_ip"], "10.77.0.3");
+    assert_eq!(interfaces(), Vec::<String>::new(), "nothing before a start");
+    for id in ["guest-a", "guest-b"] {
+        let (s, body) = v.start_vm(id);
+        assert_eq!(s, 202, "{body}");
+    }
+    let cfg = v.get("/network/config");
+    assert_eq!(cfg["status"], "active");
+    assert_eq!(cfg["allocated_ips"], 2);
+    assert_eq!(cfg["available_ips"], 251);
+    v.wait_console("guest-a", "vman-guest: eth0 address 10.77.0.2", 1);
+    v.wait_console("guest-b", "vman-guest: eth0 address 10.77.0.3", 1);
+    v.wait_console("guest-a", "vman-guest: ready", 1);
+    v.wait_console("guest-b", "vman-guest: ready", 1);
+    // One guest reaches the other.
+    assert!(run_in_guest(
+        &v,
+        "guest-a",
+        "ping -c 2 -W 5 10.77.0.3 >/dev/null",
+        "PINGAB"
+    ));
+    assert!(run_in_guest(
+        &v,
+        "guest-b",
+        "ping -c 2 -W 5 10.77.0.2 >/dev/null",
+        "PINGBA"
+    ));
+    // The API listens on the gateway's address too, and answers there
+    // from the host ...
+    let from_host = sh(&format!("curl -s -m 5 http://10.77.0.1:{port}/health"));
+    assert!(from_host.contains("ok"), "{from_host}");
+    // ... but never to a guest (refused by the rules).
+    assert!(
+        !run_in_guest(
+            &v,
+            "guest-a",
+            &format!("wget -q -O /dev/null -T 5 http://10.77.0.1:{port}/health"),
+            "API"
+        ),
+        "a guest reached the vman API on the gateway"
+    );
+    // A guest that takes another address is cut off (anti-spoofing).
+    assert!(run_in_guest(
+        &v,
+        "guest-a",
+        "ip addr add 10.77.0.50/24 dev eth0 && ! ping -c 2 -W 3 -I 10.77.0.50 10.77.0.3 >/dev/null",
+        "SPOOF"
+    ));
+    let taps: Vec<String> = interfaces()
+        .into_iter()
+        .filter(|i| i.starts_with("vman"))
+        .collect();
+    assert_eq!(taps.len(), 2, "{:?}", interfaces());
+    assert!(nft_tables().contains("vman_bridge"));
+    assert!(ns.processes().iter().any(|(_, c)| c.contains("dnsmasq")));
+    // Stop one: its TAP goes, the bridge stays for the other.
+    let (s, body) = v.post("/vms/guest-a/actions/stop", json!({"force": true}));
+    assert_eq!(s, 202, "{body}");
+    let left = interfaces();
+    assert!(
+        left.contains(&bridge.to_owned()) && left.len() == 2,
+        "{left:?}"
+    );
+    // Stop and delete the other: nothing of the bridge stays.
+    let (s, body) = v.call("DELETE", "/vms/guest-b", None);
+    assert_eq!(s, 204, "{body}");
+    let (s, body) = v.call("DELETE", "/vms/guest-a", None);
+    assert_eq!(s, 204, "{body}");
+    assert_eq!(interfaces(), Vec::<String>::new());
+    assert!(!nft_tables().contains("vman_bridge"), "{}", nft_tables());
+    let storage = v.storage.clone();
+    v.sigterm();
+    let procs = ns.processes();
+    assert!(procs.is_empty(), "left running in the namespace: {procs:?}");
+    assert!(
+        !run_dir(&storage).exists(),
+        "{} stays",
+        run_dir(&storage).display()
+    );
+    assert_eq!(interfaces(), Vec::<String>::new());
+}
+
+#[test]
+fn bridge_network_config_figures_a_full_subnet_and_bad_network_input() {
+    require_root!();
+    let _ns = Netns::enter("cfg");
+    let v = Vman::builder()
+        .env("VMAN_BRIDGE_NAME", "br-vmancfg")
+        .env("VMAN_SUBNET", "10.78.0.0/29")
+        .env("VMAN_VLAN_ID", "100")
+        .env("VMAN_BRIDGE_NAT", "1")
+        .start();
+    v.template("small", 128);
+    let cfg = v.get("/network/config");
+    assert_eq!(
+        (
+            &cfg["vlan_id"],
+            &cfg["subnet"],
+            &cfg["gateway"],
+            &cfg["allocated_ips"],
+            &cfg["available_ips"]
+        ),
+        (
+            &json!(100),
+            &json!("10.78.0.0/29"),
+            &json!("10.78.0.1"),
+            &json!(0),
+            &json!(5)
+        ),
+        "{cfg}"
+    );
+    assert_eq!(cfg["dns"], json!(["10.78.0.1"]));
+    for n in 0..5 {
+        let vm = create_bridge_vm(&v, &format!("vm{n}"));
+        assert_eq!(vm["local_ip"], format!("10.78.0.{}", n + 2));
+    }
+    let (s, body) = v
+        .create_vm(json!({"template_name": "small", "name": "vm5", "network": {"mode": "bridge"}}));
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (400, Some("subnet_full")),
+        "{body}"
+    );
+    let (s, _) = v.call("GET", "/vms/vm5", None);
+    assert_eq!(s, 404, "a refused VM is not created");
+    let cfg = v.get("/network/config");
+    assert_eq!(
+        (&cfg["allocated_ips"], &cfg["available_ips"]),
+        (&json!(5), &json!(0))
+    );
+    // Deleting frees the address; the next VM gets it.
+    let (s, _) = v.call("DELETE", "/vms/vm1", None);
+    assert_eq!(s, 204);
+    let vm = create_bridge_vm(&v, "vm6");
+    assert_eq!(vm["local_ip"], "10.78.0.3");
+    // Bad input: 422 naming the field, nothing created.
+    for bad in [
+        json!({"mode": "bogus"}),
+        json!({"mode": "bridge", "extra": 1}),
+        json!("bridge"),
+        json!({}),
+    ] {
+        let (s, body) =
+            v.create_vm(json!({"template_name": "small", "name": "bad", "network": bad}));
+        assert_eq!(s, 422, "{bad}: {body}");
+        assert!(
+            body["detail"].as_str().unwrap_or("").contains("network"),
+            "{body}"
+        );
+    }
+    let (s, _) = v.call("GET", "/vms/bad", None);
+    assert_eq!(s, 404);
+    // A bridge of that name that vman did not make is never used.
+    sh("ip link add br-vmancfg type bridge");
+    let (s, body) = v.start_vm("vm0");
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (400, Some("bridge_failed")),
+        "{body}"
+    );
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not created by this vman"),
+        "{body}"
+    );
+    assert_eq!(v.vm("vm0")["state"], "error");
+    assert_eq!(
+        interfaces(),
+        vec!["br-vmancfg".to_owned()],
+        "foreign bridge kept, no TAP left"
+    );
+    assert!(!nft_tables().contains("vman_bridge"));
+}
+
+#[test]
+fn bridge_mode_without_the_tools_is_a_400_at_creation_and_network_config_says_not_configured() {
+    // No root needed: without ip/bridge/nft/dnsmasq on PATH (they live in
+    // /usr/sbin) the host cannot do bridge networking, as without root.
+    let v = Vman::builder().env("PATH", "/usr/bin:/bin").start();
+    v.template("small", 128);
+    let cfg = v.get("/network/config");
+    assert_eq!(cfg["status"], "not_configured", "{cfg}");
+    let (s, body) =
+        v.create_vm(json!({"template_name": "small", "name": "b", "network": {"mode": "bridge"}}));
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (400, Some("bridge_unavailable")),
+        "{body}"
+    );
+    assert!(
+        body["detail"].as_str().unwrap_or("").contains("bridge"),
+        "{body}"
+    );
+    let (s, _) = v.call("GET", "/vms/b", None);
+    assert_eq!(s, 404, "nothing created");
+}
