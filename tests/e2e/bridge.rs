@@ -34,6 +34,8 @@ macro_rules! require_root {
 struct Netns {
     name: String,
     original: fs::File,
+    /// vman's runtime folders (under /run) to remove as well.
+    run_dirs: std::cell::RefCell<Vec<std::path::PathBuf>>,
 }
 
 impl Netns {
@@ -52,10 +54,19 @@ impl Netns {
         let target = fs::File::open(format!("/run/netns/{name}")).expect("new netns");
         // SAFETY: setns on descriptors we hold; it changes only this thread.
         let rc = unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) };
-        let guard = Self { name, original };
+        let guard = Self {
+            name,
+            original,
+            run_dirs: Default::default(),
+        };
         assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         sh("ip link set lo up");
         guard
+    }
+
+    /// Removes the runtime folder of the vman on `storage` at the end.
+    fn owns_run_dir_of(&self, storage: &Path) {
+        self.run_dirs.borrow_mut().push(run_dir(storage));
     }
 
     /// The namespace's inode, as /proc/<pid>/ns/net links show it.
@@ -110,6 +121,9 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
+        for dir in self.run_dirs.borrow().iter() {
+            let _ = fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -201,6 +215,7 @@ fn bridge_guests_get_their_addresses_by_dhcp_reach_each_other_but_not_the_api_an
         .env("VMAN_BRIDGE_NAME", bridge)
         .env("VMAN_SUBNET", "10.77.0.0/24")
         .start();
+    ns.owns_run_dir_of(&v.storage);
     let port = v
         .base
         .rsplit(':')
@@ -247,12 +262,13 @@ fn bridge_guests_get_their_addresses_by_dhcp_reach_each_other_but_not_the_api_an
     // from the host ...
     let from_host = sh(&format!("curl -s -m 5 http://10.77.0.1:{port}/health"));
     assert!(from_host.contains("ok"), "{from_host}");
-    // ... but never to a guest (refused by the rules).
+    // ... but never to a guest (refused by the rules). (busybox 1.35's
+    // `wget -T` crashes in the tiny guest: `timeout` bounds it instead.)
     assert!(
         !run_in_guest(
             &v,
             "guest-a",
-            &format!("wget -q -O /dev/null -T 5 http://10.77.0.1:{port}/health"),
+            &format!("timeout 10 wget -q -O /dev/null http://10.77.0.1:{port}/health"),
             "API"
         ),
         "a guest reached the vman API on the gateway"
@@ -301,13 +317,14 @@ fn bridge_guests_get_their_addresses_by_dhcp_reach_each_other_but_not_the_api_an
 #[test]
 fn bridge_network_config_figures_a_full_subnet_and_bad_network_input() {
     require_root!();
-    let _ns = Netns::enter("cfg");
+    let ns = Netns::enter("cfg");
     let v = Vman::builder()
         .env("VMAN_BRIDGE_NAME", "br-vmancfg")
         .env("VMAN_SUBNET", "10.78.0.0/29")
         .env("VMAN_VLAN_ID", "100")
         .env("VMAN_BRIDGE_NAT", "1")
         .start();
+    ns.owns_run_dir_of(&v.storage);
     v.template("small", 128);
     let cfg = v.get("/network/config");
     assert_eq!(
@@ -413,4 +430,83 @@ fn bridge_mode_without_the_tools_is_a_400_at_creation_and_network_config_says_no
     );
     let (s, _) = v.call("GET", "/vms/b", None);
     assert_eq!(s, 404, "nothing created");
+}
+
+/// The dnsmasq processes of the namespace (pids).
+fn dnsmasqs(ns: &Netns) -> Vec<i32> {
+    ns.processes()
+        .into_iter()
+        .filter(|(_, c)| c.starts_with("dnsmasq") || c.contains("/dnsmasq "))
+        .map(|(p, _)| p)
+        .collect()
+}
+
+#[test]
+fn bridge_is_kept_across_a_vman_restart_a_dead_dnsmasq_comes_back_and_leftovers_go() {
+    require_root!();
+    let ns = Netns::enter("rs");
+    let bridge = "br-vmanrs";
+    let mut v = Vman::builder()
+        .with_tiny_default()
+        .env("VMAN_BRIDGE_NAME", bridge)
+        .env("VMAN_SUBNET", "10.79.0.0/24")
+        .env("VMAN_OBSERVER_INTERVAL", "1")
+        .start();
+    ns.owns_run_dir_of(&v.storage);
+    v.template("small", 128);
+    create_bridge_vm(&v, "keep");
+    let (s, body) = v.start_vm("keep");
+    assert_eq!(s, 202, "{body}");
+    v.wait_console("keep", "vman-guest: eth0 address 10.79.0.2", 1);
+    let before = interfaces();
+    let dns = dnsmasqs(&ns);
+    assert_eq!(dns.len(), 1, "{:?}", ns.processes());
+    // A crash of vman: the guest's network stays, and the new vman takes
+    // it over (same dnsmasq, same TAP), without removing anything.
+    v.restart();
+    assert_eq!(interfaces(), before);
+    assert_eq!(dnsmasqs(&ns), dns, "dnsmasq kept, not restarted");
+    assert_eq!(v.get("/network/config")["status"], "active");
+    assert!(v.log_count("TAP") > 0);
+    // dnsmasq dies: the observer starts it again.
+    // SAFETY: kill(2) of a process in the test's namespace.
+    unsafe { libc::kill(dns[0], libc::SIGKILL) };
+    let start = Instant::now();
+    loop {
+        let now = dnsmasqs(&ns);
+        if now.len() == 1 && now != dns {
+            break;
+        }
+        assert!(start.elapsed() < GUEST, "dnsmasq not restarted: {now:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    v.type_line(
+        "keep",
+        "udhcpc -n -q -i eth0 -s /etc/vman/udhcpc && echo RENEW-$((3+4))",
+    );
+    v.wait_console("keep", "RENEW-7", 1);
+    // vman crashes and the guest dies meanwhile: the next vman removes the
+    // TAP, the bridge, the rules and dnsmasq it finds with no VM.
+    v.kill9();
+    for (pid, cmd) in ns.processes() {
+        if cmd.contains("qemu-system") {
+            // SAFETY: kill(2) of a process in the test's namespace.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!interfaces().is_empty());
+    v.restart();
+    let start = Instant::now();
+    while !interfaces().is_empty() || !dnsmasqs(&ns).is_empty() {
+        assert!(
+            start.elapsed() < GUEST,
+            "leftovers stay: {:?} {:?}",
+            interfaces(),
+            ns.processes()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!nft_tables().contains("vman_bridge"), "{}", nft_tables());
+    assert_eq!(v.get("/network/config")["status"], "idle");
 }
