@@ -2,14 +2,16 @@
 # Installs what vman needs on a Debian machine (as root): QEMU with a
 # matching qemu-img, the tools scripts/build_boot_disk.sh uses, wrk for
 # the benchmarks, python3-venv for scripts/fuzz.sh (which installs its
-# pinned schemathesis into target/fuzz-venv itself), and the vman-qemu user
+# pinned schemathesis into target/fuzz-venv itself), iproute2, nftables and
+# dnsmasq-base for bridge networking, and the vman-qemu user
 # QEMU runs as. Safe to run again: it only installs what is missing.
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in fdisk dosfstools mtools syslinux syslinux-common busybox-static cpio kmod \
-           wrk curl ca-certificates xz-utils python3-venv; do
+           wrk curl ca-certificates xz-utils python3-venv \
+           iproute2 nftables dnsmasq-base; do
     have "$pkg" || need+=("$pkg")
 done
 

@@ -430,6 +430,9 @@ fn bridge_mode_without_the_tools_is_a_400_at_creation_and_network_config_says_no
     );
     let (s, _) = v.call("GET", "/vms/b", None);
     assert_eq!(s, 404, "nothing created");
+    let (s, body) =
+        v.create_vm(json!({"template_name": "small", "name": "b", "network": {"mode": "bogus"}}));
+    assert_eq!((s, body["code"].as_str()), (422, Some("invalid")), "{body}");
 }
 
 /// The dnsmasq processes of the namespace (pids).
