@@ -16,7 +16,8 @@
 //! the host's network: the steps are short `ip`/`nft` runs.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -34,8 +35,12 @@ pub struct BridgeHost {
     owner: Owner,
     /// Why this host cannot do bridge networking (probed at start-up).
     unsupported: Option<String>,
-    /// The VMs attached to the bridge now; empty: no bridge.
-    ports: std::sync::Mutex<BTreeMap<Name, Port>>,
+    /// The VMs attached to the bridge now; empty: no bridge. Shared with
+    /// the metadata listener's resolver.
+    ports: Arc<std::sync::Mutex<BTreeMap<Name, Port>>>,
+    /// The metadata listener on the gateway while the bridge exists (part
+    /// B's `TcpChannel`: dropping it stops the listener).
+    listener: std::sync::Mutex<Option<Box<dyn Send>>>,
 }
 
 impl BridgeHost {
@@ -43,7 +48,8 @@ impl BridgeHost {
         Self {
             owner: Owner::for_storage(storage),
             unsupported: support().err(),
-            ports: std::sync::Mutex::default(),
+            ports: Arc::default(),
+            listener: std::sync::Mutex::default(),
         }
     }
 }
@@ -224,13 +230,48 @@ impl Service {
     /// identity: anti-spoofing rules pin each TAP to its VM's MAC and
     /// address, so a source address names one VM).
     pub fn bridge_vm_at(&self, ip: IpAddr) -> Option<Name> {
-        let IpAddr::V4(ip) = ip else { return None };
-        self.bridge
-            .ports
-            .lock_or_recover()
-            .iter()
-            .find(|(_, p)| p.ip == ip)
-            .map(|(id, _)| id.clone())
+        (self.bridge_resolver())(ip)
+    }
+
+    /// `bridge_vm_at` as a closure that outlives `&self`: the resolver of
+    /// part B's `Metadata::serve_tcp(addr, resolver)`.
+    pub fn bridge_resolver(&self) -> impl Fn(IpAddr) -> Option<Name> + Send + Sync + 'static {
+        let ports = self.bridge.ports.clone();
+        move |ip| {
+            let IpAddr::V4(ip) = ip else { return None };
+            ports
+                .lock_or_recover()
+                .iter()
+                .find(|(_, p)| p.ip == ip)
+                .map(|(id, _)| id.clone())
+        }
+    }
+
+    /// Where the metadata listener of the bridge listens: the gateway and
+    /// `VMAN_METADATA_PORT` (guests reach it as 169.254.169.254:80).
+    pub fn bridge_metadata_addr(&self) -> SocketAddr {
+        let cfg = &self.config.bridge;
+        SocketAddr::from((cfg.subnet.gateway(), cfg.metadata_port))
+    }
+
+    /// True when the bridge exists and has no metadata listener yet. The
+    /// caller (`prepare_network`, after `prepare_bridge`; and after
+    /// `reconcile_bridge`) then starts one with `Metadata::serve_tcp(
+    /// bridge_metadata_addr(), bridge_resolver())` and hands its handle to
+    /// `keep_bridge_metadata_listener`.
+    pub fn bridge_needs_metadata_listener(&self) -> bool {
+        !self.bridge.ports.lock_or_recover().is_empty()
+            && self.bridge.listener.lock_or_recover().is_none()
+    }
+
+    /// Keeps the listener's handle until the bridge goes (then it is
+    /// dropped, which stops it); dropped at once if the bridge went
+    /// meanwhile.
+    pub fn keep_bridge_metadata_listener(&self, handle: Box<dyn Send>) {
+        let ports = self.bridge.ports.lock_or_recover();
+        if !ports.is_empty() {
+            *self.bridge.listener.lock_or_recover() = Some(handle);
+        }
     }
 
     /// Bridge, address, nftables tables, dnsmasq (started, or the running
@@ -258,10 +299,8 @@ impl Service {
                 tracing::info!("dnsmasq of {} started (pid {pid})", cfg.bridge_name);
             }
         }
-        // The metadata listener on {gateway}:{VMAN_METADATA_PORT} (issue 11,
-        // part B's `Metadata::serve_tcp(addr, resolver)` with
-        // `Service::bridge_vm_at` as the resolver) starts here once that
-        // code is merged.
+        // The metadata listener is async (part B's `serve_tcp`): the caller
+        // starts it (`bridge_needs_metadata_listener`).
         Ok(())
     }
 
@@ -289,6 +328,7 @@ impl Service {
     /// runtime folder. Steps that fail are logged.
     fn bridge_down(&self) {
         let cfg = &self.config.bridge;
+        drop(self.bridge.listener.lock_or_recover().take());
         let dnsmasq = self.dnsmasq();
         if dnsmasq.stop() {
             tracing::info!("dnsmasq of {} stopped", cfg.bridge_name);

@@ -273,6 +273,49 @@ fn bridge_guests_get_their_addresses_by_dhcp_reach_each_other_but_not_the_api_an
         ),
         "a guest reached the vman API on the gateway"
     );
+    // 169.254.169.254:80 reaches the metadata port on the gateway, with
+    // the guest's own address as the source (the listener's identity). A
+    // stand-in server listens there: vman's own listener is part B's.
+    let www = tempfile::tempdir().expect("tempdir");
+    fs::write(www.path().join("latest"), "DNAT-WORKS\n").expect("write");
+    let log = www.path().join("server.log");
+    let mut server = Command::new("python3")
+        .args(["-m", "http.server", "8775", "--bind", "10.77.0.1"])
+        .current_dir(www.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("python3 http.server");
+    let start = Instant::now();
+    while !Command::new("curl")
+        .args(["-sf", "-o", "/dev/null", "http://10.77.0.1:8775/latest"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "stand-in server not up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let reached = run_in_guest(
+        &v,
+        "guest-a",
+        "timeout 20 wget -q -O - http://169.254.169.254/latest | grep -q DNAT-WORKS",
+        "META",
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+    let seen = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        reached,
+        "metadata address not reached; server log: {seen}\n{}",
+        v.console("guest-a")
+    );
+    assert!(
+        seen.contains("10.77.0.2 "),
+        "source not the guest's address: {seen}"
+    );
     // A guest that takes another address is cut off (anti-spoofing).
     assert!(run_in_guest(
         &v,
