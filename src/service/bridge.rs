@@ -210,14 +210,20 @@ impl Service {
         }
         let mut ports = self.bridge.ports.lock_or_recover();
         let owner = &self.bridge.owner;
-        let tap = ports
-            .remove(id)
-            .map(|p| p.tap)
+        let attached = ports.remove(id);
+        let tap = attached
+            .as_ref()
+            .map(|p| p.tap.clone())
             .unwrap_or_else(|| owner.tap_name(id.as_str()));
         match link::remove_tap(owner, &tap, id.as_str()) {
             Ok(true) => tracing::info!("vm {id}: TAP {tap} removed"),
             Ok(false) => {}
             Err(e) => tracing::warn!("vm {id}: cannot remove TAP {tap}: {e}"),
+        }
+        if attached.is_none() {
+            // Not on the bridge (another mode, or never started): the
+            // bridge of the other VMs is not this VM's business.
+            return;
         }
         if ports.is_empty() {
             self.bridge_down();
@@ -345,6 +351,10 @@ impl Service {
                 tracing::warn!("cannot remove {}: {e}", dir.display());
             }
         }
+        // /run/vman too, once no other vman uses it.
+        if let Some(parent) = dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 
     /// At start-up, after adoption: TAPs of running bridge VMs are kept
@@ -373,7 +383,7 @@ impl Service {
         for (tap, vm) in taps {
             let kept = Name::parse("vm", &vm).ok().and_then(|id| {
                 let ip = *addresses.get(&id)?;
-                self.live(&id).is_some().then_some((id, ip))
+                self.is_live(&id).then_some((id, ip))
             });
             match kept {
                 Some((id, ip)) if !ports.contains_key(&id) => {
@@ -418,12 +428,46 @@ impl Service {
             return issues;
         }
         let owner = &self.bridge.owner;
-        let ports = self.bridge.ports.lock_or_recover();
+        let mut ports = self.bridge.ports.lock_or_recover();
         if let Ok(taps) = link::owned_taps(owner) {
             for (tap, vm) in taps {
-                let ours = Name::parse("vm", &vm)
-                    .ok()
-                    .is_some_and(|id| ports.contains_key(&id));
+                let id = Name::parse("vm", &vm).ok();
+                let ours = id.as_ref().is_some_and(|id| ports.contains_key(id));
+                // A QEMU adopted late (it did not answer at start-up) keeps
+                // its TAP, now with its rules.
+                let late = id.filter(|id| !ours && self.is_live(id)).and_then(|id| {
+                    let ip = self.store.bridge_address_of(&id).ok().flatten()?;
+                    Some((id, ip))
+                });
+                if let Some((id, ip)) = late {
+                    let first = ports.is_empty();
+                    ports.insert(
+                        id.clone(),
+                        Port {
+                            tap: tap.clone(),
+                            mac: mac_for(id.as_str()),
+                            ip,
+                        },
+                    );
+                    let done = if first {
+                        self.bridge_up(&ports)
+                    } else {
+                        self.bridge_refresh(&ports)
+                    };
+                    let done =
+                        done.and_then(|()| link::attach(&tap, &self.config.bridge.bridge_name));
+                    let mut issue = Issue::new(
+                        "bridge_adopted",
+                        id.as_str(),
+                        format!("TAP {tap} of a running VM taken over"),
+                    );
+                    match done {
+                        Ok(()) => issue.repaired = true,
+                        Err(e) => issue.details.push_str(&format!("; {e}")),
+                    }
+                    issues.push(issue);
+                    continue;
+                }
                 if !ours {
                     let mut issue = Issue::new(
                         "bridge_leftover",
