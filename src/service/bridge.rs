@@ -96,6 +96,17 @@ pub struct Allocation {
     pub ip: String,
 }
 
+/// Runs `f` (short `ip`/`nft` runs, up to seconds for dnsmasq to start or
+/// stop) without holding up the async workers: `block_in_place` on the
+/// server's multi-threaded runtime, inline elsewhere.
+fn off_worker<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 fn failed(e: BridgeError) -> ServiceError {
     let detail = match &e {
         BridgeError::Foreign(_) => e.to_string(),
@@ -145,6 +156,10 @@ impl Service {
     /// dnsmasq. On failure nothing of this VM stays (nor the bridge, when
     /// it was the first).
     pub fn prepare_bridge(&self, vm: &Vm) -> Result<Nic, ServiceError> {
+        off_worker(|| self.prepare_bridge_now(vm))
+    }
+
+    fn prepare_bridge_now(&self, vm: &Vm) -> Result<Nic, ServiceError> {
         self.check_bridge_support()?;
         let ip = self
             .store
@@ -205,9 +220,12 @@ impl Service {
     /// the last one takes the bridge, the tables and dnsmasq with it. Never
     /// fails (a step that fails is logged; the observer tries again).
     pub fn teardown_bridge(&self, id: &Name) {
-        if self.bridge.unsupported.is_some() {
-            return;
+        if self.bridge.unsupported.is_none() {
+            off_worker(|| self.teardown_bridge_now(id));
         }
+    }
+
+    fn teardown_bridge_now(&self, id: &Name) {
         let mut ports = self.bridge.ports.lock_or_recover();
         let owner = &self.bridge.owner;
         let attached = ports.remove(id);
@@ -361,9 +379,12 @@ impl Service {
     /// (and the bridge, tables and dnsmasq with them, made again where
     /// missing); every other piece of an earlier run is removed.
     pub async fn reconcile_bridge(&self) {
-        if self.bridge.unsupported.is_some() {
-            return;
+        if self.bridge.unsupported.is_none() {
+            off_worker(|| self.reconcile_bridge_now());
         }
+    }
+
+    fn reconcile_bridge_now(&self) {
         let addresses: BTreeMap<Name, Ipv4Addr> = match self.store.bridge_addresses() {
             Ok(a) => a.into_iter().collect(),
             Err(e) => {
@@ -423,10 +444,14 @@ impl Service {
 
     /// The observer's share: leftovers removed, a dead dnsmasq restarted.
     pub(crate) fn bridge_pass(&self) -> Vec<Issue> {
-        let mut issues = Vec::new();
         if self.bridge.unsupported.is_some() {
-            return issues;
+            return Vec::new();
         }
+        off_worker(|| self.bridge_pass_now())
+    }
+
+    fn bridge_pass_now(&self) -> Vec<Issue> {
+        let mut issues = Vec::new();
         let owner = &self.bridge.owner;
         let mut ports = self.bridge.ports.lock_or_recover();
         if let Ok(taps) = link::owned_taps(owner) {
