@@ -556,3 +556,75 @@ fn bridge_is_kept_across_a_vman_restart_a_dead_dnsmasq_comes_back_and_leftovers_
     assert!(!nft_tables().contains("vman_bridge"), "{}", nft_tables());
     assert_eq!(v.get("/network/config")["status"], "idle");
 }
+
+/// A second namespace standing for the outside world, joined to the
+/// test's namespace by a veth pair (`vmup0` here, 10.200.0.1; `vmup1`
+/// there, 10.200.0.2). Deleted on drop.
+struct Outside {
+    name: String,
+}
+
+impl Outside {
+    fn new(tag: &str) -> Self {
+        let name = format!("vman-t-{tag}-out-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(std::process::Stdio::null())
+            .status();
+        sh(&format!("ip netns add {name}"));
+        let out = Self { name };
+        sh(&format!(
+            "ip link add vmup0 type veth peer name vmup1 netns {n} && \
+             ip addr add 10.200.0.1/24 dev vmup0 && ip link set vmup0 up && \
+             ip netns exec {n} sh -c 'ip link set lo up && ip addr add 10.200.0.2/24 dev vmup1 && ip link set vmup1 up'",
+            n = out.name
+        ));
+        out
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+#[test]
+fn bridge_nat_lets_guests_out_with_dns_on_the_gateway_and_without_it_they_stay_in() {
+    require_root!();
+    let ns = Netns::enter("nat");
+    let _outside = Outside::new("nat");
+    for nat in ["1", "0"] {
+        let v = Vman::builder()
+            .with_tiny_default()
+            .env("VMAN_BRIDGE_NAME", "br-vmannat")
+            .env("VMAN_SUBNET", "10.81.0.0/24")
+            .env("VMAN_BRIDGE_NAT", nat)
+            .start();
+        ns.owns_run_dir_of(&v.storage);
+        v.template("small", 128);
+        create_bridge_vm(&v, "out");
+        let (s, body) = v.start_vm("out");
+        assert_eq!(s, 202, "{body}");
+        v.wait_console("out", "vman-guest: eth0 address 10.81.0.2", 1);
+        v.wait_console("out", "vman-guest: ready", 1);
+        let reached = run_in_guest(&v, "out", "ping -c 2 -W 5 10.200.0.2 >/dev/null", "OUT");
+        let dns = run_in_guest(
+            &v,
+            "out",
+            "grep -q 'nameserver 10.81.0.1' /etc/resolv.conf",
+            "DNS",
+        );
+        assert_eq!(
+            (reached, dns),
+            (nat == "1", nat == "1"),
+            "NAT={nat}:\n{}",
+            v.console("out")
+        );
+        let (s, _) = v.call("DELETE", "/vms/out", None);
+        assert_eq!(s, 204);
+        assert_eq!(interfaces(), vec!["vmup0".to_owned()]);
+    }
+}
