@@ -109,7 +109,7 @@ fn off_worker<T>(f: impl FnOnce() -> T) -> T {
 
 fn failed(e: BridgeError) -> ServiceError {
     let detail = match &e {
-        BridgeError::Foreign(_) => e.to_string(),
+        BridgeError::Foreign(_) | BridgeError::ForeignTable(_) => e.to_string(),
         other => format!("cannot set up the VM's bridge network: {other}"),
     };
     Reason::BridgeFailed(e).refuse(detail)
@@ -302,6 +302,8 @@ impl Service {
     /// one of an earlier vman kept).
     fn bridge_up(&self, ports: &BTreeMap<Name, Port>) -> Result<(), BridgeError> {
         let cfg = &self.config.bridge;
+        // Nothing is made when the tables are another vman's.
+        nft::check_ours(&self.bridge.owner.mark())?;
         link::ensure_bridge(
             &self.bridge.owner,
             &cfg.bridge_name,
@@ -333,6 +335,7 @@ impl Service {
         let cfg = &self.config.bridge;
         let list: Vec<Port> = ports.values().cloned().collect();
         nft::apply(&nft::Rules {
+            mark: &self.bridge.owner.mark(),
             bridge: &cfg.bridge_name,
             subnet: cfg.subnet,
             metadata_port: cfg.metadata_port,
@@ -357,7 +360,7 @@ impl Service {
         if dnsmasq.stop() {
             tracing::info!("dnsmasq of {} stopped", cfg.bridge_name);
         }
-        if let Err(e) = nft::remove() {
+        if let Err(e) = nft::remove(&self.bridge.owner.mark()) {
             tracing::warn!("cannot remove the nftables tables {}: {e}", nft::TABLE);
         }
         if let Err(e) = link::remove_bridge(&self.bridge.owner, &cfg.bridge_name) {

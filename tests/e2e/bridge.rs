@@ -450,6 +450,28 @@ fn bridge_network_config_figures_a_full_subnet_and_bad_network_input() {
         "foreign bridge kept, no TAP left"
     );
     assert!(!nft_tables().contains("vman_bridge"));
+    // Nor tables of vman's name that another vman made.
+    sh("ip link del br-vmancfg");
+    sh("printf 'table inet vman_bridge {\\n comment \"vman:someone\"\\n}\\n' | nft -f -");
+    let (s, body) = v.start_vm("vm0");
+    assert_eq!(
+        (s, body["code"].as_str()),
+        (400, Some("bridge_failed")),
+        "{body}"
+    );
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("another vman"),
+        "{body}"
+    );
+    assert!(sh("nft list table inet vman_bridge").contains("vman:someone"));
+    assert_eq!(
+        interfaces(),
+        Vec::<String>::new(),
+        "the bridge it made is gone"
+    );
 }
 
 #[test]

@@ -24,6 +24,10 @@ pub enum BridgeError {
     /// An interface of the name vman wants exists and is not vman's.
     #[error("interface {0} exists and was not created by this vman; remove it or choose another VMAN_BRIDGE_NAME")]
     Foreign(String),
+    /// An nftables table of vman's name made by another vman (another
+    /// storage) in this network namespace.
+    #[error("nftables table {0} belongs to another vman on this host (one bridge-mode vman per network namespace)")]
+    ForeignTable(String),
     /// A tool (`ip`, `bridge`, `nft`) failed.
     #[error("{command} failed: {message}")]
     Command { command: String, message: String },
@@ -49,6 +53,11 @@ impl Owner {
         Self {
             tag: format!("{:08x}", h as u32),
         }
+    }
+
+    /// The comment on vman's nftables tables.
+    pub fn mark(&self) -> String {
+        format!("vman:{}", self.tag)
     }
 
     pub fn bridge_alias(&self) -> String {

@@ -31,6 +31,8 @@ pub struct Port {
 /// What the rules are made from.
 #[derive(Debug, Clone)]
 pub struct Rules<'a> {
+    /// The owner's mark, the tables' comment (`Owner::mark`).
+    pub mark: &'a str,
     pub bridge: &'a str,
     pub subnet: Subnet,
     pub metadata_port: u16,
@@ -47,7 +49,7 @@ pub fn script(r: &Rules<'_>) -> String {
     // Create-then-delete makes the delete safe when the table is absent.
     let _ = writeln!(s, "table inet {TABLE} {{}}\ndelete table inet {TABLE}");
     let _ = writeln!(s, "table bridge {TABLE} {{}}\ndelete table bridge {TABLE}");
-    let _ = writeln!(s, "table inet {TABLE} {{");
+    let _ = writeln!(s, "table inet {TABLE} {{\n  comment \"{}\"", r.mark);
     let _ = writeln!(
         s,
         "  chain prerouting {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
@@ -100,7 +102,7 @@ pub fn script(r: &Rules<'_>) -> String {
         );
     }
     let _ = writeln!(s, "}}");
-    let _ = writeln!(s, "table bridge {TABLE} {{");
+    let _ = writeln!(s, "table bridge {TABLE} {{\n  comment \"{}\"", r.mark);
     let _ = writeln!(
         s,
         "  chain prerouting {{\n    type filter hook prerouting priority -200; policy accept;"
@@ -126,22 +128,51 @@ pub fn script(r: &Rules<'_>) -> String {
     s
 }
 
-/// Replaces both tables with `r` in one transaction.
+const FAMILIES: [&str; 2] = ["inet", "bridge"];
+
+/// The comment of table `family vman_bridge`: `None` when the table is
+/// not there, `Some("")` when it has none.
+fn mark_of(family: &str) -> Option<String> {
+    let listing = run("nft", &["list", "table", family, TABLE], None).ok()?;
+    Some(
+        listing
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("comment \""))
+            .map(|c| c.trim_end_matches('"').to_owned())
+            .unwrap_or_default(),
+    )
+}
+
+/// Replaces both tables with `r` in one transaction; refuses tables of
+/// that name that another vman made.
 pub fn apply(r: &Rules<'_>) -> Result<(), BridgeError> {
+    check_ours(r.mark)?;
     run("nft", &["-f", "-"], Some(&script(r))).map(drop)
 }
 
-/// Removes both tables (nothing when they are not there).
-pub fn remove() -> Result<(), BridgeError> {
-    let s = format!(
-        "table inet {TABLE} {{}}\ndelete table inet {TABLE}\ntable bridge {TABLE} {{}}\ndelete table bridge {TABLE}\n"
-    );
-    run("nft", &["-f", "-"], Some(&s)).map(drop)
+/// Refuses when a table of vman's name exists without `mark`.
+pub fn check_ours(mark: &str) -> Result<(), BridgeError> {
+    match FAMILIES
+        .into_iter()
+        .find(|f| mark_of(f).is_some_and(|m| m != mark))
+    {
+        Some(family) => Err(BridgeError::ForeignTable(format!("{family} {TABLE}"))),
+        None => Ok(()),
+    }
 }
 
-/// True when vman's inet table is loaded.
-pub fn present() -> bool {
-    run("nft", &["list", "table", "inet", TABLE], None).is_ok()
+/// Removes both tables if they carry `mark` (nothing when they are not
+/// there or are another vman's).
+pub fn remove(mark: &str) -> Result<(), BridgeError> {
+    let s: String = FAMILIES
+        .into_iter()
+        .filter(|f| mark_of(f).is_some_and(|m| m == mark))
+        .map(|f| format!("delete table {f} {TABLE}\n"))
+        .collect();
+    if s.is_empty() {
+        return Ok(());
+    }
+    run("nft", &["-f", "-"], Some(&s)).map(drop)
 }
 
 #[cfg(test)]
@@ -150,6 +181,7 @@ mod tests {
 
     fn rules(nat: bool, ports: &[Port]) -> String {
         script(&Rules {
+            mark: "vman:0123abcd",
             bridge: "br-vman",
             subnet: Subnet::parse("192.168.100.0/24").unwrap(),
             metadata_port: 8775,
@@ -169,6 +201,7 @@ mod tests {
         assert!(!s.contains("dport 53"), "no DNS without NAT");
         assert!(!s.contains("masquerade"));
         assert!(s.contains("iifname \"br-vman\" oifname != \"br-vman\" drop"));
+        assert_eq!(s.matches("comment \"vman:0123abcd\"").count(), 2);
     }
 
     #[test]
