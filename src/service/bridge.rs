@@ -372,10 +372,20 @@ impl Service {
                 tracing::warn!("cannot remove {}: {e}", dir.display());
             }
         }
-        // /run/vman too, once no other vman uses it.
-        if let Some(parent) = dir.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
+    }
+
+    /// Something of this vman's bridge exists (with no bridge VM): its
+    /// dnsmasq, its bridge, its runtime folder or its nftables tables.
+    fn bridge_leftovers(&self) -> bool {
+        let owner = &self.bridge.owner;
+        let cfg = &self.config.bridge;
+        self.dnsmasq().running().is_some()
+            || owner.run_dir().exists()
+            || link::find(&cfg.bridge_name)
+                .ok()
+                .flatten()
+                .is_some_and(|l| l.ifalias.as_deref() == Some(&owner.bridge_alias()))
+            || nft::has_tables(&owner.mark())
     }
 
     /// At start-up, after adoption: TAPs of running bridge VMs are kept
@@ -428,7 +438,10 @@ impl Service {
             }
         }
         if ports.is_empty() {
-            self.bridge_down();
+            if self.bridge_leftovers() {
+                tracing::info!("bridge: removing what an earlier run left (no bridge VM runs)");
+                self.bridge_down();
+            }
         } else {
             let cfg = &self.config.bridge;
             let up = self.bridge_up(&ports).and_then(|()| {
@@ -510,11 +523,7 @@ impl Service {
         let dnsmasq = self.dnsmasq();
         let cfg = &self.config.bridge;
         if ports.is_empty() {
-            let bridge_left = link::find(&cfg.bridge_name)
-                .ok()
-                .flatten()
-                .is_some_and(|l| l.ifalias.as_deref() == Some(&owner.bridge_alias()));
-            if dnsmasq.running().is_some() || bridge_left {
+            if self.bridge_leftovers() {
                 let mut issue = Issue::new(
                     "bridge_leftover",
                     cfg.bridge_name.as_str(),

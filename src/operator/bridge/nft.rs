@@ -150,6 +150,13 @@ pub fn apply(r: &Rules<'_>) -> Result<(), BridgeError> {
     run("nft", &["-f", "-"], Some(&script(r))).map(drop)
 }
 
+/// True when a table of vman's name with `mark` exists.
+pub fn has_tables(mark: &str) -> bool {
+    FAMILIES
+        .into_iter()
+        .any(|f| mark_of(f).is_some_and(|m| m == mark))
+}
+
 /// Refuses when a table of vman's name exists without `mark`.
 pub fn check_ours(mark: &str) -> Result<(), BridgeError> {
     match FAMILIES
