@@ -4,15 +4,15 @@
 # the benchmarks, python3-venv for scripts/fuzz.sh (which installs its
 # pinned schemathesis into target/fuzz-venv itself), user-mode networking
 # (passt, socat for the slirp metadata relay, nftables for the guard table,
-# iproute2), and the vman-qemu user
-# QEMU runs as. Safe to run again: it only installs what is missing.
+# iproute2), bridge networking (iproute2, nftables, dnsmasq-base), and the
+# vman-qemu user QEMU runs as. Safe to run again: it only installs what is missing.
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in fdisk dosfstools mtools syslinux syslinux-common busybox-static cpio kmod \
            wrk curl ca-certificates xz-utils python3-venv \
-           passt socat nftables iproute2; do
+           passt socat nftables iproute2 dnsmasq-base; do
     have "$pkg" || need+=("$pkg")
 done
 

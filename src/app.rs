@@ -74,6 +74,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         service.recover_disk_attachments().await;
         service.recover_network().await;
+        service.reconcile_bridge().await;
         crate::observer::run(service, interval).await;
     });
     tracing::info!(

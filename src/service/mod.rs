@@ -5,6 +5,7 @@
 
 mod adoption;
 mod blocking;
+mod bridge;
 mod coherence;
 mod console;
 pub mod database;
@@ -21,6 +22,7 @@ mod record;
 pub mod rootdisk;
 mod space;
 
+pub use bridge::{Allocation, BridgeConfigView, NetworkConfig};
 pub use coherence::{Issue, Report};
 pub use console::{ConsoleOutput, ConsoleSession};
 pub use disks::{CreateDisk, DiskState, DiskView};
@@ -92,12 +94,13 @@ pub struct Service {
     events: events::Events,
     /// What /metrics counts as it happens (`metrics.rs`).
     pub(crate) counters: metrics::Counters,
+    /// The bridge network's host side (`bridge.rs`).
+    bridge: bridge::BridgeHost,
 }
 
 impl Service {
     pub fn new(config: Arc<Config>, store: Store, host: Host) -> Self {
         Self {
-            config,
             store,
             host,
             tools: health::Tools::default(),
@@ -109,6 +112,8 @@ impl Service {
             unrecorded: Mutex::default(),
             events: events::Events::default(),
             counters: metrics::Counters::default(),
+            bridge: bridge::BridgeHost::probe(&config.storage_path),
+            config,
         }
     }
 
@@ -192,7 +197,14 @@ impl Service {
             network_mode,
             ports,
         };
-        match self.store.insert_vm(&new) {
+        // A bridge VM's address is taken with its row (freed with it).
+        let inserted = if network_mode == crate::model::NetworkMode::Bridge {
+            self.store
+                .insert_vm_with_address(&new, self.pick_bridge_address())
+        } else {
+            self.store.insert_vm(&new)
+        };
+        match inserted {
             Ok(vm) => {
                 tracing::info!("vm {} created from template {}", vm.id, vm.template.name);
                 let from = serde_json::json!({ "template": vm.template.name.as_str() });
@@ -211,6 +223,7 @@ impl Service {
             Err(StoreError::TemplateMissing) => {
                 Err(Reason::TemplateMissing.refuse("Template not found"))
             }
+            Err(StoreError::Exhausted) => Err(self.subnet_full()),
             Err(e) => Err(e.into()),
         }
     }

@@ -26,6 +26,7 @@ macro_rules! template_columns {
     };
 }
 
+mod bridge;
 mod check;
 mod disks;
 mod events;
@@ -53,7 +54,9 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0002_disks.sql"),
     include_str!("../../migrations/0003_image_formats.sql"),
     include_str!("../../migrations/0004_network.sql"),
-    // 0005-0006 belong to other branches; the merge puts them before this.
+    // Slot of 0005_metadata.sql (the metadata branch): its merge inserts it
+    // here, before 0006, so that every migration keeps its file order.
+    include_str!("../../migrations/0006_bridge.sql"),
     include_str!("../../migrations/0007_events.sql"),
 ];
 
@@ -69,6 +72,9 @@ pub enum StoreError {
     TemplateMissing,
     #[error("in use by {0} VM(s)")]
     InUse(u64),
+    /// Every value of a pool (a subnet's addresses) is taken.
+    #[error("none left")]
+    Exhausted,
     #[error("database schema version {found} is newer than this vman ({known})")]
     SchemaTooNew { found: i64, known: i64 },
     #[error("database error: {0}")]
