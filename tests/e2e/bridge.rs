@@ -338,6 +338,15 @@ fn bridge_guests_get_their_addresses_by_dhcp_reach_each_other_but_not_the_api_an
         left.contains(&bridge.to_owned()) && left.len() == 2,
         "{left:?}"
     );
+    // A stopped bridge VM keeps its allocated address (the user-mode
+    // teardown clears a lease address; this one is the VM's own).
+    let a = v.get("/vms/guest-a");
+    assert_eq!(a["state"], "stopped", "{a}");
+    assert_eq!(
+        (&a["local_ip"], &a["network"]["local_ip"]),
+        (&json!("10.77.0.2"), &json!("10.77.0.2")),
+        "{a}"
+    );
     // Stop and delete the other: nothing of the bridge stays.
     let (s, body) = v.call("DELETE", "/vms/guest-b", None);
     assert_eq!(s, 204, "{body}");
