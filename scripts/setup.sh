@@ -4,16 +4,16 @@
 # the benchmarks, python3-venv for scripts/fuzz.sh (which installs its
 # pinned schemathesis into target/fuzz-venv itself), user-mode networking
 # (passt, socat for the slirp metadata relay, nftables for the guard table,
-# iproute2), openssh-client (the debian guest's SSH test), and the vman-qemu
-# and vman-passt users (QEMU and passt run as them). Safe to run again: it
-# only installs what is missing.
+# iproute2), openssh-client (the debian guest's SSH test), bridge networking
+# (dnsmasq-base), and the vman-qemu and vman-passt users (QEMU and passt run
+# as them). Safe to run again: it only installs what is missing.
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in fdisk dosfstools mtools syslinux syslinux-common busybox-static cpio kmod \
            wrk curl ca-certificates xz-utils python3-venv \
-           passt socat nftables iproute2 openssh-client; do
+           passt socat nftables iproute2 openssh-client dnsmasq-base; do
     have "$pkg" || need+=("$pkg")
 done
 

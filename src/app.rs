@@ -87,6 +87,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         service.recover_disk_attachments().await;
         service.recover_network().await;
+        service.reconcile_bridge().await;
+        service.ensure_bridge_metadata_listener().await;
         crate::observer::run(service, interval).await;
     });
     tracing::info!(

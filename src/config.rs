@@ -10,6 +10,9 @@ use std::net::IpAddr;
 use crate::model::{Accel, NetworkMode, UserNet};
 use std::path::{Path, PathBuf};
 
+mod bridge;
+pub use bridge::{BridgeConfig, Subnet};
+
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address to listen on. Beyond loopback an API token is required.
@@ -181,6 +184,9 @@ pub struct Config {
     /// of a root vman off the host's own addresses (see README).
     #[arg(long, env = "VMAN_GUARD_TABLE", default_value = "vman_guard", value_parser = parse_table_name)]
     pub guard_table: String,
+
+    #[command(flatten)]
+    pub bridge: BridgeConfig,
 }
 
 /// An nftables table name: letters, digits and `_`, at most 32 bytes.

@@ -29,7 +29,8 @@ pub struct ErrorBody {
     /// `disk_file_refused`, `disk_attached`, `not_attached`, `disk_busy`,
     /// `no_free_slot`, `cannot_shrink`, `guest_did_not_release`,
     /// `hotplug_failed`, `invalid_transition`, `port_in_use`,
-    /// `network_unavailable`, `not_user_network`, `network_failed`. Others: `invalid` (422), `required` (400),
+    /// `network_unavailable`, `not_user_network`, `network_failed`,
+    /// `subnet_full`, `bridge_failed`. Others: `invalid` (422), `required` (400),
     /// `malformed_json` (400), `bad_body` (400), `not_found` (404),
     /// `method_not_allowed` (405), `unauthorized` (401), `host_not_allowed`
     /// (403), `origin_not_allowed` (403), `too_large` (413),
@@ -104,6 +105,8 @@ fn code_of(reason: &Reason) -> &'static str {
         Reason::NetworkUnavailable => "network_unavailable",
         Reason::NotUserNetwork => "not_user_network",
         Reason::NetworkFailed => "network_failed",
+        Reason::SubnetFull => "subnet_full",
+        Reason::BridgeFailed(_) => "bridge_failed",
     }
 }
 
@@ -185,7 +188,7 @@ mod tests {
 
     /// The code of every reason, in the order of `every_reason()`. These
     /// are published (docs/errors.md): never change one.
-    const REFUSAL_CODES: [&str; 29] = [
+    const REFUSAL_CODES: [&str; 31] = [
         "already_exists",
         "template_missing",
         "in_use",
@@ -215,6 +218,8 @@ mod tests {
         "network_unavailable",
         "not_user_network",
         "network_failed",
+        "subnet_full",
+        "bridge_failed",
     ];
 
     #[test]

@@ -15,6 +15,7 @@ pub mod guard;
 pub mod listen;
 pub mod metadata;
 pub mod metrics;
+pub mod network;
 pub mod ports;
 pub mod system;
 pub mod templates;
@@ -60,6 +61,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(console_ws::router())
         .merge(metrics::router())
         .merge(ports::router())
+        .merge(network::router())
 }
 
 /// The served routes and their document, with the parts every operation

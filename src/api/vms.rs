@@ -50,7 +50,8 @@ pub struct NetworkResponse {
     pub mode: NetworkMode,
     /// Stable, derived from the VM id.
     pub mac: String,
-    /// The guest's address while the VM runs.
+    /// The guest's address while the VM runs (user mode); a bridge VM's
+    /// allocated address, also while it is stopped.
     pub local_ip: Option<String>,
     /// Port forwards (user mode); guest 22 is forwarded from the first.
     pub ports: Vec<PortForward>,
@@ -129,8 +130,12 @@ impl From<&Vm> for VmResponse {
             }),
             _ => None,
         };
-        // The guest's address is only true while it runs.
-        let local_ip = vm.local_ip.clone().filter(|_| vm.state == VmState::Running);
+        // A user-mode guest's address is only true while it runs; a bridge
+        // VM's is the one allocated to it (leased by DHCP at every start).
+        let local_ip = vm
+            .local_ip
+            .clone()
+            .filter(|_| vm.state == VmState::Running || vm.network_mode == NetworkMode::Bridge);
         Self {
             id: vm.id.to_string(),
             vm_template: TemplateResponse::from(&vm.template),

@@ -1,6 +1,7 @@
 //! The LocalOperator: everything that touches QEMU and disk images on this
 //! host. It knows processes, QMP and files; it does not know HTTP or SQL.
 
+pub mod bridge;
 pub mod cgroup;
 pub mod console;
 pub mod guard;

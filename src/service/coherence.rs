@@ -19,7 +19,8 @@ use crate::operator::{leftovers, vm};
 #[derive(Debug, Clone, Serialize, ToSchema, PartialEq)]
 pub struct Issue {
     /// `vm_state_mismatch`, `orphan_process`, `missing_disk`, `stale_pid_file`,
-    /// `unresponsive_qemu`, `partial_file`, ...
+    /// `unresponsive_qemu`, `partial_file`, `bridge_leftover`, `dnsmasq_gone`,
+    /// `bridge_adopted`, `orphan_passt`, ...
     pub issue_type: String,
     /// The VM or disk id (also for `orphan_process`: the VM whose folder
     /// the process runs from; its pid is in `details`).
@@ -155,6 +156,7 @@ impl Service {
         issues.extend(self.disk_observations().await);
         issues.extend(self.network_observations().await);
         issues.extend(self.space_observations());
+        issues.extend(self.bridge_pass());
         issues
     }
 }

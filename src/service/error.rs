@@ -104,6 +104,7 @@ impl std::error::Error for Refusal {
             Reason::QemuFailed(e) | Reason::AlreadyRunning(Some(e)) => Some(e),
             Reason::HotplugFailed(e) => Some(e),
             Reason::ConsoleWriteFailed(e) => Some(e),
+            Reason::BridgeFailed(e) => Some(e),
             _ => None,
         }
     }
@@ -165,13 +166,18 @@ pub enum Reason {
     InvalidTransition,
     /// A host port of a forward is taken (by a VM's forward or any socket).
     PortInUse,
-    /// The network mode cannot be used here (`bridge` without root).
+    /// The network mode cannot be used here (`bridge` without root, or a
+    /// tool it needs missing).
     NetworkUnavailable,
     /// Port forwards of a VM that is not in user mode.
     NotUserNetwork,
     /// Setting up the VM's network failed (passt would not start, QEMU
     /// refused a forward).
     NetworkFailed,
+    /// Every address of `VMAN_SUBNET` is allocated.
+    SubnetFull,
+    /// Setting up the bridge, the VM's TAP, its rules or dnsmasq failed.
+    BridgeFailed(crate::operator::bridge::BridgeError),
 }
 
 impl Reason {
@@ -266,6 +272,8 @@ pub(crate) fn every_reason() -> Vec<Reason> {
         Reason::NetworkUnavailable,
         Reason::NotUserNetwork,
         Reason::NetworkFailed,
+        Reason::SubnetFull,
+        Reason::BridgeFailed(crate::operator::bridge::BridgeError::Foreign("br".into())),
     ];
     for r in &all {
         match r {
@@ -295,7 +303,9 @@ pub(crate) fn every_reason() -> Vec<Reason> {
             | Reason::PortInUse
             | Reason::NetworkUnavailable
             | Reason::NotUserNetwork
-            | Reason::NetworkFailed => {}
+            | Reason::NetworkFailed
+            | Reason::SubnetFull
+            | Reason::BridgeFailed(_) => {}
         }
     }
     all

@@ -5,6 +5,7 @@
 
 mod adoption;
 mod blocking;
+mod bridge;
 mod coherence;
 mod console;
 pub mod database;
@@ -22,6 +23,7 @@ mod record;
 pub mod rootdisk;
 mod space;
 
+pub use bridge::{Allocation, BridgeConfigView, NetworkConfig};
 pub use coherence::{Issue, Report};
 pub use console::{ConsoleOutput, ConsoleSession};
 pub use disks::{CreateDisk, DiskState, DiskView};
@@ -95,6 +97,8 @@ pub struct Service {
     pub(crate) counters: metrics::Counters,
     /// The guest metadata service (channels opened at launch, see `guest`).
     pub(crate) metadata: crate::metadata::Metadata,
+    /// The bridge network's host side (`bridge.rs`).
+    bridge: bridge::BridgeHost,
 }
 
 impl Service {
@@ -102,7 +106,6 @@ impl Service {
         let metadata = crate::metadata::Metadata::new(host.run_as.as_ref().map(|r| r.uid));
         Self {
             metadata,
-            config,
             store,
             host,
             tools: health::Tools::default(),
@@ -114,6 +117,8 @@ impl Service {
             unrecorded: Mutex::default(),
             events: events::Events::default(),
             counters: metrics::Counters::default(),
+            bridge: bridge::BridgeHost::probe(&config.storage_path),
+            config,
         }
     }
 
@@ -197,7 +202,14 @@ impl Service {
             network_mode,
             ports,
         };
-        match self.store.insert_vm(&new) {
+        // A bridge VM's address is taken with its row (freed with it).
+        let inserted = if network_mode == crate::model::NetworkMode::Bridge {
+            self.store
+                .insert_vm_with_address(&new, self.pick_bridge_address())
+        } else {
+            self.store.insert_vm(&new)
+        };
+        match inserted {
             Ok(vm) => {
                 tracing::info!("vm {} created from template {}", vm.id, vm.template.name);
                 let from = serde_json::json!({ "template": vm.template.name.as_str() });
@@ -216,6 +228,7 @@ impl Service {
             Err(StoreError::TemplateMissing) => {
                 Err(Reason::TemplateMissing.refuse("Template not found"))
             }
+            Err(StoreError::Exhausted) => Err(self.subnet_full()),
             Err(e) => Err(e.into()),
         }
     }

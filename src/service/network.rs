@@ -3,7 +3,8 @@
 //! user-mode VM gets, port forwards (host port free on the host and in the
 //! database; applied at once on a running slirp VM, at the next start on
 //! passt), and the NIC each start gets (`prepare_network`, before QEMU)
-//! and what goes after QEMU (`teardown_network`: passt, the local IP).
+//! and what goes after QEMU (`teardown_network`: passt, the TAP, the
+//! local IP). The bridge itself lives in `bridge.rs`; this file calls it.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -72,19 +73,11 @@ impl Service {
         }
     }
 
-    /// Refuses `bridge` when it cannot work. The bridge itself is built
-    /// elsewhere (`prepare_bridge`); until then it is refused everywhere.
+    /// Refuses `bridge` when this host cannot run it (not root, a tool
+    /// missing): `network_unavailable`, a 400 at creation, not a failed
+    /// start (`bridge.rs` probes the host once).
     fn bridge_available(&self) -> Result<(), ServiceError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(Reason::NetworkUnavailable.refuse(
-                "Network mode bridge needs vman to run as root (it creates a bridge and TAP \
-                 devices); use network mode user",
-            ));
-        }
-        Err(Reason::NetworkUnavailable.refuse(
-            "Network mode bridge is not available in this vman build; use network mode user",
-        ))
+        self.check_bridge_support()
     }
 
     /// A host port free on `VMAN_FORWARD_ADDRESS` and in no VM's forwards.
@@ -246,8 +239,12 @@ impl Service {
         match vm.network_mode {
             NetworkMode::None => Ok(None),
             NetworkMode::Bridge => {
-                self.bridge_available()?;
-                Ok(None)
+                // The TAP on vman's bridge (the first bridge VM brings up
+                // the bridge, its rules and dnsmasq), then the bridge's
+                // metadata listener if it has none yet.
+                let nic = self.prepare_bridge(vm)?;
+                self.ensure_bridge_metadata_listener().await;
+                Ok(Some(nic))
             }
             NetworkMode::User => {
                 let paths = self.paths(&vm.id);
@@ -303,9 +300,12 @@ impl Service {
     }
 
     /// After the VM's QEMU is gone (stopped, exited, failed start, deleted):
-    /// stops its passt, forgets its address.
+    /// stops its passt, removes its TAP (the last bridge VM takes the
+    /// bridge with it; nothing for VMs not on the bridge), forgets its
+    /// user-mode address (a bridge VM keeps its allocated one).
     pub(crate) async fn teardown_network(&self, id: &Name) {
         self.metadata.close_channel(id).await;
+        self.teardown_bridge(id);
         let dir = self.paths(id).dir;
         let running = passt::find(&dir);
         if !passt::stop(&dir).await {
@@ -313,7 +313,11 @@ impl Service {
         } else if let Some(pid) = running {
             tracing::info!("vm {id}: passt pid {pid} stopped");
         }
-        match self.store.set_local_ip(id, None) {
+        let cleared = match self.store.bridge_address_of(id) {
+            Ok(Some(_)) => Ok(()),
+            _ => self.store.set_local_ip(id, None),
+        };
+        match cleared {
             Ok(()) | Err(StoreError::NotFound) => {}
             Err(e) => tracing::warn!("vm {id}: cannot clear its address: {e}"),
         }

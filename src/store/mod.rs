@@ -26,6 +26,7 @@ macro_rules! template_columns {
     };
 }
 
+mod bridge;
 mod check;
 mod disks;
 mod events;
@@ -54,7 +55,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0003_image_formats.sql"),
     include_str!("../../migrations/0004_network.sql"),
     include_str!("../../migrations/0005_metadata.sql"),
-    // 0006 belongs to the bridge branch; the merge puts it before this.
+    include_str!("../../migrations/0006_bridge.sql"),
     include_str!("../../migrations/0007_events.sql"),
 ];
 
@@ -70,6 +71,9 @@ pub enum StoreError {
     TemplateMissing,
     #[error("in use by {0} VM(s)")]
     InUse(u64),
+    /// Every value of a pool (a subnet's addresses) is taken.
+    #[error("none left")]
+    Exhausted,
     #[error("database schema version {found} is newer than this vman ({known})")]
     SchemaTooNew { found: i64, known: i64 },
     #[error("database error: {0}")]

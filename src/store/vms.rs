@@ -88,65 +88,71 @@ impl Store {
     /// `TemplateMissing` when the template is not there (checked in the same
     /// transaction, so a concurrent template delete cannot slip between).
     pub fn insert_vm(&self, new: &NewVm) -> Result<Vm, StoreError> {
-        self.write(|tx| {
-            let template = tx
-                .query_row(
-                    concat!(
-                        "SELECT ",
-                        template_columns!(""),
-                        " FROM templates WHERE name = ?1"
-                    ),
-                    [new.template.as_str()],
-                    template_row,
-                )
-                .optional()?
-                .ok_or(StoreError::TemplateMissing)?;
-            let now = crate::model::now();
-            let n = tx.execute(
-                "INSERT INTO vms (id, template_name, state, qcow2_path, boot_disk, created_at, updated_at,
-                    qcow2_path_format, boot_disk_format, network_mode)
-                 VALUES (?1, ?2, 'stopped', ?3, ?4, ?5, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
-                rusqlite::params![
-                    new.id.as_str(),
-                    new.template.as_str(),
-                    new.qcow2_path,
-                    new.boot_disk,
-                    now,
-                    new.qcow2_path_format.map(ImageFormat::as_str),
-                    new.boot_disk_format.map(ImageFormat::as_str),
-                    new.network_mode.as_str()
-                ],
-            )?;
-            if n == 0 {
-                return Err(StoreError::AlreadyExists);
-            }
-            for port in &new.ports {
-                super::ports::insert_in(tx, &new.id, port, &now)?;
-            }
-            Ok(Vm {
-                id: new.id.clone(),
-                template,
-                state: VmState::Stopped,
-                local_ip: None,
-                qcow2_path: new.qcow2_path.clone(),
-                boot_disk: new.boot_disk.clone(),
-                qcow2_path_format: new.qcow2_path_format,
-                boot_disk_format: new.boot_disk_format,
-                root_disk_format: None,
-                root_disk_source: None,
-                root_disk_path: None,
-                root_disk_size: None,
-                pid: None,
-                last_error: None,
-                created_at: now.clone(),
-                updated_at: now,
-                network_mode: new.network_mode,
-                ports: new.ports.clone(),
-                metadata_fetched_at: None,
-            })
-        })
+        self.write(|tx| insert_vm_in(tx, new))
     }
+}
 
+/// `Store::insert_vm` inside a transaction the caller holds (so that other
+/// rows, e.g. a bridge address, are written with it or not at all).
+pub(super) fn insert_vm_in(tx: &rusqlite::Transaction<'_>, new: &NewVm) -> Result<Vm, StoreError> {
+    let template = tx
+        .query_row(
+            concat!(
+                "SELECT ",
+                template_columns!(""),
+                " FROM templates WHERE name = ?1"
+            ),
+            [new.template.as_str()],
+            template_row,
+        )
+        .optional()?
+        .ok_or(StoreError::TemplateMissing)?;
+    let now = crate::model::now();
+    let n = tx.execute(
+        "INSERT INTO vms (id, template_name, state, qcow2_path, boot_disk, created_at, updated_at,
+            qcow2_path_format, boot_disk_format, network_mode)
+         VALUES (?1, ?2, 'stopped', ?3, ?4, ?5, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
+        rusqlite::params![
+            new.id.as_str(),
+            new.template.as_str(),
+            new.qcow2_path,
+            new.boot_disk,
+            now,
+            new.qcow2_path_format.map(ImageFormat::as_str),
+            new.boot_disk_format.map(ImageFormat::as_str),
+            new.network_mode.as_str()
+        ],
+    )?;
+    if n == 0 {
+        return Err(StoreError::AlreadyExists);
+    }
+    for port in &new.ports {
+        super::ports::insert_in(tx, &new.id, port, &now)?;
+    }
+    Ok(Vm {
+        id: new.id.clone(),
+        template,
+        state: VmState::Stopped,
+        local_ip: None,
+        qcow2_path: new.qcow2_path.clone(),
+        boot_disk: new.boot_disk.clone(),
+        qcow2_path_format: new.qcow2_path_format,
+        boot_disk_format: new.boot_disk_format,
+        root_disk_format: None,
+        root_disk_source: None,
+        root_disk_path: None,
+        root_disk_size: None,
+        pid: None,
+        last_error: None,
+        created_at: now.clone(),
+        updated_at: now,
+        network_mode: new.network_mode,
+        ports: new.ports.clone(),
+        metadata_fetched_at: None,
+    })
+}
+
+impl Store {
     pub fn get_vm(&self, id: &Name) -> Result<Vm, StoreError> {
         self.read(|c| {
             let mut vm = c

@@ -171,3 +171,21 @@ fn public_host_with_token_serves_and_demands_it() {
     assert_eq!(s.raw("GET", "/vms", None, &[]).status, 401);
     assert_eq!(status_with(&s, "public-token-0123456789"), 200);
 }
+
+#[test]
+fn bad_bridge_settings_are_refused_at_start_up() {
+    for (key, value, shown) in [
+        ("VMAN_SUBNET", "192.168.100.1/24", "host bits"),
+        ("VMAN_SUBNET", "10.0.0.0/8", "10.0.0.0/8"),
+        ("VMAN_VLAN_ID", "4095", "4095"),
+        (
+            "VMAN_BRIDGE_NAME",
+            "a-name-far-too-long",
+            "a-name-far-too-long",
+        ),
+        ("VMAN_METADATA_PORT", "0", "0"),
+    ] {
+        let out = Server::builder().env(key, value).run_to_exit();
+        assert_refused(&out, &[shown]);
+    }
+}

@@ -146,7 +146,9 @@ fn a_host_port_in_use_by_anything_is_a_400_and_nothing_is_recorded() {
 
 #[test]
 fn bad_network_input_is_a_4xx_json_error_and_creates_nothing() {
-    let s = Server::start();
+    // Without ip/bridge/nft/dnsmasq (in /usr/sbin, off this PATH) the host
+    // cannot run bridge VMs, root or not.
+    let s = Server::builder().env("PATH", "/usr/bin:/bin").start();
     make_template(&s, "t", 1, 1);
     // Unknown mode, a mode that is not a string, unknown fields.
     for network in [
@@ -171,8 +173,8 @@ fn bad_network_input_is_a_4xx_json_error_and_creates_nothing() {
             assert!(d.contains("network"), "{network}: {d}");
         }
     }
-    // bridge: root only, and only once the bridge is built; a clear 400 at
-    // creation either way, never a failed start.
+    // bridge: root and its tools only; a clear 400 at creation without
+    // them, never a failed start.
     let r = s.post_json(
         "/vms",
         &json!({"template_name": "t", "name": "x", "network": {"mode": "bridge"}}),

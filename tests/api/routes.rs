@@ -18,6 +18,7 @@ const SERVED: &[(&str, &str)] = &[
     ("GET", "/openapi.json"),
     ("GET", "/openapi.yaml"),
     ("GET", "/docs"),
+    ("GET", "/network/config"),
     ("GET", "/templates"),
     ("POST", "/templates"),
     ("GET", "/templates/{name}"),

@@ -79,6 +79,12 @@ impl Builder {
         self
     }
 
+    /// `--host` (requests still go to 127.0.0.1).
+    pub fn host(mut self, host: &str) -> Self {
+        self.inner = self.inner.host(host);
+        self
+    }
+
     /// Sets `VMAN_API_TOKEN`; the helpers send it.
     pub fn api_token(mut self, token: &str) -> Self {
         self.inner = self.inner.api_token(token);

@@ -4,6 +4,7 @@
 //! on its serial console, never for a fixed time.
 
 mod adoption;
+mod bridge;
 #[path = "../common/mod.rs"]
 mod common;
 mod console_ws;
