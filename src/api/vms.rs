@@ -139,13 +139,11 @@ impl VmResponse {
     /// The VM as stored, with the progress of a start under way.
     fn with_progress(vm: &Vm, service: &crate::service::Service) -> Self {
         let mut wire = Self::from(vm);
-        wire.provisioning = service
-            .provisioning(&vm.id)
-            .map(|p| ProvisioningResponse {
-                method: p.method,
-                bytes_done: p.bytes_done,
-                bytes_total: p.bytes_total,
-            });
+        wire.provisioning = service.provisioning(&vm.id).map(|p| ProvisioningResponse {
+            method: p.method,
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+        });
         wire
     }
 }

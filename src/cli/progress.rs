@@ -16,7 +16,7 @@ use super::client::{seg, CliError, Client};
 use super::output::Out;
 
 /// How often the VM is polled while the start runs.
-const POLL: Duration = Duration::from_millis(200);
+const POLL: Duration = Duration::from_millis(100);
 
 /// What the polls saw of the root disk being made.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -49,7 +49,7 @@ pub fn act_watching(
 ) -> Result<Value, CliError> {
     let path = format!("/vms/{}", seg(id));
     let action = format!("{path}/actions/{verb}");
-    let spinner_style = bar.style();
+    let (spinner_style, message) = (bar.style(), bar.message());
     let mut seen: Option<Seen> = None;
     let answer = std::thread::scope(|scope| {
         let (tx, rx) = mpsc::channel();
@@ -95,6 +95,7 @@ pub fn act_watching(
             );
         }
         bar.set_style(spinner_style);
+        bar.set_message(message);
         bar.unset_length();
     }
     answer
@@ -137,7 +138,9 @@ mod tests {
         assert_eq!(provisioning(&json!({"provisioning": null})), None);
         assert_eq!(provisioning(&json!({})), None);
         assert_eq!(
-            provisioning(&json!({"provisioning": {"method": "convert", "bytes_done": 5, "bytes_total": 9}})),
+            provisioning(
+                &json!({"provisioning": {"method": "convert", "bytes_done": 5, "bytes_total": 9}})
+            ),
             Some(Seen {
                 method: "convert".into(),
                 done: 5,

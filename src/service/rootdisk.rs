@@ -239,11 +239,12 @@ pub fn choose(
         Provision::Copy
     };
     let from = source.top().path.clone();
-    let report = image::provision(qemu_img, &source, &paths.root, mode, grow_to, progress).map_err(|e| {
-        ServiceError::image_failed(e, |e| {
-            format!("cannot prepare the root disk from {}: {e}", from.display())
-        })
-    })?;
+    let report = image::provision(qemu_img, &source, &paths.root, mode, grow_to, progress)
+        .map_err(|e| {
+            ServiceError::image_failed(e, |e| {
+                format!("cannot prepare the root disk from {}: {e}", from.display())
+            })
+        })?;
     tracing::info!(
         "vm {}: {} boot disk {} {} to {} ({} bytes by {} in {:.1} ms)",
         vm.id,
@@ -435,7 +436,10 @@ mod tests {
         if let Ok(r) = &r {
             // Made at this start: the progress names how and ends at its total.
             let seen = progress.snapshot();
-            let made = !matches!(r.source, RootDiskSource::Explicit | RootDiskSource::Existing);
+            let made = !matches!(
+                r.source,
+                RootDiskSource::Explicit | RootDiskSource::Existing
+            );
             assert_eq!(seen.method != "pending", made, "{seen:?}");
             assert_eq!(seen.bytes_done, seen.bytes_total);
         }

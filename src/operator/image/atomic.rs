@@ -254,7 +254,11 @@ pub(super) fn copy_contents(
     }
     dst.set_len(len)?;
     let mut use_cfr = fast;
-    progress.set_method(if fast { "copy_file_range" } else { "read_write" });
+    progress.set_method(if fast {
+        "copy_file_range"
+    } else {
+        "read_write"
+    });
     let mut pos = 0;
     while pos < len {
         let Some((data, end)) = next_data(src, pos, len)? else {
@@ -397,7 +401,10 @@ mod tests {
             copy_contents(&File::open(&src).unwrap(), &dst, 8 << 20, false, &progress).unwrap();
         assert_eq!(method, "read_write");
         let seen = progress.snapshot();
-        assert_eq!((seen.method, seen.bytes_done, seen.bytes_total), ("read_write", 8 << 20, 8 << 20));
+        assert_eq!(
+            (seen.method, seen.bytes_done, seen.bytes_total),
+            ("read_write", 8 << 20, 8 << 20)
+        );
         assert_eq!(fs::read(&dst_path).unwrap(), fs::read(&src).unwrap());
         let dst2_path = d.path().join("copy2");
         let dst2 = File::options()

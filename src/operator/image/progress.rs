@@ -115,7 +115,8 @@ mod tests {
         let p = Progress::new();
         p.set_method("convert");
         p.begin(1000);
-        let out: &[u8] = b"    (0.00/100%)\r    (25.00/100%)\r    (10.00/100%)\r garbage\r    (50.5/100%)\r";
+        let out: &[u8] =
+            b"    (0.00/100%)\r    (25.00/100%)\r    (10.00/100%)\r garbage\r    (50.5/100%)\r";
         follow_percentages(out, &p);
         assert_eq!(
             p.snapshot(),

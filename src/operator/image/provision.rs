@@ -101,9 +101,10 @@ pub fn provision(
             if !meta.is_file() {
                 return Err(ImageError::NotAFile { path: source });
             }
-            let method = copy_contents(src, &tmp_file, meta.len(), true, progress).map_err(io_err(
-                format!("cannot copy {} to {}", source.display(), dir.display()),
-            ))?;
+            let method =
+                copy_contents(src, &tmp_file, meta.len(), true, progress).map_err(io_err(
+                    format!("cannot copy {} to {}", source.display(), dir.display()),
+                ))?;
             copied_meta = Some(meta);
             // Same bytes, same image: no need to ask qemu-img again.
             (method, source_info.clone())
@@ -645,7 +646,10 @@ mod tests {
         let r = provision(&qimg(), &chain, &dest, Provision::Copy, None, &progress).unwrap();
         let seen = progress.snapshot();
         assert_eq!(seen.method, "convert");
-        assert!(seen.bytes_total > 0 && seen.bytes_done == seen.bytes_total, "{seen:?}");
+        assert!(
+            seen.bytes_total > 0 && seen.bytes_done == seen.bytes_total,
+            "{seen:?}"
+        );
         assert_eq!(r.method, "convert");
         assert!(same_contents(&base, "qcow2", &dest, "qcow2"));
         assert!(!same_contents(&other, "qcow2", &dest, "qcow2"));
