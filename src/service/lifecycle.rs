@@ -180,6 +180,9 @@ impl Service {
             )),
             ..Detail::pid(run.pid)
         };
+        // Progress ends before the state says running: a reader that sees
+        // `running` (GET /vms/{id} reads the state first) sees no progress.
+        drop(tracked);
         let updated = self.record(&vm.id, VmEvent::Started, started);
         if let Err(e) = updated {
             // Without a record of it, the QEMU must not stay.
