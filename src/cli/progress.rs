@@ -61,13 +61,15 @@ pub fn act_watching(
             let _ = tx.send(answer);
         });
         let mut polling = true;
+        // The first look soon: a short copy may be over within one POLL.
+        let mut wait = POLL / 4;
         loop {
-            match rx.recv_timeout(POLL) {
+            match rx.recv_timeout(wait) {
                 Ok(answer) => return answer,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(CliError::failed("the start request was lost"))
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => wait = POLL,
             }
             if !polling {
                 continue;
