@@ -44,7 +44,10 @@ fn main() -> ExitCode {
     let policy = image::ImagePolicy::new(folder.into_iter().collect(), None);
     let result = policy
         .open_chain(source, image::Top::Trusted, None, false)
-        .and_then(|chain| image::provision(qemu_img, &chain, dest, mode, grow_to));
+        .and_then(|chain| {
+            let progress = image::Progress::new();
+            image::provision(qemu_img, &chain, dest, mode, grow_to, &progress)
+        });
     match result {
         Ok(r) => {
             let out = serde_json::json!({

@@ -118,6 +118,35 @@ pub struct VmResponse {
     /// When the guest last fetched its meta-data from the metadata service
     /// (null: never).
     pub metadata_fetched_at: Option<String>,
+    /// While a start is making the root disk (copy, conversion): how far it
+    /// is (extension); null otherwise.
+    pub provisioning: Option<ProvisioningResponse>,
+}
+
+/// `provisioning` of a VM whose start is making its root disk.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProvisioningResponse {
+    /// reflink, copy_file_range, read_write, convert, overlay or empty.
+    pub method: &'static str,
+    /// Bytes done: a copy's offset in the source file (holes count as done,
+    /// they are skipped); for convert, qemu-img's percentage of the total.
+    pub bytes_done: u64,
+    /// A copy: the source file's length; convert: the allocated size of the
+    /// source's files; overlay and empty: 0.
+    pub bytes_total: u64,
+}
+
+impl VmResponse {
+    /// The VM as stored, with the progress of a start under way.
+    fn with_progress(vm: &Vm, service: &crate::service::Service) -> Self {
+        let mut wire = Self::from(vm);
+        wire.provisioning = service.provisioning(&vm.id).map(|p| ProvisioningResponse {
+            method: p.method,
+            bytes_done: p.bytes_done,
+            bytes_total: p.bytes_total,
+        });
+        wire
+    }
 }
 
 impl From<&Vm> for VmResponse {
@@ -155,6 +184,7 @@ impl From<&Vm> for VmResponse {
                 ports: vm.ports.clone(),
             },
             metadata_fetched_at: vm.metadata_fetched_at.clone(),
+            provisioning: None,
         }
     }
 }
@@ -206,6 +236,16 @@ pub async fn list(
                 .ok_or_else(|| ApiError::invalid("state", "must be one of running, stopped, error"))
         })
         .transpose()?;
+    // While a start makes a root disk, the list carries its progress,
+    // which is not in the store: made fresh, not cached.
+    if app.service.provisioning_any() {
+        let vms = app.service.list_vms(state)?;
+        let wire: Vec<VmResponse> = vms
+            .iter()
+            .map(|vm| VmResponse::with_progress(vm, &app.service))
+            .collect();
+        return Ok(Json(wire).into_response());
+    }
     // Read the generation first: the list is then at least that new.
     let generation = app.service.data_generation();
     let body = match app.vm_list.get(state, generation) {
@@ -230,7 +270,8 @@ pub async fn get(
     State(app): State<AppState>,
     PathName(id): PathName,
 ) -> Result<Json<VmResponse>, ApiError> {
-    Ok(Json(VmResponse::from(&app.service.get_vm(&id)?)))
+    let vm = app.service.get_vm(&id)?;
+    Ok(Json(VmResponse::with_progress(&vm, &app.service)))
 }
 
 /// Delete a VM (stopping it first when it runs) and its folder.

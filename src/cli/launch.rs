@@ -68,11 +68,12 @@ pub fn run(c: &Client, out: Out, args: Args) -> Result<(), CliError> {
     let path = format!("/vms/{}", seg(&id));
 
     bar.set_message(format!("starting {id} (its root disk is prepared first)"));
-    if let Err(e) = c.post_empty(&format!("{path}/actions/start")) {
+    out.note(&bar, &format!("starting {id}"));
+    if let Err(e) = super::progress::act_watching(c, out, &bar, &id, "start", None) {
         bar.finish_and_clear();
         return Err(kept(e, &id, "was created but did not start"));
     }
-    out.note(&bar, &format!("started {id}"));
+    out.note(&bar, &format!("{id} is running (QEMU started)"));
 
     bar.set_message(format!("waiting for {id} to boot"));
     let boot = Instant::now();

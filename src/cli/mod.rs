@@ -16,6 +16,7 @@ mod events;
 mod health;
 mod launch;
 pub mod output;
+mod progress;
 mod template;
 mod vm;
 

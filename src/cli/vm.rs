@@ -314,10 +314,15 @@ fn action(
 ) -> Result<(), CliError> {
     let bar = out.progress(&format!("{verb} {name}"));
     let result = with_id(c, Kind::Vm, name, |id| {
-        let path = format!("{}/actions/{verb}", vm_path(id));
-        let answer = match &body {
-            Some(b) => c.post(&path, b),
-            None => c.post_empty(&path),
+        // A start (also a restart's) may make the root disk first: shown.
+        let answer = if verb == "stop" {
+            let path = format!("{}/actions/{verb}", vm_path(id));
+            match &body {
+                Some(b) => c.post(&path, b),
+                None => c.post_empty(&path),
+            }
+        } else {
+            super::progress::act_watching(c, out, &bar, id, verb, body.as_ref())
         }?;
         Ok((id.to_owned(), answer))
     });

@@ -121,12 +121,15 @@ impl Service {
     async fn launch(self: &Arc<Self>, vm: &crate::model::Vm) -> Result<(), ServiceError> {
         let paths = self.paths(&vm.id);
         let t0 = std::time::Instant::now();
+        // Shown on GET /vms/{id} until this start ends.
+        let tracked = self.track_provisioning(&vm.id);
         let root = {
             let (config, policy) = (self.config.clone(), self.host.images.clone());
             let vm = vm.clone();
             let paths = paths.clone();
+            let progress = tracked.progress.clone();
             tokio::task::spawn_blocking(move || {
-                super::rootdisk::choose(&config, &policy, &vm, &paths)
+                super::rootdisk::choose(&config, &policy, &vm, &paths, &progress)
             })
             .await
             .map_err(|e| ServiceError::Internal(format!("root disk task: {e}")))??
@@ -177,6 +180,9 @@ impl Service {
             )),
             ..Detail::pid(run.pid)
         };
+        // Progress ends before the state says running: a reader that sees
+        // `running` (GET /vms/{id} reads the state first) sees no progress.
+        drop(tracked);
         let updated = self.record(&vm.id, VmEvent::Started, started);
         if let Err(e) = updated {
             // Without a record of it, the QEMU must not stay.

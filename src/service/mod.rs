@@ -19,6 +19,7 @@ mod lifecycle;
 pub mod metrics;
 mod network;
 mod observe;
+mod progress;
 mod record;
 pub mod rootdisk;
 mod space;
@@ -33,6 +34,7 @@ pub use error::{Reason, Refusal, ServiceError};
 pub use events::{Event, EventKind, EventQuery};
 pub use lifecycle::StopReport;
 pub use network::{AddPort, Applied};
+pub use progress::Provisioning;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -86,6 +88,8 @@ pub struct Service {
     pending: Mutex<HashMap<Name, i32>>,
     /// Memory (MiB) of running and starting VMs, for admission.
     memory: Mutex<HashMap<Name, u64>>,
+    /// Root disks being made by starts (`progress.rs`); not VM state.
+    provisioning: Mutex<HashMap<Name, Arc<crate::operator::image::Progress>>>,
     /// The observer's last findings.
     observer: Mutex<Report>,
     /// State changes that happened but could not be recorded (full disk);
@@ -113,6 +117,7 @@ impl Service {
             running: Mutex::default(),
             pending: Mutex::default(),
             memory: Mutex::default(),
+            provisioning: Mutex::default(),
             observer: Mutex::default(),
             unrecorded: Mutex::default(),
             events: events::Events::default(),

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use super::ServiceError;
 use crate::config::{BootDiskMode, Config};
 use crate::model::{RootDiskSource, Vm, GIB};
-use crate::operator::image::{self, Chain, ImageError, ImageFormat, ImagePolicy, Provision, Top};
+use crate::operator::image::{
+    self, Chain, ImageError, ImageFormat, ImagePolicy, Progress, Provision, Top,
+};
 use crate::operator::qemu::VmPaths;
 use crate::operator::vm::LaunchError;
 
@@ -136,11 +138,14 @@ pub(crate) fn pick<'a>(
     }
 }
 
+/// `progress` follows the root disk being made (untouched when one is used
+/// as is).
 pub fn choose(
     config: &Config,
     policy: &ImagePolicy,
     vm: &Vm,
     paths: &VmPaths,
+    progress: &Progress,
 ) -> Result<RootDisk, ServiceError> {
     let qemu_img = &config.qemu_img;
     let picked = pick(
@@ -216,6 +221,8 @@ pub fn choose(
     };
     let Some((kind, source)) = source else {
         let size = grow_to.unwrap_or(0).max(EMPTY_ROOT_BYTES);
+        progress.set_method("empty");
+        progress.begin(0);
         image::create_empty(qemu_img, &paths.root, size).map_err(failed)?;
         tracing::info!(
             "vm {}: no boot disk to copy; created an empty {} GiB root disk {}",
@@ -232,11 +239,12 @@ pub fn choose(
         Provision::Copy
     };
     let from = source.top().path.clone();
-    let report = image::provision(qemu_img, &source, &paths.root, mode, grow_to).map_err(|e| {
-        ServiceError::image_failed(e, |e| {
-            format!("cannot prepare the root disk from {}: {e}", from.display())
-        })
-    })?;
+    let report = image::provision(qemu_img, &source, &paths.root, mode, grow_to, progress)
+        .map_err(|e| {
+            ServiceError::image_failed(e, |e| {
+                format!("cannot prepare the root disk from {}: {e}", from.display())
+            })
+        })?;
     tracing::info!(
         "vm {}: {} boot disk {} {} to {} ({} bytes by {} in {:.1} ms)",
         vm.id,
@@ -417,7 +425,25 @@ mod tests {
 
     fn choose_for(c: &Config, v: &Vm) -> Result<RootDisk, ServiceError> {
         let policy = ImagePolicy::from_config(c);
-        choose(c, &policy, v, &VmPaths::new(&c.vms_dir(), v.id.as_str()))
+        let progress = Progress::new();
+        let r = choose(
+            c,
+            &policy,
+            v,
+            &VmPaths::new(&c.vms_dir(), v.id.as_str()),
+            &progress,
+        );
+        if let Ok(r) = &r {
+            // Made at this start: the progress names how and ends at its total.
+            let seen = progress.snapshot();
+            let made = !matches!(
+                r.source,
+                RootDiskSource::Explicit | RootDiskSource::Existing
+            );
+            assert_eq!(seen.method != "pending", made, "{seen:?}");
+            assert_eq!(seen.bytes_done, seen.bytes_total);
+        }
+        r
     }
 
     #[test]

@@ -19,6 +19,7 @@ mod metadata;
 mod metrics;
 mod persistence;
 mod ports;
+mod provisioning;
 mod robustness;
 mod routes;
 mod system;

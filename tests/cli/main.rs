@@ -15,6 +15,7 @@ mod console;
 mod disks;
 mod events;
 mod launch;
+mod provisioning;
 mod system;
 mod templates;
 mod vms;

@@ -12,6 +12,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::progress::Progress;
 use super::{absolute, io_err, ImageError};
 
 /// Bytes per `copy_file_range` call; each chunk's writeback is started at
@@ -228,16 +229,22 @@ const UNSUPPORTED: &[i32] = &[
 
 /// Copies `len` bytes of `src` into the empty `dst`. `fast` allows reflink
 /// and copy_file_range (tests turn it off to check the fallback).
+/// `progress` gets the method and, after every chunk, the offset reached in
+/// the source (holes count as done: they are skipped, not copied).
 pub(super) fn copy_contents(
     src: &File,
     dst: &File,
     len: u64,
     fast: bool,
+    progress: &Progress,
 ) -> io::Result<&'static str> {
+    progress.begin(len);
     if fast {
+        progress.set_method("reflink");
         // SAFETY: both fds are open for the duration of the call.
         let rc = unsafe { libc::ioctl(dst.as_raw_fd(), libc::FICLONE, src.as_raw_fd()) };
         if rc == 0 {
+            progress.finish();
             return Ok("reflink");
         }
         let e = io::Error::last_os_error();
@@ -247,14 +254,21 @@ pub(super) fn copy_contents(
     }
     dst.set_len(len)?;
     let mut use_cfr = fast;
+    progress.set_method(if fast {
+        "copy_file_range"
+    } else {
+        "read_write"
+    });
     let mut pos = 0;
     while pos < len {
         let Some((data, end)) = next_data(src, pos, len)? else {
             break;
         };
-        copy_range(src, dst, data, end - data, &mut use_cfr)?;
+        progress.advance_to(data);
+        copy_range(src, dst, data, end - data, &mut use_cfr, progress)?;
         pos = end;
     }
+    progress.finish();
     Ok(if use_cfr {
         "copy_file_range"
     } else {
@@ -310,6 +324,7 @@ fn copy_range(
     offset: u64,
     count: u64,
     use_cfr: &mut bool,
+    progress: &Progress,
 ) -> io::Result<()> {
     let mut off = offset;
     let end = offset + count;
@@ -331,6 +346,7 @@ fn copy_range(
         if n > 0 {
             start_writeback(dst, off, n as u64);
             off += n as u64;
+            progress.advance_to(off);
         } else if n == 0 {
             return Ok(()); // the source got shorter
         } else {
@@ -340,6 +356,7 @@ fn copy_range(
             }
             if errno_in(&e, UNSUPPORTED) {
                 *use_cfr = false;
+                progress.set_method("read_write");
             } else {
                 return Err(e);
             }
@@ -354,6 +371,7 @@ fn copy_range(
         }
         dst.write_all_at(&buf[..n], off)?;
         off += n as u64;
+        progress.advance_to(off);
     }
     Ok(())
 }
@@ -378,8 +396,15 @@ mod tests {
             .create_new(true)
             .open(&dst_path)
             .unwrap();
-        let method = copy_contents(&File::open(&src).unwrap(), &dst, 8 << 20, false).unwrap();
+        let progress = Progress::new();
+        let method =
+            copy_contents(&File::open(&src).unwrap(), &dst, 8 << 20, false, &progress).unwrap();
         assert_eq!(method, "read_write");
+        let seen = progress.snapshot();
+        assert_eq!(
+            (seen.method, seen.bytes_done, seen.bytes_total),
+            ("read_write", 8 << 20, 8 << 20)
+        );
         assert_eq!(fs::read(&dst_path).unwrap(), fs::read(&src).unwrap());
         let dst2_path = d.path().join("copy2");
         let dst2 = File::options()
@@ -388,7 +413,9 @@ mod tests {
             .create_new(true)
             .open(&dst2_path)
             .unwrap();
-        copy_contents(&File::open(&src).unwrap(), &dst2, 8 << 20, true).unwrap();
+        let progress = Progress::new();
+        copy_contents(&File::open(&src).unwrap(), &dst2, 8 << 20, true, &progress).unwrap();
+        assert_eq!(progress.snapshot().bytes_done, 8 << 20);
         assert_eq!(fs::read(&dst2_path).unwrap(), fs::read(&src).unwrap());
         // Holes stay holes.
         assert!(fs::metadata(&dst2_path).unwrap().blocks() * 512 < 2 << 20);

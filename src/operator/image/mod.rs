@@ -7,13 +7,15 @@
 //! - `policy`: which files a user may name (`ImagePolicy`: the allowed image
 //!   folders, built once at start-up);
 //! - `atomic`: temporary file + fsync + rename, reflink/`copy_file_range`;
-//! - `provision`: the root disk recipe (copy, overlay, convert, grow).
+//! - `provision`: the root disk recipe (copy, overlay, convert, grow);
+//! - `progress`: how far a root disk being made is (atomics, qemu-img `-p`).
 //!
 //! Synchronous: the async callers run it in `tokio::task::spawn_blocking`.
 
 mod atomic;
 mod policy;
 mod probe;
+mod progress;
 mod provision;
 mod qemu_img;
 
@@ -27,6 +29,7 @@ pub use crate::model::ImageFormat;
 pub use policy::{Chain, ChainFile, ImagePolicy, Top, MAX_CHAIN_FILES};
 pub use probe::probe;
 pub use probe::{Header, Magic};
+pub use progress::{Progress, Snapshot as ProgressSnapshot};
 pub use provision::{provision, Provision, ProvisionReport};
 pub use qemu_img::{create_empty, grow, info};
 

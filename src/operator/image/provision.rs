@@ -16,7 +16,8 @@ use std::os::fd::AsRawFd;
 use serde_json::{json, Value};
 
 use super::policy::{Chain, ChainFile};
-use super::qemu_img::{info_as, qemu_img_do, resize, run_qemu_img_keeping};
+use super::progress::Progress;
+use super::qemu_img::{info_as, qemu_img_do, resize, run_qemu_img_progress};
 use super::{io_err, round_up_sector, ImageError, ImageFormat, ImageInfo};
 
 /// How `provision` makes the root disk.
@@ -58,12 +59,17 @@ pub struct ProvisionReport {
 ///   every `backing` given), so qemu-img never follows a header itself.
 /// - Overlay: a qcow2 whose backing file is the absolute source.
 /// - `grow_to`: the result is grown to it when smaller (never shrunk).
+///
+/// `progress` follows the work: a copy reports the offset reached in the
+/// source file (of its length), `qemu-img convert` its own percentage (`-p`)
+/// of the allocated size of the chain's files; an overlay is done at once.
 pub fn provision(
     qemu_img: &Path,
     source: &Chain,
     dest: &Path,
     mode: Provision,
     grow_to: Option<u64>,
+    progress: &Progress,
 ) -> Result<ProvisionReport, ImageError> {
     let started = Instant::now();
     let (dir, dest, name) = split_dest(dest)?;
@@ -95,9 +101,10 @@ pub fn provision(
             if !meta.is_file() {
                 return Err(ImageError::NotAFile { path: source });
             }
-            let method = copy_contents(src, &tmp_file, meta.len(), true).map_err(io_err(
-                format!("cannot copy {} to {}", source.display(), dir.display()),
-            ))?;
+            let method =
+                copy_contents(src, &tmp_file, meta.len(), true, progress).map_err(io_err(
+                    format!("cannot copy {} to {}", source.display(), dir.display()),
+                ))?;
             copied_meta = Some(meta);
             // Same bytes, same image: no need to ask qemu-img again.
             (method, source_info.clone())
@@ -105,27 +112,34 @@ pub fn provision(
         Provision::Copy => {
             let spec = json_spec(chain);
             let fds = chain.files.iter().map(|f| f.file.as_raw_fd()).collect();
-            run_qemu_img_keeping(
+            progress.set_method("convert");
+            progress.begin(chain.files.iter().map(|f| f.actual_size).sum());
+            run_qemu_img_progress(
                 qemu_img,
                 &[
                     "convert".as_ref(),
+                    "-p".as_ref(),
                     "-O".as_ref(),
                     "qcow2".as_ref(),
                     spec.as_ref(),
                     tmp.path.as_os_str(),
                 ],
                 fds,
+                progress,
             )?
             .map_err(|detail| ImageError::QemuImg {
                 action: "convert".into(),
                 detail,
             })?;
+            progress.finish();
             (
                 "convert",
                 info_as(qemu_img, &tmp.path, Some(ImageFormat::Qcow2))?,
             )
         }
         Provision::Overlay => {
+            progress.set_method("overlay");
+            progress.begin(0);
             // Made at its final size in one step; `-u`: the source was just
             // checked by `info`, no need for qemu-img to open it again.
             let size = grow_to
@@ -229,7 +243,15 @@ mod tests {
         let dir = fs::canonicalize(src.parent().unwrap()).unwrap();
         let policy = crate::operator::image::ImagePolicy::new(vec![dir], None);
         let chain = policy.open_chain(src, crate::operator::image::Top::Trusted, None, false)?;
-        provision(&qimg(), &chain, dest, mode, grow)
+        let progress = Progress::new();
+        let r = provision(&qimg(), &chain, dest, mode, grow, &progress);
+        if let Ok(r) = &r {
+            // Whatever the method, the progress ends at its total.
+            let seen = progress.snapshot();
+            assert_eq!(seen.method, r.method);
+            assert_eq!(seen.bytes_done, seen.bytes_total, "{seen:?}");
+        }
+        r
     }
     use std::io::Write;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -620,7 +642,14 @@ mod tests {
             top.to_str().unwrap(),
         ]);
         let dest = d.path().join("root.qcow2");
-        let r = provision(&qimg(), &chain, &dest, Provision::Copy, None).unwrap();
+        let progress = Progress::new();
+        let r = provision(&qimg(), &chain, &dest, Provision::Copy, None, &progress).unwrap();
+        let seen = progress.snapshot();
+        assert_eq!(seen.method, "convert");
+        assert!(
+            seen.bytes_total > 0 && seen.bytes_done == seen.bytes_total,
+            "{seen:?}"
+        );
         assert_eq!(r.method, "convert");
         assert!(same_contents(&base, "qcow2", &dest, "qcow2"));
         assert!(!same_contents(&other, "qcow2", &dest, "qcow2"));

@@ -112,6 +112,46 @@ pub(super) fn run_qemu_img_keeping(
     }
 }
 
+/// `run_qemu_img_keeping` with `-p` among `args`: qemu-img's percentages
+/// (its stdout) are read as they come into `progress`; stderr is read on a
+/// thread of its own so neither pipe can fill up.
+pub(super) fn run_qemu_img_progress(
+    qemu_img: &Path,
+    args: &[&OsStr],
+    fds: Vec<std::os::fd::RawFd>,
+    progress: &super::progress::Progress,
+) -> Result<Result<(), String>, ImageError> {
+    let mut cmd = qemu_img_command(qemu_img);
+    if !fds.is_empty() {
+        // SAFETY: as in `run_qemu_img_keeping`.
+        unsafe {
+            cmd.pre_exec(move || crate::operator::process::inherit_fds(&fds));
+        }
+    }
+    let spawn_err = |source| ImageError::Spawn {
+        program: qemu_img.to_path_buf(),
+        source,
+    };
+    let mut child = cmd.args(args).spawn().map_err(spawn_err)?;
+    let stderr = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut e, &mut buf);
+            buf
+        })
+    });
+    if let Some(out) = child.stdout.take() {
+        super::progress::follow_percentages(out, progress);
+    }
+    let status = child.wait().map_err(spawn_err)?;
+    let stderr = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+    if status.success() {
+        Ok(Ok(()))
+    } else {
+        Ok(Err(stderr_detail(&stderr, status)))
+    }
+}
+
 /// Runs a qemu-img command that must succeed.
 pub(super) fn qemu_img_do(
     qemu_img: &Path,
