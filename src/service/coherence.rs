@@ -6,6 +6,7 @@
 //! only runs it on its timer.
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -116,6 +117,15 @@ impl Service {
             ));
         }
         for path in leftovers::find_partials(&self.config.storage_path) {
+            // A root disk copy under way is no finding. Checked after the
+            // scan, then the file again: a copy that ended in between has
+            // renamed its file (before it stops being tracked), so a file
+            // still there once its VM is not provisioning is a leftover.
+            let folder = path.parent().and_then(Path::file_name);
+            if folder.is_some_and(|f| self.provisioning_in(&f.to_string_lossy())) || !path.exists()
+            {
+                continue;
+            }
             issues.push(Issue::new(
                 "partial_file",
                 path.file_name()

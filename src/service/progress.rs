@@ -66,6 +66,15 @@ impl Service {
         })
     }
 
+    /// Whether the VM whose folder is named `folder` is making its root
+    /// disk now (its `.partial` file is a copy in progress, not a leftover).
+    pub(crate) fn provisioning_in(&self, folder: &str) -> bool {
+        self.provisioning
+            .lock_or_recover()
+            .keys()
+            .any(|id| id.as_str() == folder)
+    }
+
     /// Whether any start is under way (lists then show fresh progress).
     pub fn provisioning_any(&self) -> bool {
         !self.provisioning.lock_or_recover().is_empty()
