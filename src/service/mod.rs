@@ -75,6 +75,10 @@ pub struct CreateVm {
     pub network: Option<crate::model::NetworkMode>,
 }
 
+/// How many host ports a create picks for its SSH forward before it gives
+/// up (each lost only to a create running at the same moment).
+const CREATE_PORT_PICKS: u32 = 8;
+
 pub struct Service {
     pub(crate) config: Arc<Config>,
     pub(crate) store: Store,
@@ -193,26 +197,40 @@ impl Service {
             ))
         })
         .await??;
-        let (network_mode, ports) = self.network_for_new(input.network).await?;
         let path = |a: &Option<rootdisk::Accepted>| {
             a.as_ref().map(|a| a.path.to_string_lossy().into_owned())
         };
-        let new = NewVm {
-            id: input.id.unwrap_or_else(Name::generate),
-            template: input.template_name,
-            qcow2_path: path(&qcow2),
-            boot_disk: path(&boot),
-            qcow2_path_format: qcow2.as_ref().map(|a| a.format),
-            boot_disk_format: boot.as_ref().map(|a| a.format),
-            network_mode,
-            ports,
-        };
-        // A bridge VM's address is taken with its row (freed with it).
-        let inserted = if network_mode == crate::model::NetworkMode::Bridge {
-            self.store
-                .insert_vm_with_address(&new, self.pick_bridge_address())
-        } else {
-            self.store.insert_vm(&new)
+        let id = input.id.unwrap_or_else(Name::generate);
+        // The SSH forward's host port is picked by binding port 0; a create
+        // running at the same time may have recorded the same port between
+        // the pick and the insert: pick again (rarely more than once).
+        let mut picks = 0;
+        let inserted = loop {
+            let (network_mode, ports) = self.network_for_new(input.network).await?;
+            let new = NewVm {
+                id: id.clone(),
+                template: input.template_name.clone(),
+                qcow2_path: path(&qcow2),
+                boot_disk: path(&boot),
+                qcow2_path_format: qcow2.as_ref().map(|a| a.format),
+                boot_disk_format: boot.as_ref().map(|a| a.format),
+                network_mode,
+                ports,
+            };
+            // A bridge VM's address is taken with its row (freed with it).
+            let inserted = if network_mode == crate::model::NetworkMode::Bridge {
+                self.store
+                    .insert_vm_with_address(&new, self.pick_bridge_address())
+            } else {
+                self.store.insert_vm(&new)
+            };
+            let port_taken = matches!(inserted, Err(StoreError::AlreadyExists))
+                && !new.ports.is_empty()
+                && self.store.get_vm(&id).is_err();
+            picks += 1;
+            if !port_taken || picks >= CREATE_PORT_PICKS {
+                break inserted;
+            }
         };
         match inserted {
             Ok(vm) => {
@@ -221,8 +239,8 @@ impl Service {
                 self.emit(EventKind::Vm, vm.id.as_str(), "created", from);
                 Ok(vm)
             }
-            Err(StoreError::AlreadyExists) if self.store.get_vm(&new.id).is_err() => {
-                // Not the id: the host port allocated for guest 22 was
+            Err(StoreError::AlreadyExists) if self.store.get_vm(&id).is_err() => {
+                // Not the id: every host port picked for guest 22 was
                 // recorded by another VM meanwhile.
                 Err(Reason::PortInUse
                     .refuse("The host port allocated for SSH was taken meanwhile; try again"))
