@@ -21,6 +21,7 @@ mod network;
 mod observe;
 mod progress;
 mod record;
+mod snapshots;
 pub mod rootdisk;
 mod space;
 
@@ -35,6 +36,7 @@ pub use events::{Event, EventKind, EventQuery};
 pub use lifecycle::StopReport;
 pub use network::{AddPort, Applied};
 pub use progress::Provisioning;
+pub use snapshots::{CreateSnapshot, SnapshotView};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

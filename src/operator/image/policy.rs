@@ -265,7 +265,18 @@ impl ImagePolicy {
             } else {
                 parent.path.parent().unwrap_or(Path::new("/")).join(name)
             };
-            let canonical = self.resolve_inside(&absolute, true).map_err(wrap)?;
+            // A vman-placed top (a VM's root disk) may have its own
+            // snapshot files (`<its folder>/snapshots/`) in its chain.
+            let own_snapshot = fs::canonicalize(&absolute).ok().filter(|c| {
+                top == Top::Trusted
+                    && top_path
+                        .parent()
+                        .is_some_and(|d| c.parent() == Some(d.join("snapshots").as_path()))
+            });
+            let canonical = match own_snapshot {
+                Some(c) => c,
+                None => self.resolve_inside(&absolute, true).map_err(wrap)?,
+            };
             let next = self
                 .open_one(&canonical, Some(format), false)
                 .map_err(wrap)?;
