@@ -1,4 +1,4 @@
-//! /vms/{id}/snapshots: snapshots of a stopped VM's root disk (issue 13,
+//! /vms/{vm_id}/snapshots: snapshots of a stopped VM's root disk (issue 13,
 //! first step), their wire types, and the take/list/get/restore/delete
 //! routes.
 
@@ -19,7 +19,7 @@ use crate::service::{CreateSnapshot, SnapshotView};
 /// Longest accepted `description`, in bytes.
 const MAX_DESCRIPTION: usize = 1024;
 
-/// Body of POST /vms/{id}/snapshots.
+/// Body of POST /vms/{vm_id}/snapshots.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnapshotRequest {
@@ -91,7 +91,7 @@ fn names(vm: &str, snap: &str) -> Result<(Name, Name), ApiError> {
 }
 
 /// Take a snapshot of a stopped VM's root disk.
-#[utoipa::path(post, path = "/vms/{id}/snapshots", params(("id" = String, Path, description = "The VM id")),
+#[utoipa::path(post, path = "/vms/{vm_id}/snapshots", params(("vm_id" = String, Path, description = "The VM id")),
     request_body = SnapshotRequest, tag = "snapshots",
     responses((status = 201, body = SnapshotResponse), (status = 400, body = ErrorBody),
         (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -106,7 +106,7 @@ pub async fn create(
 }
 
 /// A VM's snapshots, oldest first.
-#[utoipa::path(get, path = "/vms/{id}/snapshots", params(("id" = String, Path, description = "The VM id")),
+#[utoipa::path(get, path = "/vms/{vm_id}/snapshots", params(("vm_id" = String, Path, description = "The VM id")),
     tag = "snapshots", responses((status = 200, body = [SnapshotResponse]), (status = 404, body = ErrorBody)))]
 pub async fn list(
     State(app): State<AppState>,
@@ -117,8 +117,8 @@ pub async fn list(
 }
 
 /// One snapshot.
-#[utoipa::path(get, path = "/vms/{id}/snapshots/{name}",
-    params(("id" = String, Path, description = "The VM id"), ("name" = String, Path, description = "The snapshot")),
+#[utoipa::path(get, path = "/vms/{vm_id}/snapshots/{name}",
+    params(("vm_id" = String, Path, description = "The VM id"), ("name" = String, Path, description = "The snapshot")),
     tag = "snapshots", responses((status = 200, body = SnapshotResponse), (status = 404, body = ErrorBody)))]
 pub async fn get(
     State(app): State<AppState>,
@@ -131,8 +131,8 @@ pub async fn get(
 }
 
 /// Delete a snapshot nothing is built on (merging comes later).
-#[utoipa::path(delete, path = "/vms/{id}/snapshots/{name}",
-    params(("id" = String, Path, description = "The VM id"), ("name" = String, Path, description = "The snapshot")),
+#[utoipa::path(delete, path = "/vms/{vm_id}/snapshots/{name}",
+    params(("vm_id" = String, Path, description = "The VM id"), ("name" = String, Path, description = "The snapshot")),
     tag = "snapshots", responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(app): State<AppState>,
@@ -145,8 +145,8 @@ pub async fn delete(
 
 /// Restore a stopped VM's root disk to a snapshot (a new empty overlay on
 /// it; later snapshots stay).
-#[utoipa::path(post, path = "/vms/{id}/snapshots/{name}/restore",
-    params(("id" = String, Path, description = "The VM id"), ("name" = String, Path, description = "The snapshot")),
+#[utoipa::path(post, path = "/vms/{vm_id}/snapshots/{name}/restore",
+    params(("vm_id" = String, Path, description = "The VM id"), ("name" = String, Path, description = "The snapshot")),
     tag = "snapshots", responses((status = 200, body = SnapshotResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn restore(
     State(app): State<AppState>,

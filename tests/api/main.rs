@@ -21,6 +21,7 @@ mod persistence;
 mod ports;
 mod provisioning;
 mod robustness;
+mod snapshots;
 mod routes;
 mod system;
 mod templates;
