@@ -21,8 +21,8 @@ mod network;
 mod observe;
 mod progress;
 mod record;
-mod snapshots;
 pub mod rootdisk;
+mod snapshots;
 mod space;
 
 pub use bridge::{Allocation, BridgeConfigView, NetworkConfig};

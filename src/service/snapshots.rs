@@ -202,7 +202,10 @@ impl Service {
         name: &Name,
     ) -> Result<SnapshotView, ServiceError> {
         let _guard = self.lock_vm(id).await;
-        let snap = self.store.get_snapshot(id, name).map_err(missing("snapshot"))?;
+        let snap = self
+            .store
+            .get_snapshot(id, name)
+            .map_err(missing("snapshot"))?;
         let root = self.snapshot_vm(id, "restore a snapshot")?;
         let policy = self.host.images.clone();
         let qemu_img = self.config.qemu_img.clone();
@@ -230,7 +233,9 @@ impl Service {
     /// Deletes a snapshot nothing is built on (its file, then its row).
     pub async fn delete_snapshot(&self, id: &Name, name: &Name) -> Result<(), ServiceError> {
         let _guard = self.lock_vm(id).await;
-        self.store.get_snapshot(id, name).map_err(missing("snapshot"))?;
+        self.store
+            .get_snapshot(id, name)
+            .map_err(missing("snapshot"))?;
         let root = self.snapshot_vm(id, "delete a snapshot")?;
         let vm_dir = self.paths(id).dir;
         let others: Vec<String> = self

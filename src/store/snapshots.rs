@@ -76,8 +76,9 @@ impl Store {
     /// A VM's snapshots, oldest first.
     pub fn snapshots_of_vm(&self, vm: &Name) -> Result<Vec<Snapshot>, StoreError> {
         self.read(|c| {
-            let mut stmt =
-                c.prepare_cached(&format!("{SELECT} WHERE vm_id = ?1 ORDER BY created_at, name"))?;
+            let mut stmt = c.prepare_cached(&format!(
+                "{SELECT} WHERE vm_id = ?1 ORDER BY created_at, name"
+            ))?;
             let rows = stmt.query_map([vm.as_str()], row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })

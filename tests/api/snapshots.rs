@@ -19,14 +19,22 @@ fn root_of(s: &Server, vm: &str) -> PathBuf {
 
 fn qemu_img(args: &[&str]) -> String {
     let out = Command::new("qemu-img").args(args).output().unwrap();
-    assert!(out.status.success(), "qemu-img {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn backing(file: &Path) -> Option<String> {
-    let info: Value =
-        serde_json::from_str(&qemu_img(&["info", "-U", "--output=json", file.to_str().unwrap()]))
-            .unwrap();
+    let info: Value = serde_json::from_str(&qemu_img(&[
+        "info",
+        "-U",
+        "--output=json",
+        file.to_str().unwrap(),
+    ]))
+    .unwrap();
     info["backing-filename"].as_str().map(str::to_owned)
 }
 
@@ -59,7 +67,10 @@ fn server_with_vm(vm: &str) -> (Server, PathBuf) {
 #[test]
 fn snapshots_are_taken_listed_restored_and_deleted_as_a_tree() {
     let (s, root) = server_with_vm("a");
-    let (st, one) = s.post_json("/vms/a/snapshots", &json!({"name": "one", "description": "first"}));
+    let (st, one) = s.post_json(
+        "/vms/a/snapshots",
+        &json!({"name": "one", "description": "first"}),
+    );
     assert_eq!(st, 201, "{one}");
     assert_eq!(one["name"], "one");
     assert_eq!(one["description"], "first");
@@ -80,7 +91,12 @@ fn snapshots_are_taken_listed_restored_and_deleted_as_a_tree() {
 
     let (st, list) = s.get("/vms/a/snapshots");
     assert_eq!(st, 200);
-    let names: Vec<&str> = list.as_array().unwrap().iter().map(|v| v["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["one", "two"]);
     let (st, got) = s.get("/vms/a/snapshots/one");
     assert_eq!((st, got["name"].as_str()), (200, Some("one")));
@@ -95,7 +111,10 @@ fn snapshots_are_taken_listed_restored_and_deleted_as_a_tree() {
     let reply = s.delete("/vms/a/snapshots/one");
     let detail = assert_error(&reply, 400);
     assert_eq!(reply.1["code"], "snapshot_in_use");
-    assert!(detail.contains("snapshot two") && detail.contains("root disk"), "{detail}");
+    assert!(
+        detail.contains("snapshot two") && detail.contains("root disk"),
+        "{detail}"
+    );
     assert!(detail.contains("merging"), "{detail}");
     // `two` is a leaf now: deleted, file and row.
     let (st, _) = s.delete("/vms/a/snapshots/two");
@@ -116,10 +135,17 @@ fn snapshots_are_taken_listed_restored_and_deleted_as_a_tree() {
 fn bad_snapshot_requests_are_4xx_and_change_nothing() {
     let (s, root) = server_with_vm("b");
     let dir = root.parent().unwrap().to_path_buf();
-    assert_eq!(s.post_json("/vms/b/snapshots", &json!({"name": "base"})).0, 201);
+    assert_eq!(
+        s.post_json("/vms/b/snapshots", &json!({"name": "base"})).0,
+        201
+    );
     let before = (files(&dir), s.get("/vms/b/snapshots").1);
     let same = |what: &str| {
-        assert_eq!((files(&dir), s.get("/vms/b/snapshots").1), before, "{what} changed something");
+        assert_eq!(
+            (files(&dir), s.get("/vms/b/snapshots").1),
+            before,
+            "{what} changed something"
+        );
     };
 
     let reply = s.post_json("/vms/b/snapshots", &json!({"name": "base"}));
@@ -131,7 +157,10 @@ fn bad_snapshot_requests_are_4xx_and_change_nothing() {
         assert_error(&reply, 422);
         same(bad);
     }
-    let reply = s.post_json("/vms/b/snapshots", &json!({"name": "d", "description": "x".repeat(1025)}));
+    let reply = s.post_json(
+        "/vms/b/snapshots",
+        &json!({"name": "d", "description": "x".repeat(1025)}),
+    );
     assert_error(&reply, 422);
     let reply = s.post_json("/vms/b/snapshots", &json!({"name": "d", "extra": 1}));
     assert!(reply.0 >= 400 && reply.0 < 500, "{reply:?}");
@@ -149,7 +178,10 @@ fn bad_snapshot_requests_are_4xx_and_change_nothing() {
     assert_error(&s.delete("/vms/b/snapshots/..%2F..%2Fb"), 404);
     assert_error(&s.get("/vms/b/snapshots/nope"), 404);
     assert_error(&s.get("/vms/nope/snapshots"), 404);
-    assert_error(&s.post_json("/vms/nope/snapshots", &json!({"name": "x"})), 404);
+    assert_error(
+        &s.post_json("/vms/nope/snapshots", &json!({"name": "x"})),
+        404,
+    );
     same("unknown names");
 
     // A VM that has no root disk yet (never started).
@@ -167,8 +199,14 @@ fn the_snapshot_limit_is_a_clear_400() {
     make_vm(&s, "t", Some("c"));
     let root = root_of(&s, "c");
     qemu_img(&["create", "-q", "-f", "qcow2", root.to_str().unwrap(), "1M"]);
-    assert_eq!(s.post_json("/vms/c/snapshots", &json!({"name": "s1"})).0, 201);
-    assert_eq!(s.post_json("/vms/c/snapshots", &json!({"name": "s2"})).0, 201);
+    assert_eq!(
+        s.post_json("/vms/c/snapshots", &json!({"name": "s1"})).0,
+        201
+    );
+    assert_eq!(
+        s.post_json("/vms/c/snapshots", &json!({"name": "s2"})).0,
+        201
+    );
     let reply = s.post_json("/vms/c/snapshots", &json!({"name": "s3"}));
     let detail = assert_error(&reply, 400);
     assert_eq!(reply.1["code"], "too_many_snapshots");

@@ -5,8 +5,8 @@
 //! still reads the marker, overwrites it, is stopped and restored, and the
 //! third boot reads the original marker again. Running VMs are refused.
 
-use std::process::Command;
 use std::path::Path;
+use std::process::Command;
 
 use serde_json::json;
 
@@ -15,7 +15,10 @@ use crate::harness::{Vman, GUEST};
 /// Runs `command` in the guest shell and returns its output line (joined),
 /// followed by a marker the shell computes (the typed echo never matches).
 fn run(vman: &Vman, id: &str, command: &str, tag: &str) -> String {
-    vman.type_line(id, &format!("echo \"$({command} 2>&1 | tr '\\n' ' ') {tag}-$((40+2))\""));
+    vman.type_line(
+        id,
+        &format!("echo \"$({command} 2>&1 | tr '\\n' ' ') {tag}-$((40+2))\""),
+    );
     let marker = format!("{tag}-42");
     vman.wait_console(id, &marker, 1);
     vman.console(id)
@@ -27,7 +30,12 @@ fn run(vman: &Vman, id: &str, command: &str, tag: &str) -> String {
 
 /// What the guest reads at sector 1000 of its root disk.
 fn read_marker(vman: &Vman, id: &str, tag: &str) -> String {
-    run(vman, id, "dd if=/dev/vda bs=512 skip=1000 count=1 2>/dev/null | head -c 5", tag)
+    run(
+        vman,
+        id,
+        "dd if=/dev/vda bs=512 skip=1000 count=1 2>/dev/null | head -c 5",
+        tag,
+    )
 }
 
 fn write_marker(vman: &Vman, id: &str, marker: &str, tag: &str) {
@@ -78,11 +86,17 @@ fn a_restored_snapshot_boots_with_the_root_disk_data_it_had() {
     let reply = vman.post("/vms/sn/snapshots", json!({"name": "before"}));
     assert_eq!(reply.0, 400, "{}", reply.1);
     assert_eq!(reply.1["code"], "not_stopped");
-    assert!(reply.1["detail"].as_str().unwrap().contains("stop the VM first"));
+    assert!(reply.1["detail"]
+        .as_str()
+        .unwrap()
+        .contains("stop the VM first"));
     assert!(!vman.vm_dir("sn").join("snapshots/before.qcow2").exists());
     stop(&vman, "sn");
 
-    let (s, snap) = vman.post("/vms/sn/snapshots", json!({"name": "before", "description": "A"}));
+    let (s, snap) = vman.post(
+        "/vms/sn/snapshots",
+        json!({"name": "before", "description": "A"}),
+    );
     assert_eq!(s, 201, "{snap}");
     let snap_file = vman.vm_dir("sn").join("snapshots/before.qcow2");
     assert!(host_marker(&snap_file).contains("AAAAA"));

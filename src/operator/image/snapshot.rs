@@ -107,7 +107,8 @@ pub fn take(
     virtual_size: u64,
 ) -> Result<PathBuf, ImageError> {
     // Absolute, canonical names: they are written as backing names.
-    let root = &fs::canonicalize(root).map_err(io_err(format!("cannot find {}", root.display())))?;
+    let root =
+        &fs::canonicalize(root).map_err(io_err(format!("cannot find {}", root.display())))?;
     let vm_dir = root.parent().unwrap_or(Path::new("/")).to_path_buf();
     let dir = snapshot_dir(&vm_dir);
     fs::create_dir_all(&dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
@@ -120,7 +121,8 @@ pub fn take(
     let (link, file) = Partial::create(&dir, &file_name)?;
     drop(file);
     // Replace the empty placeholder by a hard link of the root disk.
-    fs::remove_file(&link.path).map_err(io_err(format!("cannot replace {}", link.path.display())))?;
+    fs::remove_file(&link.path)
+        .map_err(io_err(format!("cannot replace {}", link.path.display())))?;
     fs::hard_link(root, &link.path).map_err(io_err(format!(
         "cannot link {} as {}",
         root.display(),
@@ -212,8 +214,53 @@ mod tests {
         assert!(qio(&root, "read -P 0x22 0 64k").contains("read 65536"));
         restore(&qimg(), &root, &snap, 1 << 20).unwrap();
         let back = qio(&root, "read -P 0x11 0 64k");
-        assert!(back.contains("read 65536") && !back.contains("Pattern verification failed"), "{back}");
+        assert!(
+            back.contains("read 65536") && !back.contains("Pattern verification failed"),
+            "{back}"
+        );
         assert!(take(&qimg(), &root, "one", 1 << 20).is_err());
         assert!(crate::operator::leftovers::find_partials(d.path()).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use crate::operator::image::testutil::{overlay_on, qemu_img_ok};
+    use crate::operator::image::{ImagePolicy, Top};
+
+    #[test]
+    fn a_root_disk_may_be_built_on_its_own_snapshots_only() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b) = (d.path().join("a"), d.path().join("b"));
+        for dir in [&a, &b] {
+            fs::create_dir_all(dir.join("snapshots")).unwrap();
+        }
+        let own = a.join("snapshots/s.qcow2");
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", own.to_str().unwrap(), "1M"]);
+        let foreign = b.join("snapshots/s.qcow2");
+        qemu_img_ok(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            foreign.to_str().unwrap(),
+            "1M",
+        ]);
+        let policy = ImagePolicy::new(vec![], None);
+        overlay_on(own.to_str().unwrap(), &a.join("root.qcow2"));
+        let chain = policy
+            .open_chain(&a.join("root.qcow2"), Top::Trusted, None, false)
+            .unwrap();
+        assert_eq!(chain.files.len(), 2);
+        // Another VM's snapshot, or the own snapshot folder reached from a
+        // user-named top: refused.
+        overlay_on(foreign.to_str().unwrap(), &a.join("other.qcow2"));
+        assert!(policy
+            .open_chain(&a.join("other.qcow2"), Top::Trusted, None, false)
+            .is_err());
+        assert!(policy
+            .open_chain(&a.join("root.qcow2"), Top::User, None, false)
+            .is_err());
     }
 }
