@@ -231,3 +231,97 @@ fn the_backing_chain_depth_limit_caps_snapshots() {
     assert_eq!(reply.1["code"], "too_many_snapshots");
     assert!(detail.contains("16"), "{detail}");
 }
+
+/// The states a kill -9 can leave between the file steps of a snapshot,
+/// made by hand, then the same request again: each one ends in a sound
+/// snapshot and a root disk built on it. A `.partial` in `snapshots/` is
+/// swept at the next start.
+#[test]
+fn leftovers_of_an_interrupted_snapshot_are_repaired() {
+    use std::os::unix::fs::MetadataExt;
+    let (mut s, root) = server_with_vm("k");
+    let dir = root.parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(dir.join("snapshots")).unwrap();
+
+    // Killed after the snapshot link got its name, before root moved: the
+    // "snapshot" is still the root disk's own inode.
+    let one = dir.join("snapshots/one.qcow2");
+    std::fs::hard_link(&root, &one).unwrap();
+    let (st, body) = s.post_json("/vms/k/snapshots", &json!({"name": "one"}));
+    assert_eq!(st, 201, "{body}");
+    assert_ne!(
+        std::fs::metadata(&one).unwrap().ino(),
+        std::fs::metadata(&root).unwrap().ino()
+    );
+    assert!(backing(&root).unwrap().ends_with("/snapshots/one.qcow2"));
+    assert_eq!(std::fs::metadata(&one).unwrap().nlink(), 1);
+
+    // Killed after root moved onto a new overlay, before the row: the root
+    // is built on `two`, which has no row. Made by hand the same way.
+    let two = dir.join("snapshots/two.qcow2");
+    std::fs::rename(&root, &two).unwrap();
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-F",
+        "qcow2",
+        "-b",
+        two.canonicalize().unwrap().to_str().unwrap(),
+        root.to_str().unwrap(),
+        "64M",
+    ]);
+    assert_eq!(s.get("/vms/k/snapshots/two").0, 404);
+    let (st, body) = s.post_json("/vms/k/snapshots", &json!({"name": "two"}));
+    assert_eq!(st, 201, "{body}");
+    assert_eq!(body["parent"], "one");
+    // Adopted, not stacked again: root is still directly on `two`.
+    assert!(backing(&root).unwrap().ends_with("/snapshots/two.qcow2"));
+
+    // A stray file of that name that is neither: refused, kept.
+    std::fs::copy(&two, dir.join("snapshots/three.qcow2")).unwrap();
+    let reply = s.post_json("/vms/k/snapshots", &json!({"name": "three"}));
+    assert_error(&reply, 400);
+    assert_eq!(reply.1["code"], "already_exists");
+
+    // Killed while a file was being made: the start-up sweep removes it.
+    let partial = dir.join("snapshots/.four.qcow2.partial-0123456789abcdef");
+    std::fs::write(&partial, b"half").unwrap();
+    s.restart();
+    assert!(!partial.exists(), "the sweep left {}", partial.display());
+    assert_eq!(s.get("/vms/k/snapshots").1.as_array().unwrap().len(), 2);
+
+    // A row whose file is gone (killed between the file and the row of a
+    // delete): the delete completes.
+    std::fs::remove_file(dir.join("snapshots/three.qcow2")).unwrap();
+    assert_eq!(
+        s.post_json("/vms/k/snapshots", &json!({"name": "x"})).0,
+        201
+    );
+    assert_eq!(
+        s.post_json("/vms/k/snapshots/two/restore", &json!({})).0,
+        200
+    );
+    std::fs::remove_file(dir.join("snapshots/x.qcow2")).unwrap();
+    assert_eq!(s.delete("/vms/k/snapshots/x").0, 204);
+    assert_eq!(s.get("/vms/k/snapshots/x").0, 404);
+}
+
+/// Regression: restoring a snapshot that has a parent snapshot was refused
+/// (`image_refused`: the parent "outside the allowed image folders"), as the
+/// snapshot file's own folder was taken for the VM folder.
+#[test]
+fn restoring_a_snapshot_with_a_parent_was_refused_as_outside_the_image_folders() {
+    let (s, root) = server_with_vm("p");
+    for name in ["s1", "s2", "s3"] {
+        assert_eq!(
+            s.post_json("/vms/p/snapshots", &json!({"name": name})).0,
+            201
+        );
+    }
+    let (st, body) = s.post_json("/vms/p/snapshots/s2/restore", &json!({}));
+    assert_eq!(st, 200, "{body}");
+    assert!(backing(&root).unwrap().ends_with("/snapshots/s2.qcow2"));
+}

@@ -265,13 +265,11 @@ impl ImagePolicy {
             } else {
                 parent.path.parent().unwrap_or(Path::new("/")).join(name)
             };
-            // A vman-placed top (a VM's root disk) may have its own
-            // snapshot files (`<its folder>/snapshots/`) in its chain.
+            // A vman-placed top (a VM's root disk, or one of its snapshot
+            // files) may have the VM's own snapshot files
+            // (`<VM folder>/snapshots/`) in its chain.
             let own_snapshot = fs::canonicalize(&absolute).ok().filter(|c| {
-                top == Top::Trusted
-                    && top_path
-                        .parent()
-                        .is_some_and(|d| c.parent() == Some(d.join("snapshots").as_path()))
+                top == Top::Trusted && c.parent().is_some_and(|d| own_snapshot_dir(&top_path, d))
             });
             let canonical = match own_snapshot {
                 Some(c) => c,
@@ -331,6 +329,17 @@ impl ImagePolicy {
             file: Arc::new(file),
         })
     }
+}
+
+/// True when `dir` is the snapshot folder of the VM whose root disk or
+/// snapshot file is `top`: `<top's folder>/snapshots`, or `top`'s folder
+/// itself when `top` is in a `snapshots` folder.
+fn own_snapshot_dir(top: &Path, dir: &Path) -> bool {
+    let Some(folder) = top.parent() else {
+        return false;
+    };
+    dir == folder.join("snapshots")
+        || (folder.file_name().is_some_and(|n| n == "snapshots") && dir == folder)
 }
 
 /// `ImagePolicy::resolve` with a policy of these folders (for tests).

@@ -253,6 +253,14 @@ mod policy_tests {
             .open_chain(&a.join("root.qcow2"), Top::Trusted, None, false)
             .unwrap();
         assert_eq!(chain.files.len(), 2);
+        // A snapshot file as the top (restore checks it): its parent in the
+        // same folder is the VM's own.
+        let top_snap = a.join("snapshots/t.qcow2");
+        overlay_on(own.to_str().unwrap(), &top_snap);
+        let chain = policy
+            .open_chain(&top_snap, Top::Trusted, None, false)
+            .unwrap();
+        assert_eq!(chain.files.len(), 2);
         // Another VM's snapshot, or the own snapshot folder reached from a
         // user-named top: refused.
         overlay_on(foreign.to_str().unwrap(), &a.join("other.qcow2"));
