@@ -238,17 +238,21 @@ impl Service {
             .map_err(missing("snapshot"))?;
         let root = self.snapshot_vm(id, "delete a snapshot")?;
         let vm_dir = self.paths(id).dir;
-        let others: Vec<String> = self
-            .store
-            .snapshots_of_vm(id)?
-            .into_iter()
-            .filter(|s| &s.name != name)
-            .map(|s| s.name.to_string())
-            .collect();
         let name_s = name.to_string();
         blocking("delete snapshot", move || -> Result<(), ServiceError> {
             let file = snapshot_file(&vm_dir, &name_s);
             let on_it = |top: &Path| backing_of(top).ok().flatten().is_some_and(|b| same_file(&b, &file));
+            // Every snapshot file there is (recorded or not) counts.
+            let mut others: Vec<String> = std::fs::read_dir(files::snapshot_dir(&vm_dir))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    let n = e.file_name().to_str()?.strip_suffix(".qcow2")?.to_owned();
+                    (!n.starts_with('.') && n != name_s).then_some(n)
+                })
+                .collect();
+            others.sort();
             let mut users: Vec<String> = others
                 .iter()
                 .filter(|o| on_it(&snapshot_file(&vm_dir, o)))
