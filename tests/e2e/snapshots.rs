@@ -108,6 +108,10 @@ fn a_restored_snapshot_boots_with_the_root_disk_data_it_had() {
     let reply = vman.post("/vms/sn/snapshots/before/restore", json!({}));
     assert_eq!(reply.0, 400, "{}", reply.1);
     assert_eq!(reply.1["code"], "not_stopped");
+    let reply = vman.call("DELETE", "/vms/sn/snapshots/before", None);
+    assert_eq!(reply.0, 400, "{}", reply.1);
+    assert_eq!(reply.1["code"], "not_stopped");
+    assert!(vman.vm_dir("sn").join("snapshots/before.qcow2").exists());
     stop(&vman, "sn");
     let root = vman.vm_dir("sn").join("root.qcow2");
     assert!(host_marker(&root).contains("BBBBB"));
