@@ -79,6 +79,11 @@ pub struct Config {
     #[arg(long, env = "VMAN_HEADER_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub header_timeout: u64,
 
+    /// Snapshots per VM at most (also capped by the backing chain depth
+    /// limit of 16 files).
+    #[arg(long, env = "VMAN_MAX_SNAPSHOTS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_snapshots: u32,
+
     /// Open client connections at most; further clients wait until one closes.
     #[arg(long, env = "VMAN_MAX_CONNECTIONS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_connections: u32,

@@ -30,7 +30,8 @@ pub struct ErrorBody {
     /// `no_free_slot`, `cannot_shrink`, `guest_did_not_release`,
     /// `hotplug_failed`, `invalid_transition`, `port_in_use`,
     /// `network_unavailable`, `not_user_network`, `network_failed`,
-    /// `subnet_full`, `bridge_failed`. Others: `invalid` (422), `required` (400),
+    /// `subnet_full`, `bridge_failed`, `not_stopped`, `no_root_disk`,
+    /// `too_many_snapshots`, `snapshot_in_use`. Others: `invalid` (422), `required` (400),
     /// `malformed_json` (400), `bad_body` (400), `not_found` (404),
     /// `method_not_allowed` (405), `unauthorized` (401), `host_not_allowed`
     /// (403), `origin_not_allowed` (403), `too_large` (413),
@@ -107,6 +108,10 @@ fn code_of(reason: &Reason) -> &'static str {
         Reason::NetworkFailed => "network_failed",
         Reason::SubnetFull => "subnet_full",
         Reason::BridgeFailed(_) => "bridge_failed",
+        Reason::NotStopped => "not_stopped",
+        Reason::NoRootDisk => "no_root_disk",
+        Reason::TooManySnapshots => "too_many_snapshots",
+        Reason::SnapshotInUse => "snapshot_in_use",
     }
 }
 
@@ -188,7 +193,7 @@ mod tests {
 
     /// The code of every reason, in the order of `every_reason()`. These
     /// are published (docs/errors.md): never change one.
-    const REFUSAL_CODES: [&str; 31] = [
+    const REFUSAL_CODES: [&str; 35] = [
         "already_exists",
         "template_missing",
         "in_use",
@@ -220,6 +225,10 @@ mod tests {
         "network_failed",
         "subnet_full",
         "bridge_failed",
+        "not_stopped",
+        "no_root_disk",
+        "too_many_snapshots",
+        "snapshot_in_use",
     ];
 
     #[test]

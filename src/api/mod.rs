@@ -17,6 +17,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod network;
 pub mod ports;
+pub mod snapshots;
 pub mod system;
 pub mod templates;
 pub mod vms;
@@ -62,6 +63,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(metrics::router())
         .merge(ports::router())
         .merge(network::router())
+        .merge(snapshots::router())
 }
 
 /// The served routes and their document, with the parts every operation

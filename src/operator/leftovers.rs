@@ -19,6 +19,13 @@ pub fn find_partials(storage: &Path) -> Vec<PathBuf> {
                 .map(|e| e.path()),
         );
     }
+    // Snapshot files in the making (`vms/<id>/snapshots/`).
+    let snapshot_dirs: Vec<PathBuf> = dirs
+        .iter()
+        .map(|d| d.join("snapshots"))
+        .filter(|d| d.is_dir())
+        .collect();
+    dirs.extend(snapshot_dirs);
     let mut found = Vec::new();
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(&dir) else {

@@ -178,6 +178,14 @@ pub enum Reason {
     SubnetFull,
     /// Setting up the bridge, the VM's TAP, its rules or dnsmasq failed.
     BridgeFailed(crate::operator::bridge::BridgeError),
+    /// The VM must be stopped for this (snapshots, restore).
+    NotStopped,
+    /// The VM has no root disk of vman's own to snapshot.
+    NoRootDisk,
+    /// `VMAN_MAX_SNAPSHOTS` or the backing chain depth limit is reached.
+    TooManySnapshots,
+    /// Another snapshot or the root disk is built on this snapshot.
+    SnapshotInUse,
 }
 
 impl Reason {
@@ -274,6 +282,10 @@ pub(crate) fn every_reason() -> Vec<Reason> {
         Reason::NetworkFailed,
         Reason::SubnetFull,
         Reason::BridgeFailed(crate::operator::bridge::BridgeError::Foreign("br".into())),
+        Reason::NotStopped,
+        Reason::NoRootDisk,
+        Reason::TooManySnapshots,
+        Reason::SnapshotInUse,
     ];
     for r in &all {
         match r {
@@ -305,7 +317,11 @@ pub(crate) fn every_reason() -> Vec<Reason> {
             | Reason::NotUserNetwork
             | Reason::NetworkFailed
             | Reason::SubnetFull
-            | Reason::BridgeFailed(_) => {}
+            | Reason::BridgeFailed(_)
+            | Reason::NotStopped
+            | Reason::NoRootDisk
+            | Reason::TooManySnapshots
+            | Reason::SnapshotInUse => {}
         }
     }
     all

@@ -22,6 +22,7 @@ mod observe;
 mod progress;
 mod record;
 pub mod rootdisk;
+mod snapshots;
 mod space;
 
 pub use bridge::{Allocation, BridgeConfigView, NetworkConfig};
@@ -35,6 +36,7 @@ pub use events::{Event, EventKind, EventQuery};
 pub use lifecycle::StopReport;
 pub use network::{AddPort, Applied};
 pub use progress::Provisioning;
+pub use snapshots::{CreateSnapshot, SnapshotView};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -32,6 +32,7 @@ mod disks;
 mod events;
 mod ports;
 mod reserve;
+mod snapshots;
 mod vms;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
@@ -46,6 +47,7 @@ pub use check::{backup, CheckLevel, Holdings, Lock, OpenOptions};
 pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
 pub use events::{EventFilter, EventRow};
 pub use ports::PortInsert;
+pub use snapshots::Snapshot;
 pub use vms::{NewVm, VmRuntime, VmWrite};
 
 /// The migrations, in order. Index + 1 is the schema version they produce.
@@ -57,6 +59,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0005_metadata.sql"),
     include_str!("../../migrations/0006_bridge.sql"),
     include_str!("../../migrations/0007_events.sql"),
+    include_str!("../../migrations/0008_snapshots.sql"),
 ];
 
 const READERS: usize = 4;

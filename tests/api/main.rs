@@ -22,6 +22,7 @@ mod ports;
 mod provisioning;
 mod robustness;
 mod routes;
+mod snapshots;
 mod system;
 mod templates;
 mod vms;

@@ -19,4 +19,5 @@ mod metadata;
 mod network_user;
 mod privilege;
 mod rootdisk;
+mod snapshots;
 mod supervision;

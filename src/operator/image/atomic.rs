@@ -134,6 +134,27 @@ impl Partial {
     }
 }
 
+impl Partial {
+    /// fsyncs the file and renames it onto `dest`, replacing what is there
+    /// (rename(2) is atomic: `dest` is the old file or the new one); the
+    /// caller fsyncs the folder.
+    pub(super) fn persist_replacing(mut self, dest: &Path) -> Result<(), ImageError> {
+        File::open(&self.path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(format!(
+                "cannot flush {} to disk",
+                self.path.display()
+            )))?;
+        fs::rename(&self.path, dest).map_err(io_err(format!(
+            "cannot rename {} to {}",
+            self.path.display(),
+            dest.display()
+        )))?;
+        self.armed = false;
+        Ok(())
+    }
+}
+
 impl Drop for Partial {
     fn drop(&mut self) {
         if self.armed {

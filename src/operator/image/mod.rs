@@ -8,6 +8,7 @@
 //!   folders, built once at start-up);
 //! - `atomic`: temporary file + fsync + rename, reflink/`copy_file_range`;
 //! - `provision`: the root disk recipe (copy, overlay, convert, grow);
+//! - `snapshot`: snapshot files of a stopped VM's root disk (overlays);
 //! - `progress`: how far a root disk being made is (atomics, qemu-img `-p`).
 //!
 //! Synchronous: the async callers run it in `tokio::task::spawn_blocking`.
@@ -18,6 +19,7 @@ mod probe;
 mod progress;
 mod provision;
 mod qemu_img;
+pub mod snapshot;
 
 use std::io;
 use std::path::PathBuf;

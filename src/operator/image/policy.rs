@@ -265,7 +265,16 @@ impl ImagePolicy {
             } else {
                 parent.path.parent().unwrap_or(Path::new("/")).join(name)
             };
-            let canonical = self.resolve_inside(&absolute, true).map_err(wrap)?;
+            // A vman-placed top (a VM's root disk, or one of its snapshot
+            // files) may have the VM's own snapshot files
+            // (`<VM folder>/snapshots/`) in its chain.
+            let own_snapshot = fs::canonicalize(&absolute).ok().filter(|c| {
+                top == Top::Trusted && c.parent().is_some_and(|d| own_snapshot_dir(&top_path, d))
+            });
+            let canonical = match own_snapshot {
+                Some(c) => c,
+                None => self.resolve_inside(&absolute, true).map_err(wrap)?,
+            };
             let next = self
                 .open_one(&canonical, Some(format), false)
                 .map_err(wrap)?;
@@ -320,6 +329,17 @@ impl ImagePolicy {
             file: Arc::new(file),
         })
     }
+}
+
+/// True when `dir` is the snapshot folder of the VM whose root disk or
+/// snapshot file is `top`: `<top's folder>/snapshots`, or `top`'s folder
+/// itself when `top` is in a `snapshots` folder.
+fn own_snapshot_dir(top: &Path, dir: &Path) -> bool {
+    let Some(folder) = top.parent() else {
+        return false;
+    };
+    dir == folder.join("snapshots")
+        || (folder.file_name().is_some_and(|n| n == "snapshots") && dir == folder)
 }
 
 /// `ImagePolicy::resolve` with a policy of these folders (for tests).
