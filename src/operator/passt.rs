@@ -1,8 +1,8 @@
 //! The passt daemon of a user-mode VM (`VMAN_USER_NET=passt`), supervised
 //! like QEMU: started before QEMU, connected to it by a socketpair (passt
 //! gets one end with `--fd`, QEMU the other with `-netdev stream,addr.type=fd`:
-//! a root passt drops to `VMAN_QEMU_USER` before it would bind a socket
-//! path, and the VM folder is closed to that user), its pid in
+//! a root passt drops to its user `VMAN_PASST_USER` before it would bind a
+//! socket path, and the VM folder is closed to that user), its pid in
 //! `{vm}/passt.pid`, its log in `{vm}/passt.log` (the absolute `-l` path is
 //! what identifies a VM's passt in the process table, as `-pidfile` does for
 //! QEMU). passt exits by itself when QEMU closes its end; vman stops it
