@@ -105,10 +105,38 @@ impl Ws {
 
     /// Waits for the server's close frame; returns its code.
     fn wait_closed(&mut self, deadline: Duration) -> u16 {
+        match self.closed_within(deadline) {
+            Some(code) => code,
+            None => panic!("not closed after {deadline:?}"),
+        }
+    }
+
+    /// Types `line` again every few seconds until the server closes the
+    /// socket (a line typed while the guest's shell is still being
+    /// started can go unseen); returns the close code.
+    fn type_until_closed(&mut self, line: &str, deadline: Duration) -> u16 {
+        let start = Instant::now();
+        loop {
+            self.type_line(line);
+            if let Some(code) = self.closed_within(Duration::from_secs(10)) {
+                return code;
+            }
+            assert!(
+                start.elapsed() < deadline,
+                "not closed after {deadline:?}; seen:\n{}",
+                self.seen
+            );
+        }
+    }
+
+    /// The server's close code, if it closes within `deadline`.
+    fn closed_within(&mut self, deadline: Duration) -> Option<u16> {
         let start = Instant::now();
         while self.closed.is_none() {
             let left = deadline.saturating_sub(start.elapsed());
-            assert!(!left.is_zero(), "not closed after {deadline:?}");
+            if left.is_zero() {
+                return None;
+            }
             let socket = &mut self.socket;
             match self
                 .rt
@@ -119,10 +147,13 @@ impl Ws {
                     self.closed = Some(frame.map_or(0, |f| u16::from(f.code)))
                 }
                 Ok(None) | Ok(Some(Err(_))) => self.closed = Some(0),
+                Ok(Some(Ok(Message::Binary(b)))) => {
+                    self.seen.push_str(&String::from_utf8_lossy(&b))
+                }
                 Ok(Some(Ok(_))) => {}
             }
         }
-        self.closed.unwrap_or(0)
+        self.closed
     }
 
     fn close(mut self) {
@@ -314,8 +345,12 @@ fn a_guest_power_off_closes_the_console_and_is_an_exited_event() {
     vman.template("tiny", 256);
     boot(&vman, "p");
     let mut ws = connect(&vman, "/vms/p/console/ws", &[]).expect("console");
-    ws.type_line("poweroff -f");
-    assert_eq!(ws.wait_closed(GUEST), 1000, "seen:\n{}", ws.seen);
+    assert_eq!(
+        ws.type_until_closed("poweroff -f", GUEST),
+        1000,
+        "seen:\n{}",
+        ws.seen
+    );
     vman.wait_state("p", "stopped", SERVER);
     let (s, events) = vman.call("GET", "/events?follow=false&resource=p", None);
     assert_eq!(s, 200, "{events}");
