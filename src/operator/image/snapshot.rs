@@ -68,6 +68,20 @@ fn overlay_onto(
     let name = root.file_name().unwrap_or_default();
     let (tmp, file) = Partial::create(dir, name)?;
     drop(file);
+    create_overlay(qemu_img, backing, &tmp.path, virtual_size)?;
+    tmp.persist_replacing(root)?;
+    sync_dir(dir)
+}
+
+/// Writes at `path` an empty qcow2 overlay of `virtual_size` bytes whose
+/// backing is the qcow2 file `backing`, named but not opened (`-u`: the
+/// size is given).
+fn create_overlay(
+    qemu_img: &Path,
+    backing: &Path,
+    path: &Path,
+    virtual_size: u64,
+) -> Result<(), ImageError> {
     let size = virtual_size.to_string();
     qemu_img_do(
         qemu_img,
@@ -77,18 +91,15 @@ fn overlay_onto(
             "-q".as_ref(),
             "-f".as_ref(),
             "qcow2".as_ref(),
-            // The backing file is not opened: the size is given.
             "-u".as_ref(),
             "-F".as_ref(),
             "qcow2".as_ref(),
             "-b".as_ref(),
             backing.as_os_str(),
-            tmp.path.as_os_str(),
+            path.as_os_str(),
             size.as_ref(),
         ],
-    )?;
-    tmp.persist_replacing(root)?;
-    sync_dir(dir)
+    )
 }
 
 /// Takes snapshot `name` of the root disk `root` (in the VM folder):
@@ -137,24 +148,7 @@ pub fn take(
     let root_name = root.file_name().unwrap_or_default().to_os_string();
     let (tmp, file) = Partial::create(&overlay_dir, &root_name)?;
     drop(file);
-    let size = virtual_size.to_string();
-    qemu_img_do(
-        qemu_img,
-        "create",
-        &[
-            "create".as_ref(),
-            "-q".as_ref(),
-            "-f".as_ref(),
-            "qcow2".as_ref(),
-            "-u".as_ref(),
-            "-F".as_ref(),
-            "qcow2".as_ref(),
-            "-b".as_ref(),
-            dest.as_os_str(),
-            tmp.path.as_os_str(),
-            size.as_ref(),
-        ],
-    )?;
+    create_overlay(qemu_img, &dest, &tmp.path, virtual_size)?;
     link.persist(&dest)?;
     tmp.persist_replacing(root)?;
     sync_dir(&vm_dir)?;
