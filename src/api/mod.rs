@@ -20,6 +20,7 @@ pub mod ports;
 pub mod snapshots;
 pub mod system;
 pub mod templates;
+pub mod ui;
 pub mod vms;
 
 use std::sync::Arc;
@@ -80,6 +81,7 @@ pub fn router(state: AppState) -> Router {
     let guard = Arc::new(guard::Guard::from_config(state.service.config()));
     let (routes, doc) = assembled();
     routes
+        .merge(ui::router())
         .route_layer(middleware::from_fn(metrics::tag_route))
         .layer(Extension(system::Document::new(&doc)))
         .fallback(not_found)
@@ -154,6 +156,7 @@ pub fn authorized(app: &AppState, headers: &header::HeaderMap) -> bool {
 async fn require_token(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let (path, query) = (req.uri().path(), req.uri().query());
     if path == "/health"
+        || ui::is_public(path)
         || authorized(&app, req.headers())
         || console_ws::query_token_ok(&app, path, query)
     {
