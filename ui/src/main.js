@@ -328,8 +328,7 @@ function renderRows() {
   const existing = new Map([...tbody.children].map((tr) => [tr.dataset.vm, tr]));
   const wanted = new Set(vms.map((v) => v.id));
   for (const [id, tr] of existing) if (!wanted.has(id)) tr.remove();
-  let next = tbody.firstChild;
-  for (const vm of vms) {
+  vms.forEach((vm, i) => {
     let tr = existing.get(vm.id);
     const sig = rowSignature(vm);
     if (!tr || tr.dataset.sig !== sig) {
@@ -348,9 +347,9 @@ function renderRows() {
       }
       tr = fresh;
     }
-    if (tr !== next) tbody.insertBefore(tr, next);
-    next = tr.nextSibling;
-  }
+    const here = tbody.children[i] || null;
+    if (tr !== here) tbody.insertBefore(tr, here);
+  });
   const counts = STATES.map((s) => `${all.filter((v) => v.state === s).length} ${s}`).join(', ');
   $('#vm-count').textContent = `${all.length} VMs: ${counts}`;
   const empty = $('#vm-empty');
@@ -917,6 +916,9 @@ setInterval(() => {
   }
 }, 1000);
 
+// A bug in the page is shown like a refusal, not swallowed.
+window.addEventListener('error', (e) => showError('Page error', e.error || e.message));
+window.addEventListener('unhandledrejection', (e) => showError('Page error', e.reason));
 window.addEventListener('hashchange', route);
 window.addEventListener('DOMContentLoaded', () => {
   $('#forget').addEventListener('click', () => {
