@@ -5,17 +5,24 @@
 # pinned schemathesis into target/fuzz-venv itself), user-mode networking
 # (passt, socat for the slirp metadata relay, nftables for the guard table,
 # iproute2), openssh-client (the debian guest's SSH test), bridge networking
-# (dnsmasq-base), and the vman-qemu and vman-passt users (QEMU and passt run
-# as them). Safe to run again: it only installs what is missing.
+# (dnsmasq-base), the web console's build and browser tests (nodejs and
+# npm to build ui/, chromium and chromium-driver for tests/ui), and the
+# vman-qemu and vman-passt users (QEMU and passt run as them). Safe to run
+# again: it only installs what is missing.
 set -euo pipefail
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in fdisk dosfstools mtools syslinux syslinux-common busybox-static cpio kmod \
            wrk curl ca-certificates xz-utils python3-venv \
-           passt socat nftables iproute2 openssh-client dnsmasq-base; do
+           passt socat nftables iproute2 openssh-client dnsmasq-base \
+           chromium chromium-driver; do
     have "$pkg" || need+=("$pkg")
 done
+# Node from Debian unless a node and npm are already there (e.g. NodeSource).
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    need+=(nodejs npm)
+fi
 
 qemu_ok() {
     command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null || return 1

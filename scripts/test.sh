@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Sets up everything and runs all tests: unit tests, the API tests against
-# the real binary, the boot disk builder, and end-to-end tests that boot
-# real QEMU guests under TCG from a disk the run builds itself, then the
-# OpenAPI fuzz suite (scripts/fuzz.sh).
+# the real binary, the boot disk builder, end-to-end tests that boot real
+# QEMU guests under TCG from a disk the run builds itself, the web console
+# in headless Chromium (tests/ui, screenshots in target/ui-artifacts/), then
+# the OpenAPI fuzz suite (scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
+# The web console, built before cargo so build.rs embeds ui/dist.
+(cd ui && npm ci --no-audit --no-fund && npm run build)
 export VMAN_ACCEL=tcg
 # The debian boot disk (debootstrap, ~2 min to build, ~30 s to boot under
 # TCG) is built and booted too; VMAN_TEST_DEBIAN=0 skips it.

@@ -25,6 +25,7 @@ mod routes;
 mod snapshots;
 mod system;
 mod templates;
+mod ui;
 mod vms;
 
 use common::Server;
