@@ -5,6 +5,7 @@
 //! go to `target/ui-artifacts/`. Every wait is for a DOM condition with a
 //! generous deadline.
 
+mod bench;
 mod browser;
 #[path = "../common/mod.rs"]
 mod common;
