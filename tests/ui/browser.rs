@@ -192,6 +192,24 @@ impl Browser {
             .unwrap_or_else(|e| panic!("fill {css}: {e}"));
     }
 
+    /// Resizes the window (e.g. to a phone's width).
+    pub fn window_size(&self, width: u32, height: u32) {
+        self.rt
+            .block_on(self.c().set_window_size(width, height))
+            .unwrap_or_else(|e| panic!("window size {width}x{height}: {e}"));
+    }
+
+    /// The text of the first element `css` matches ("" when none).
+    pub fn text(&self, css: &str) -> String {
+        self.js(
+            "const e = document.querySelector(arguments[0]); return e ? e.textContent : '';",
+            vec![json!(css)],
+        )
+        .as_str()
+        .unwrap_or("")
+        .to_owned()
+    }
+
     /// Saves a PNG of the window as `target/ui-artifacts/<name>.png`.
     pub fn screenshot(&self, name: &str) -> PathBuf {
         let png = self

@@ -9,6 +9,7 @@ mod bench;
 mod browser;
 #[path = "../common/mod.rs"]
 mod common;
+mod forms;
 #[allow(dead_code)]
 #[path = "../e2e/harness.rs"]
 mod harness;

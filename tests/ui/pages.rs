@@ -95,6 +95,9 @@ fn a_vm_created_from_the_form_starts_shows_running_live_echoes_in_its_console_an
     wait_row(&b, &name, "running", GUEST);
     assert_eq!(vman.vm(&name)["state"], "running");
     b.screenshot("list");
+    b.window_size(390, 844);
+    b.screenshot("list-phone");
+    b.window_size(1280, 900);
 
     // Its page: the console connects; once the guest's shell is up, a line
     // typed into the terminal comes back in it.

@@ -759,7 +759,7 @@ async function loadHost() {
         h('thead', {}, h('tr', {}, ['Check', 'OK', 'Detail'].map((c) => h('th', { scope: 'col' }, c)))),
         h('tbody', {}, checks.map(([k, c]) => h('tr', { dataset: { check: k, ok: String(c.ok) } },
           h('th', { scope: 'row' }, k),
-          h('td', {}, c.ok ? '✓ yes' : '✗ no'),
+          h('td', { class: 'nowrap' }, c.ok ? '✓ yes' : '✗ no'),
           h('td', {}, c.detail)))))));
   } catch (e) {
     hb.replaceChildren(failLine(e));
@@ -860,6 +860,7 @@ function route() {
   }
   const main = $('#main');
   main.replaceChildren();
+  clearErrors();
   const hash = location.hash || '#/';
   let nav = 'list';
   if (hash.startsWith('#/vm/')) {
