@@ -102,7 +102,12 @@ fn a_missing_file_of_the_page_is_a_json_404_and_other_methods_a_405() {
     assert_eq!(r.body["code"], "not_found");
     let r = s.raw("GET", "/ui/../vms", None, &[]);
     assert_ne!(r.status, 500);
-    let r = s.raw("POST", "/ui/", Some(b"{}"), &[("Content-Type", "application/json")]);
+    let r = s.raw(
+        "POST",
+        "/ui/",
+        Some(b"{}"),
+        &[("Content-Type", "application/json")],
+    );
     assert_eq!(r.status, 405);
     assert_eq!(r.body["code"], "method_not_allowed");
 }
