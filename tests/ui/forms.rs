@@ -40,6 +40,17 @@ fn the_vm_page_edits_ports_metadata_and_disks_and_refusals_show_the_servers_deta
     b.goto("/ui/#/vm/v1");
     b.wait_for("#vm-state .state-stopped", SERVER);
     b.wait_for("#port-form", SERVER);
+    b.wait_for("#new-disk-form", SERVER);
+    b.wait_for("#meta-form", SERVER);
+    b.wait_for("#snap-form", SERVER);
+    // Regression: an absent part (no free disk to attach) was written as
+    // the text "null".
+    let shown = b.js("return document.querySelector('#main').innerText", vec![]);
+    let shown = shown.as_str().unwrap_or("");
+    assert!(
+        !shown.contains("null") && !shown.contains("undefined"),
+        "{shown}"
+    );
     b.fill("#port-guest", "8080");
     b.click("#port-form button[type=submit]");
     b.wait(

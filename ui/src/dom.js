@@ -59,3 +59,8 @@ export function field(label, input, hint) {
     input,
     hint ? h('small', { class: 'hint', id: `${input.id}-hint` }, hint) : null);
 }
+
+/// Replaces the children of `el`, skipping null, undefined and false.
+export function fill(el, ...children) {
+  el.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== false));
+}

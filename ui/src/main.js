@@ -9,7 +9,7 @@
 import './style.css';
 import { api, ApiError, auth, followEvents, forgetToken, saveToken, seg } from './api.js';
 import { openConsole } from './console.js';
-import { $, bytes, duration, field, h, when } from './dom.js';
+import { $, bytes, duration, field, fill, h, when } from './dom.js';
 
 const S = {
   authed: false,
@@ -53,7 +53,7 @@ function showError(what, err) {
 }
 
 function clearErrors() {
-  $('#errors').replaceChildren();
+  fill($('#errors'));
 }
 
 // ------------------------------------------------------------- confirm
@@ -425,7 +425,7 @@ function viewCreate(main) {
   });
   main.append(h('h1', {}, 'Create a VM'), form);
   templates().then((list) => {
-    tpl.replaceChildren(...list.map((t) => h('option', { value: t.name }, `${t.name} (${t.cpu_count} vCPU, ${ramText(t)})`)));
+    fill(tpl, ...list.map((t) => h('option', { value: t.name }, `${t.name} (${t.cpu_count} vCPU, ${ramText(t)})`)));
     if (list.length === 0) {
       tpl.append(h('option', { value: '' }, 'no templates yet'));
       status.textContent = 'There is no template yet: add one on the Host page.';
@@ -478,17 +478,17 @@ function renderVmPage(id) {
   if (!head) return;
   const vm = S.vms.get(id);
   if (!vm) {
-    head.replaceChildren(h('p', { class: 'error-text' }, `There is no VM ${id} (any more).`));
-    $('#vm-state').replaceChildren();
+    fill(head, h('p', { class: 'error-text' }, `There is no VM ${id} (any more).`));
+    fill($('#vm-state'), );
     return;
   }
   const sig = rowSignature(vm);
   if (head.dataset.sig === sig) return;
   head.dataset.sig = sig;
-  $('#vm-state').replaceChildren(stateBadge(vm));
+  fill($('#vm-state'), stateBadge(vm));
   const t = vm.vm_template || {};
   const rd = vm.root_disk;
-  head.replaceChildren(
+  fill(head, 
     actionButtons(vm),
     progress(id) || '',
     vm.last_error ? h('p', { class: 'last-error', id: 'vm-last-error' }, h('strong', {}, 'Last error: '), vm.last_error) : '',
@@ -545,7 +545,7 @@ async function loadDisks(id) {
   try {
     disks = await api('GET', '/disks');
   } catch (e) {
-    body.replaceChildren(failLine(e));
+    fill(body, failLine(e));
     return;
   }
   if (S.view !== `vm:${id}`) return;
@@ -580,7 +580,7 @@ async function loadDisks(id) {
   const pick = h('select', { id: 'attach-disk' }, free.map((d) => h('option', { value: d.id }, `${d.id} (${d.size} GiB)`)));
   const newSize = h('input', { id: 'new-disk-size', type: 'number', min: 1, value: 1, class: 'short', required: true });
   const newName = h('input', { id: 'new-disk-name', autocomplete: 'off', placeholder: 'generated when empty' });
-  body.replaceChildren(
+  fill(body, 
     mine.length === 0 ? h('p', { class: 'muted' }, 'No data disk attached.')
       : h('div', { class: 'table-wrap' }, h('table', {},
         h('thead', {}, h('tr', {}, ['Disk', 'Size', 'Device', 'State', 'Actions'].map((c) => h('th', { scope: 'col' }, c)))),
@@ -611,10 +611,10 @@ function renderPorts(vm) {
   const proto = h('select', { id: 'port-protocol' }, h('option', { value: 'tcp' }, 'tcp'), h('option', { value: 'udp' }, 'udp'));
   const note = h('p', { class: 'muted', role: 'status', id: 'port-note' });
   if (vm.network.mode !== 'user') {
-    body.replaceChildren(h('p', { class: 'muted' }, `Port forwards are for user-mode networking; this VM's network is ${vm.network.mode}.`));
+    fill(body, h('p', { class: 'muted' }, `Port forwards are for user-mode networking; this VM's network is ${vm.network.mode}.`));
     return;
   }
-  body.replaceChildren(
+  fill(body, 
     ports.length === 0 ? h('p', { class: 'muted' }, 'No port forward.')
       : h('ul', { class: 'plain' }, ports.map((p) => h('li', {},
         `${p.host_address}:${p.host_port} → guest ${p.guest_port}/${p.protocol} `,
@@ -647,7 +647,7 @@ async function loadMeta(id) {
   try {
     m = await api('GET', `/vms/${seg(id)}/metadata`);
   } catch (e) {
-    body.replaceChildren(failLine(e));
+    fill(body, failLine(e));
     return;
   }
   const hostname = h('input', { id: 'meta-hostname', autocomplete: 'off', value: m.hostname || '' });
@@ -676,7 +676,7 @@ async function loadMeta(id) {
       },
     }, 'Clear')));
   f.classList.remove('inline');
-  body.replaceChildren(f, note);
+  fill(body, f, note);
 }
 
 async function loadSnapshots(id) {
@@ -686,7 +686,7 @@ async function loadSnapshots(id) {
   try {
     list = await api('GET', `/vms/${seg(id)}/snapshots`);
   } catch (e) {
-    body.replaceChildren(failLine(e));
+    fill(body, failLine(e));
     return;
   }
   if (!Array.isArray(list)) list = (list && list.snapshots) || [];
@@ -704,7 +704,7 @@ async function loadSnapshots(id) {
       : api('DELETE', `/vms/${seg(id)}/snapshots/${seg(s.name)}`)));
     loadSnapshots(id);
   };
-  body.replaceChildren(
+  fill(body, 
     list.length === 0 ? h('p', { class: 'muted' }, 'No snapshot.')
       : h('div', { class: 'table-wrap' }, h('table', {},
         h('thead', {}, h('tr', {}, ['Name', 'Taken', 'Size', 'Parent', 'Actions'].map((c) => h('th', { scope: 'col' }, c)))),
@@ -749,7 +749,7 @@ async function loadHost() {
     const health = await api('GET', '/health', undefined, { accept: [503] });
     const checks = Object.entries(health.checks || {});
     const mem = health.checks && health.checks.memory && /(\d+) MiB of (\d+) MiB/.exec(health.checks.memory.detail);
-    hb.replaceChildren(
+    fill(hb, 
       h('p', {}, 'Status: ', h('span', { class: `state state-${health.status === 'ok' ? 'running' : 'error'}`, id: 'health-status' }, health.status),
         health.version ? ` · vman ${health.version}` : ''),
       mem ? h('div', { class: 'field' },
@@ -762,18 +762,18 @@ async function loadHost() {
           h('td', { class: 'nowrap' }, c.ok ? '✓ yes' : '✗ no'),
           h('td', {}, c.detail)))))));
   } catch (e) {
-    hb.replaceChildren(failLine(e));
+    fill(hb, failLine(e));
   }
   try {
     const o = await api('GET', '/observer/status');
-    ob.replaceChildren(
+    fill(ob, 
       h('p', {}, `${o.status}: ${o.passes} passes, one every ${o.check_interval} s; last ${when(o.last_check_at)}`),
       o.last_issues.length === 0 ? h('p', { class: 'muted', id: 'observer-none' }, 'The last pass found nothing wrong.')
         : h('ul', { id: 'observer-issues' }, o.last_issues.map((i) => h('li', {},
           h('strong', {}, i.kind || i.type || 'finding'), ' ',
           Object.entries(i).filter(([k]) => k !== 'kind' && k !== 'type').map(([k, v]) => `${k}: ${typeof v === 'string' ? v : JSON.stringify(v)}`).join(', ')))));
   } catch (e) {
-    ob.replaceChildren(failLine(e));
+    fill(ob, failLine(e));
   }
 }
 
@@ -785,13 +785,13 @@ async function loadTemplates() {
   try {
     list = await templates();
   } catch (e) {
-    body.replaceChildren(failLine(e));
+    fill(body, failLine(e));
     return;
   }
   const name = h('input', { id: 'tpl-name', required: true, autocomplete: 'off' });
   const cpu = h('input', { id: 'tpl-cpu', type: 'number', min: 1, value: 1, required: true, class: 'short' });
   const ram = h('input', { id: 'tpl-ram', type: 'number', min: 16, value: 512, required: true, class: 'short' });
-  body.replaceChildren(
+  fill(body, 
     list.length === 0 ? h('p', { class: 'muted' }, 'No template.')
       : h('ul', { class: 'plain' }, list.map((t) => h('li', {}, `${t.name}: ${t.cpu_count} vCPU, ${ramText(t)} `,
         h('button', {
@@ -846,7 +846,7 @@ function showLogin(refused) {
       submit.disabled = false;
     }
   });
-  $('#main').replaceChildren(f);
+  fill($('#main'), f);
   input.focus();
 }
 
@@ -859,7 +859,7 @@ function route() {
     S.console = null;
   }
   const main = $('#main');
-  main.replaceChildren();
+  fill(main);
   clearErrors();
   const hash = location.hash || '#/';
   let nav = 'list';
