@@ -154,3 +154,86 @@ fn the_vm_page_edits_ports_metadata_and_disks_and_refusals_show_the_servers_deta
         .unwrap_or(false));
     b.screenshot("host");
 }
+
+/// A qcow2 image whose file is `mib` MiB long (a valid header, then filler
+/// the guest never reads as a disk): a copy long enough to be seen.
+fn big_boot_disk(dir: &std::path::Path, mib: usize) -> std::path::PathBuf {
+    use std::io::Write;
+    let small = dir.join("small.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&small)
+        .arg("64M")
+        .output()
+        .expect("qemu-img");
+    assert!(out.status.success(), "{out:?}");
+    let path = dir.join("big.qcow2");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).expect("create"));
+    f.write_all(&std::fs::read(&small).expect("read"))
+        .expect("write");
+    let chunk = vec![0xabu8; 1 << 20];
+    for _ in 0..mib {
+        f.write_all(&chunk).expect("write");
+    }
+    f.into_inner().expect("flush").sync_all().expect("sync");
+    path
+}
+
+#[test]
+fn create_and_start_from_the_form_shows_the_root_disk_copy_progress() {
+    let dir = tempfile::Builder::new()
+        .prefix("vman-ui-big-")
+        .tempdir()
+        .expect("temp dir");
+    let image = big_boot_disk(dir.path(), 1024);
+    let total = std::fs::metadata(&image).expect("size").len();
+    let vman = Vman::builder()
+        .env("VMAN_DEFAULT_BOOT_DISK", &image)
+        .env("VMAN_NETWORK_MODE", "none")
+        .start();
+    vman.template("tiny", 128);
+    let b = Browser::start(&vman.base, 1280, 900);
+    b.goto("/ui/#/create");
+    b.wait_for("#create-template option[value=tiny]", SERVER);
+    // Every progress bar the page draws is noted.
+    b.js(
+        "window.__progress = [];
+         new MutationObserver(() => {
+           for (const p of document.querySelectorAll('[data-progress] progress'))
+             window.__progress.push([Number(p.value), Number(p.max)]);
+         }).observe(document.body, {childList: true, subtree: true});
+         return true;",
+        vec![],
+    );
+    b.fill("#create-name", "big");
+    b.click("#create-start");
+    b.click("#create-submit");
+    b.wait(
+        "the row of big to show running",
+        crate::harness::GUEST,
+        "const r = document.querySelector('#vm-rows tr[data-vm=big]'); return r && r.dataset.state === 'running';",
+        vec![],
+    );
+    let seen = b.js("return window.__progress", vec![]);
+    let seen: Vec<(f64, f64)> = seen
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|p| Some((p[0].as_f64()?, p[1].as_f64()?)))
+        .collect();
+    eprintln!(
+        "copy progress shown {} times: {:?}",
+        seen.len(),
+        seen.last()
+    );
+    assert!(!seen.is_empty(), "no copy progress was shown");
+    for (done, max) in &seen {
+        assert_eq!(*max, total as f64, "{seen:?}");
+        assert!(*done <= *max, "{seen:?}");
+    }
+    // The bar is gone once the VM runs.
+    assert!(b
+        .js("return document.querySelector('[data-progress]')", vec![])
+        .is_null());
+    assert_eq!(vman.vm("big")["root_disk"]["source"], "default");
+}

@@ -108,7 +108,7 @@ async function startWatching(id, verb) {
     let wait = 100;
     while (!done) {
       await sleep(wait);
-      wait = 300;
+      wait = 100;
       if (done) break;
       try {
         const vm = await api('GET', `/vms/${seg(id)}`);
