@@ -1,5 +1,5 @@
 // The serial console of one VM in xterm.js: the tail of console.txt first
-// (GET /vms/{id}/console), then live over the WebSocket
+// (GET /vms/{id}/console, also for a stopped VM), then live over the WebSocket
 // /vms/{id}/console/ws both ways. The fit add-on keeps the terminal the
 // size of its box; Ctrl+Shift+C / Ctrl+Shift+V (and the buttons) copy the
 // selection and paste. Browsers cannot set headers on a WebSocket, so the
@@ -35,7 +35,16 @@ export function openConsole(box, vmId, onState) {
 
   let ws = null;
   let disposed = false;
-  let tailShown = false;
+  // What the console printed before (also of a stopped VM), written before
+  // anything live.
+  const tail = (async () => {
+    try {
+      const t = await api('GET', `/vms/${seg(vmId)}/console`);
+      if (t && t.console && !disposed) term.write(t.console);
+    } catch {
+      // No console yet: nothing to show.
+    }
+  })();
 
   const send = (data) => {
     if (ws && ws.readyState === WebSocket.OPEN) ws.send(data);
@@ -68,15 +77,8 @@ export function openConsole(box, vmId, onState) {
   async function connect() {
     if (disposed) return;
     if (ws && (ws.readyState === WebSocket.OPEN || ws.readyState === WebSocket.CONNECTING)) return;
-    if (!tailShown) {
-      tailShown = true;
-      try {
-        const tail = await api('GET', `/vms/${seg(vmId)}/console`);
-        if (tail && tail.console) term.write(tail.console);
-      } catch {
-        // No console yet: nothing to show.
-      }
-    }
+    await tail;
+    if (disposed || (ws && ws.readyState <= WebSocket.OPEN)) return;
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
     let url = `${proto}//${location.host}/vms/${seg(vmId)}/console/ws`;
     if (auth.token) url += `?token=${encodeURIComponent(auth.token)}`;
