@@ -192,6 +192,16 @@ impl Browser {
             .unwrap_or_else(|e| panic!("fill {css}: {e}"));
     }
 
+    /// Chooses the option `value` of the select `css`.
+    pub fn select(&self, css: &str, value: &str) {
+        self.rt
+            .block_on(async {
+                let el = self.c().find(Locator::Css(css)).await?;
+                el.select_by_value(value).await
+            })
+            .unwrap_or_else(|e| panic!("select {value} in {css}: {e}"));
+    }
+
     /// Resizes the window (e.g. to a phone's width).
     pub fn window_size(&self, width: u32, height: u32) {
         self.rt

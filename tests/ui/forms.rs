@@ -1,4 +1,5 @@
-//! The forms of the web console on a stopped VM (no guest needed): port
+//! The forms of the web console on a stopped VM (no guest needed): the
+//! list's state filter; port
 //! forwards, metadata and data disks edited through the VM page reach the
 //! API; refusals (a taken name in the create form, a snapshot of a VM
 //! without a root disk) show the server's own `detail`; the host page shows
@@ -25,6 +26,20 @@ fn the_vm_page_edits_ports_metadata_and_disks_and_refusals_show_the_servers_deta
     let (s, body) = vman.create_vm(json!({"template_name": "tiny", "name": "v1"}));
     assert_eq!(s, 201, "{body}");
     let b = Browser::start(&vman.base, 1280, 900);
+
+    // The state filter of the list.
+    b.goto("/ui/");
+    b.wait_for("#vm-rows tr[data-vm=v1][data-state=stopped]", SERVER);
+    b.select("#state-filter", "running");
+    b.wait(
+        "v1 filtered out",
+        SERVER,
+        "return !document.querySelector('#vm-rows tr[data-vm=v1]') && !document.querySelector('#vm-empty').hidden",
+        vec![],
+    );
+    b.select("#state-filter", "stopped");
+    b.wait_for("#vm-rows tr[data-vm=v1]", SERVER);
+    b.select("#state-filter", "");
 
     // The create form with a taken name: the server's detail, nothing made.
     let (s, refusal) = vman.create_vm(json!({"template_name": "tiny", "name": "v1"}));
