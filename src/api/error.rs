@@ -112,6 +112,8 @@ fn code_of(reason: &Reason) -> &'static str {
         Reason::NoRootDisk => "no_root_disk",
         Reason::TooManySnapshots => "too_many_snapshots",
         Reason::SnapshotInUse => "snapshot_in_use",
+        Reason::SnapshotFailed(_) => "snapshot_failed",
+        Reason::DiskInSnapshot => "disk_in_snapshot",
     }
 }
 
