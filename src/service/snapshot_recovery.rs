@@ -109,33 +109,27 @@ impl Service {
                 .map_err(|e| e.to_string())?;
             return Ok("finished".into());
         }
-        let run = self.live(&op.vm_id);
-        let mut dropped: Vec<String> = Vec::new();
-        match run {
-            Some(run) => {
-                let top = live::root_top_node(&run.qmp)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if Some(&top) != plan.overlay_node.as_ref() {
-                    // QEMU still writes into the old root: undo the files.
-                    files::untake(&root, &snap).map_err(|e| e.to_string())?;
-                    files::remove_dir(&copies).map_err(|e| e.to_string())?;
-                    end(self)?;
-                    return Ok("rolled back (the QMP transaction had not happened)".into());
-                }
-                let jobs = live::jobs(&run.qmp).await.unwrap_or_default();
-                for (job, node, disk) in &plan.jobs {
-                    let ids = [job.clone()];
-                    let ok = jobs.iter().any(|j| &j.id == job)
-                        && live::wait_jobs(&run.qmp, &ids).await.is_ok();
+        if let Some(run) = self.live(&op.vm_id) {
+            let top = live::root_top_node(&run.qmp)
+                .await
+                .map_err(|e| e.to_string())?;
+            if Some(&top) != plan.overlay_node.as_ref() {
+                // QEMU still writes into the old root: undo the files.
+                files::untake(&root, &snap).map_err(|e| e.to_string())?;
+                files::remove_dir(&copies).map_err(|e| e.to_string())?;
+                end(self)?;
+                return Ok("rolled back (the QMP transaction had not happened)".into());
+            }
+            // Let copies still running end (their targets were `.partial`
+            // files, swept at start-up) and remove their nodes.
+            let jobs = live::jobs(&run.qmp).await.unwrap_or_default();
+            for (job, node, _) in &plan.jobs {
+                if jobs.iter().any(|j| &j.id == job) {
                     let _ = live::finish_backups(&run.qmp, &[(job.clone(), node.clone())]).await;
-                    if !ok {
-                        dropped.push(disk.clone());
-                    }
                 }
             }
-            None => dropped = plan.disks.iter().map(|d| d.id.clone()).collect(),
         }
+        let mut dropped: Vec<String> = Vec::new();
         // The copies were made under `.partial` names (swept at start-up)
         // and renamed once complete.
         dropped.extend(
@@ -144,8 +138,6 @@ impl Service {
                 .filter(|d| !disk_copy(&paths.dir, op.name.as_str(), &d.id).is_file())
                 .map(|d| d.id.clone()),
         );
-        dropped.sort();
-        dropped.dedup();
         if dropped.is_empty() {
             let kept = plan.disks.len();
             self.finish_create_record(&op.vm_id, &op.name, plan)
