@@ -359,3 +359,70 @@ fn restoring_a_snapshot_with_a_parent_was_refused_as_outside_the_image_folders()
     assert_eq!(st, 200, "{body}");
     assert!(backing(&root).unwrap().ends_with("/snapshots/s2.qcow2"));
 }
+
+/// A stopped VM with a data disk: the snapshot holds a copy of it
+/// (`include_data_disks`, default true) or not (false); the disk cannot be
+/// deleted while a snapshot holds it, unless `?force=true`; a restore
+/// puts its data back, and makes it again when it was deleted.
+#[test]
+fn data_disks_are_part_of_a_snapshot_and_guarded() {
+    let (s, root) = server_with_vm("dd");
+    let dir = root.parent().unwrap().to_path_buf();
+    let (st, b) = s.post_json("/disks", &json!({"name": "d1", "size": 1}));
+    assert_eq!(st, 201, "{b}");
+    let (st, b) = s.post_json("/disks/d1/attach", &json!({"vm_id": "dd"}));
+    assert_eq!(st, 200, "{b}");
+    let disk = s.storage_path().join("disks/d1.qcow2");
+    write_pattern(&disk, 0x21, 4096, 4096);
+
+    let (st, one) = s.post_json("/vms/dd/snapshots", &json!({"name": "one"}));
+    assert_eq!(st, 201, "{one}");
+    assert_eq!(one["disks"][1]["id"], "d1");
+    assert_eq!(one["disks"][1]["kind"], "data");
+    assert_eq!(one["disks"][1]["virtual_size"], 1u64 << 30);
+    let copy = dir.join("snapshots/one.disks/d1.img");
+    assert!(holds(&copy, 0x21, 4096, 4096));
+    let (st, bare) = s.post_json(
+        "/vms/dd/snapshots",
+        &json!({"name": "bare", "include_data_disks": false}),
+    );
+    assert_eq!(st, 201, "{bare}");
+    assert_eq!(bare["disks"].as_array().unwrap().len(), 1);
+    assert!(!dir.join("snapshots/bare.disks").exists());
+    let reply = s.post_json(
+        "/vms/dd/snapshots",
+        &json!({"name": "x", "include_data_disks": "yes"}),
+    );
+    assert_error(&reply, 422);
+
+    // The disk changes; the snapshot's copy does not.
+    write_pattern(&disk, 0x22, 4096, 4096);
+    assert!(holds(&copy, 0x21, 4096, 4096));
+
+    // Guarded: detached, it still cannot go without force; nothing changed.
+    assert_eq!(s.post_json("/disks/d1/detach", &json!({})).0, 200);
+    let reply = s.delete("/disks/d1");
+    let detail = assert_error(&reply, 400);
+    assert_eq!(reply.1["code"], "disk_in_snapshot");
+    assert!(detail.contains("dd/one") && detail.contains("force=true"), "{detail}");
+    assert!(disk.exists());
+    assert_error(&s.delete("/disks/d1?force=maybe"), 422);
+    assert!(disk.exists());
+    assert_eq!(s.delete("/disks/d1?force=true").0, 204);
+    assert!(!disk.exists());
+    assert!(copy.exists());
+
+    // Restore makes the disk again, attached, with the snapshot's data.
+    let (st, b) = s.post_json("/vms/dd/snapshots/one/restore", &json!({}));
+    assert_eq!(st, 200, "{b}");
+    let (st, d) = s.get("/disks/d1");
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["state"], "attached", "{d}");
+    assert!(holds(&disk, 0x21, 4096, 4096));
+
+    // Deleting the VM deletes its snapshots and their copies.
+    assert_eq!(s.post_json("/disks/d1/detach", &json!({})).0, 200);
+    assert_eq!(s.delete("/vms/dd").0, 204);
+    assert!(!dir.exists());
+    assert_eq!(s.delete("/disks/d1").0, 204);
+}

@@ -330,11 +330,11 @@ fn a_crash_at_each_snapshot_fault_point_leaves_every_vm_bootable() {
     let mut gone: Vec<Vman> = Vec::new();
     let mut current = first;
     let crash_at = |current: Vman,
-                        gone: &mut Vec<Vman>,
-                        point: &str,
-                        method: &str,
-                        path: &str,
-                        body: Option<serde_json::Value>|
+                    gone: &mut Vec<Vman>,
+                    point: &str,
+                    method: &str,
+                    path: &str,
+                    body: Option<serde_json::Value>|
      -> Vman {
         let mut current = current;
         current.kill9();
@@ -354,10 +354,17 @@ fn a_crash_at_each_snapshot_fault_point_leaves_every_vm_bootable() {
         again
     };
     // Running VM: each point of a snapshot.
-    for (i, point) in [
-        "snapshot.after_overlay",
-        "snapshot.after_transaction",
-        "snapshot.before_db_commit",
+    for (i, (point, outcome)) in [
+        // QEMU still wrote into the old root: the files are put back.
+        (
+            "snapshot.after_overlay",
+            "rolled back (the QMP transaction had not happened)",
+        ),
+        // The root overlay is in use, the data disk copy's file was not
+        // complete: the snapshot is merged back into the running root.
+        ("snapshot.after_transaction", "rolled back (merged away"),
+        // Everything but the row: finished.
+        ("snapshot.before_db_commit", "finished (1 data disk copies)"),
     ]
     .iter()
     .enumerate()
@@ -370,6 +377,12 @@ fn a_crash_at_each_snapshot_fault_point_leaves_every_vm_bootable() {
             "POST",
             "/vms/fp/snapshots",
             Some(json!({"name": name})),
+        );
+        assert_eq!(
+            current.log_count(outcome),
+            1,
+            "{point}: {:#?}",
+            current.logs()
         );
         assert_eq!(current.vm("fp")["state"], "running", "{point}");
         let list = names(&current, "fp");
