@@ -404,7 +404,10 @@ fn data_disks_are_part_of_a_snapshot_and_guarded() {
     let reply = s.delete("/disks/d1");
     let detail = assert_error(&reply, 400);
     assert_eq!(reply.1["code"], "disk_in_snapshot");
-    assert!(detail.contains("dd/one") && detail.contains("force=true"), "{detail}");
+    assert!(
+        detail.contains("dd/one") && detail.contains("force=true"),
+        "{detail}"
+    );
     assert!(disk.exists());
     assert_error(&s.delete("/disks/d1?force=maybe"), 422);
     assert!(disk.exists());
