@@ -511,6 +511,15 @@ impl Service {
             live::snapshot(qmp, &root_node, &overlay, &backups).await
         }
         .await;
+        // An answer lost after the transaction happened: QEMU's root top is
+        // the new overlay, so it is done.
+        let switched = match switched {
+            Err(e) => match live::root_top_node(qmp).await {
+                Ok(top) if top == overlay_node => Ok(()),
+                _ => Err(e),
+            },
+            ok => ok,
+        };
         if let Err(e) = switched {
             // QEMU still writes into the old root (now also the snapshot
             // file): make it `root.qcow2` again.

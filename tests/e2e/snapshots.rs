@@ -207,7 +207,7 @@ fn running_snapshots_hold_root_and_data_disks_and_merge_in_the_middle() {
         .map(|d| d["id"].as_str().unwrap())
         .collect();
     assert_eq!(disks, ["root", "dsr"], "{s1}");
-    assert_eq!(vman.vm(&"sr")["state"], "running");
+    assert_eq!(vman.vm("sr")["state"], "running");
     // The guest went on running: it answers, and still writes.
     write_at(&vman, "sr", "vda", 1000, "BBBBB", "w3");
     write_at(&vman, "sr", "vdb", 16, "DDDDB", "w4");
