@@ -211,6 +211,54 @@ impl Service {
         Ok("finished (restore done again)".into())
     }
 
+    /// The observer's findings about snapshots: what start-up settled
+    /// (`snapshot_interrupted`, repaired), and rows whose file is gone
+    /// (`missing_snapshot_file`) outside an operation under way.
+    pub(crate) fn snapshot_issues(&self) -> Vec<super::Issue> {
+        let mut out: Vec<super::Issue> = self
+            .settled_snapshot_ops()
+            .into_iter()
+            .map(|s| {
+                let mut i = super::Issue::new(
+                    "snapshot_interrupted",
+                    s.vm_id.as_str(),
+                    format!("snapshot {} of {} was cut off: {}", s.op, s.name, s.outcome),
+                );
+                i.repaired = !s.outcome.starts_with("left as is");
+                i
+            })
+            .collect();
+        let pending = self.store.snapshot_ops().unwrap_or_default();
+        for vm in self.list_vms(None).unwrap_or_default() {
+            let dir = self.paths(&vm.id).dir;
+            for snap in self.store.snapshots_of_vm(&vm.id).unwrap_or_default() {
+                if pending
+                    .iter()
+                    .any(|o| o.vm_id == vm.id && o.name == snap.name)
+                {
+                    continue;
+                }
+                let file = snapshot_file(&dir, snap.name.as_str());
+                let copies_missing = snap
+                    .disks
+                    .iter()
+                    .any(|d| !disk_copy(&dir, snap.name.as_str(), &d.id).is_file());
+                if !file.is_file() || copies_missing {
+                    out.push(super::Issue::new(
+                        "missing_snapshot_file",
+                        vm.id.as_str(),
+                        format!(
+                            "snapshot {} has lost a file under {}",
+                            snap.name,
+                            dir.display()
+                        ),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// What the last start-up did with interrupted snapshot operations.
     pub fn settled_snapshot_ops(&self) -> Vec<Settled> {
         self.settled_snapshot_ops.lock_or_recover().clone()

@@ -351,6 +351,14 @@ fn a_crash_at_each_snapshot_fault_point_leaves_every_vm_bootable() {
             "{point}: {:#?}",
             again.logs()
         );
+        // The observer reports what start-up settled.
+        let status = again.get("/observer/status");
+        let reported = status["last_issues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["issue_type"] == "snapshot_interrupted" && i["resource_id"] == "fp");
+        assert!(reported, "{point}: {status}");
         again
     };
     // Running VM: each point of a snapshot.
