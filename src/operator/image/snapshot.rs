@@ -365,6 +365,67 @@ mod tests {
 }
 
 #[cfg(test)]
+mod merge_tests {
+    use super::*;
+    use crate::operator::image::testutil::{qemu_img_ok, qimg};
+
+    fn qio(file: &Path, cmd: &str) -> String {
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd, file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn holds(file: &Path, pattern: u8) -> bool {
+        let out = qio(file, &format!("read -P {pattern:#x} 0 64k"));
+        out.contains("read 65536") && !out.contains("verification failed")
+    }
+
+    #[test]
+    fn untake_makes_the_snapshot_the_root_disk_again() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root.qcow2");
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", root.to_str().unwrap(), "1M"]);
+        qio(&root, "write -P 0x11 0 64k");
+        let snap = take(&qimg(), &root, "s", 1 << 20).unwrap();
+        // A running QEMU would have kept writing into the old inode.
+        qio(&snap, "write -P 0x33 0 64k");
+        untake(&root, &snap).unwrap();
+        assert!(!snap.exists());
+        assert_eq!(backing_of(&root).unwrap(), None);
+        assert!(holds(&root, 0x33));
+        assert!(crate::operator::leftovers::find_partials(d.path()).is_empty());
+    }
+
+    #[test]
+    fn a_rebase_merges_a_middle_snapshot_into_its_child() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root.qcow2");
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", root.to_str().unwrap(), "1M"]);
+        qio(&root, "write -P 0x11 0 64k");
+        let a = take(&qimg(), &root, "a", 1 << 20).unwrap();
+        qio(&root, "write -P 0x22 0 32k");
+        let b = take(&qimg(), &root, "b", 1 << 20).unwrap();
+        // b (0x22 then 0x11) sits on a; merge b's data into root, then a
+        // into b, and drop both.
+        rebase(&qimg(), &root, Some(&a)).unwrap();
+        assert!(qio(&root, "read -P 0x22 0 32k").contains("read 32768"));
+        rebase(&qimg(), &root, None).unwrap();
+        assert_eq!(backing_of(&root).unwrap(), None);
+        remove(&b).unwrap();
+        remove(&a).unwrap();
+        let out = qio(&root, "read -P 0x22 0 32k");
+        assert!(!out.contains("verification failed"), "{out}");
+        let out = qio(&root, "read -P 0x11 32k 32k");
+        assert!(
+            !out.contains("verification failed") && out.contains("read 32768"),
+            "{out}"
+        );
+    }
+}
+
+#[cfg(test)]
 mod policy_tests {
     use super::*;
     use crate::operator::image::testutil::{overlay_on, qemu_img_ok};
