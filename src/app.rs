@@ -85,6 +85,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         if let Err(e) = service.recover().await {
             tracing::error!("cannot recover running VMs: {e}");
         }
+        service.recover_snapshot_ops().await;
         service.recover_disk_attachments().await;
         service.recover_network().await;
         service.reconcile_bridge().await;

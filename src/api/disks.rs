@@ -178,14 +178,22 @@ pub async fn get(
     Ok(Json(DiskResponse::from(&app.service.get_disk(&id).await?)))
 }
 
-/// Delete a data disk that is not attached, and its file.
-#[utoipa::path(delete, path = "/disks/{id}", params(("id" = String, Path, description = "The disk id")), tag = "disks",
-    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+/// Delete a data disk that is not attached, and its file. A disk that
+/// snapshots hold needs `?force=true` (their copies stay).
+#[utoipa::path(delete, path = "/disks/{id}", params(("id" = String, Path, description = "The disk id"),
+        ("force" = Option<bool>, Query, description = "delete it although snapshots hold it")), tag = "disks",
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn delete(
     State(app): State<AppState>,
     PathName(id): PathName,
+    axum::extract::Query(query): axum::extract::Query<std::collections::HashMap<String, String>>,
 ) -> Result<StatusCode, ApiError> {
-    app.service.delete_disk(&id)?;
+    let force = match query.get("force").map(String::as_str) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(_) => return Err(ApiError::invalid("force", "must be true or false")),
+    };
+    app.service.delete_disk(&id, force)?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -31,7 +31,7 @@ pub struct ErrorBody {
     /// `hotplug_failed`, `invalid_transition`, `port_in_use`,
     /// `network_unavailable`, `not_user_network`, `network_failed`,
     /// `subnet_full`, `bridge_failed`, `not_stopped`, `no_root_disk`,
-    /// `too_many_snapshots`, `snapshot_in_use`. Others: `invalid` (422), `required` (400),
+    /// `too_many_snapshots`, `snapshot_in_use`, `snapshot_failed`, `disk_in_snapshot`. Others: `invalid` (422), `required` (400),
     /// `malformed_json` (400), `bad_body` (400), `not_found` (404),
     /// `method_not_allowed` (405), `unauthorized` (401), `host_not_allowed`
     /// (403), `origin_not_allowed` (403), `too_large` (413),
@@ -112,6 +112,8 @@ fn code_of(reason: &Reason) -> &'static str {
         Reason::NoRootDisk => "no_root_disk",
         Reason::TooManySnapshots => "too_many_snapshots",
         Reason::SnapshotInUse => "snapshot_in_use",
+        Reason::SnapshotFailed(_) => "snapshot_failed",
+        Reason::DiskInSnapshot => "disk_in_snapshot",
     }
 }
 
@@ -193,7 +195,7 @@ mod tests {
 
     /// The code of every reason, in the order of `every_reason()`. These
     /// are published (docs/errors.md): never change one.
-    const REFUSAL_CODES: [&str; 35] = [
+    const REFUSAL_CODES: [&str; 37] = [
         "already_exists",
         "template_missing",
         "in_use",
@@ -229,6 +231,8 @@ mod tests {
         "no_root_disk",
         "too_many_snapshots",
         "snapshot_in_use",
+        "snapshot_failed",
+        "disk_in_snapshot",
     ];
 
     #[test]

@@ -1,6 +1,6 @@
-//! /vms/{vm_id}/snapshots: snapshots of a stopped VM's root disk (issue 13,
-//! first step), their wire types, and the take/list/get/restore/delete
-//! routes.
+//! /vms/{vm_id}/snapshots: snapshots of a VM's disks (root and data disks;
+//! stopped or running VMs), their wire types, and the take/list/get/
+//! restore/delete routes.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -27,6 +27,8 @@ pub struct SnapshotRequest {
     pub name: String,
     /// Free text, at most 1024 bytes.
     pub description: Option<String>,
+    /// Copy the VM's attached data disks too (default true).
+    pub include_data_disks: Option<bool>,
 }
 
 impl SnapshotRequest {
@@ -43,8 +45,24 @@ impl SnapshotRequest {
         Ok(CreateSnapshot {
             name,
             description: self.description,
+            include_data_disks: self.include_data_disks.unwrap_or(true),
         })
     }
+}
+
+/// A disk a snapshot holds.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SnapshotDiskResponse {
+    /// `root`, or the data disk's id.
+    pub id: String,
+    /// `root` or `data`.
+    pub kind: String,
+    /// `qcow2` or `raw`.
+    pub format: String,
+    /// Bytes the guest saw.
+    pub virtual_size: u64,
+    /// Bytes allocated on the host by this disk's snapshot file.
+    pub size_bytes: u64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -52,11 +70,12 @@ pub struct SnapshotResponse {
     pub name: String,
     pub description: Option<String>,
     pub created_at: String,
-    /// The VM's state when it was taken (`stopped` in this version).
+    /// The VM's state when it was taken: `stopped`, or `running` (disk-only,
+    /// crash-consistent: the guest's RAM is not saved).
     pub vm_state_at_snapshot: String,
-    /// The disks it holds: `root` (data disks come later).
-    pub disks: Vec<String>,
-    /// Bytes allocated on the host by the snapshot's file.
+    /// The disks it holds: the root disk, then each data disk copied.
+    pub disks: Vec<SnapshotDiskResponse>,
+    /// Bytes allocated on the host by the snapshot's files.
     pub size_bytes: u64,
     /// Bytes the guest saw.
     pub virtual_size: u64,
@@ -72,8 +91,18 @@ impl From<&SnapshotView> for SnapshotResponse {
             description: s.description.clone(),
             created_at: s.created_at.clone(),
             vm_state_at_snapshot: s.vm_state.clone(),
-            disks: v.disks.iter().map(|d| (*d).to_owned()).collect(),
-            size_bytes: s.size_bytes,
+            disks: v
+                .disks
+                .iter()
+                .map(|d| SnapshotDiskResponse {
+                    id: d.id.clone(),
+                    kind: d.kind.to_owned(),
+                    format: d.format.clone(),
+                    virtual_size: d.virtual_size,
+                    size_bytes: d.size_bytes,
+                })
+                .collect(),
+            size_bytes: v.size_bytes(),
             virtual_size: s.virtual_size,
             parent: s.parent.clone(),
         }
@@ -90,7 +119,8 @@ fn names(vm: &str, snap: &str) -> Result<(Name, Name), ApiError> {
     ))
 }
 
-/// Take a snapshot of a stopped VM's root disk.
+/// Take a snapshot of a VM's disks: stopped, or running without stopping it
+/// (disk-only and crash-consistent: the guest's RAM is not saved).
 #[utoipa::path(post, path = "/vms/{vm_id}/snapshots", params(("vm_id" = String, Path, description = "The VM id")),
     request_body = SnapshotRequest, tag = "snapshots",
     responses((status = 201, body = SnapshotResponse), (status = 400, body = ErrorBody),
@@ -130,7 +160,8 @@ pub async fn get(
     )))
 }
 
-/// Delete a snapshot nothing is built on (merging comes later).
+/// Delete a snapshot; its data is merged into the snapshots and root disk
+/// built on it (on a running VM where QEMU can merge live, else 400).
 #[utoipa::path(delete, path = "/vms/{vm_id}/snapshots/{name}",
     params(("vm_id" = String, Path, description = "The VM id"), ("name" = String, Path, description = "The snapshot")),
     tag = "snapshots", responses((status = 204), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
@@ -143,8 +174,8 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Restore a stopped VM's root disk to a snapshot (a new empty overlay on
-/// it; later snapshots stay).
+/// Restore a stopped VM's disks to a snapshot (root: a new empty overlay on
+/// it; data disks: their copies; later snapshots stay).
 #[utoipa::path(post, path = "/vms/{vm_id}/snapshots/{name}/restore",
     params(("vm_id" = String, Path, description = "The VM id"), ("name" = String, Path, description = "The snapshot")),
     tag = "snapshots", responses((status = 200, body = SnapshotResponse), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]

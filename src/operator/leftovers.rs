@@ -25,7 +25,20 @@ pub fn find_partials(storage: &Path) -> Vec<PathBuf> {
         .map(|d| d.join("snapshots"))
         .filter(|d| d.is_dir())
         .collect();
+    // Data disk copies in the making (`vms/<id>/snapshots/<name>.disks/`).
+    let copy_dirs: Vec<PathBuf> = snapshot_dirs
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).into_iter().flatten().flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.ends_with(".disks"))
+        })
+        .map(|e| e.path())
+        .collect();
     dirs.extend(snapshot_dirs);
+    dirs.extend(copy_dirs);
     let mut found = Vec::new();
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(&dir) else {

@@ -14,6 +14,7 @@ pub mod privilege;
 pub mod process;
 pub mod qemu;
 pub mod qmp;
+pub mod snapshot_qmp;
 pub mod stats;
 pub mod tools;
 pub mod unixsock;

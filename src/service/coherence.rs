@@ -21,7 +21,8 @@ use crate::operator::{leftovers, vm};
 pub struct Issue {
     /// `vm_state_mismatch`, `orphan_process`, `missing_disk`, `stale_pid_file`,
     /// `unresponsive_qemu`, `partial_file`, `bridge_leftover`, `dnsmasq_gone`,
-    /// `bridge_adopted`, `orphan_passt`, ...
+    /// `bridge_adopted`, `orphan_passt`, `snapshot_interrupted`,
+    /// `missing_snapshot_file`, ...
     pub issue_type: String,
     /// The VM or disk id (also for `orphan_process`: the VM whose folder
     /// the process runs from; its pid is in `details`).
@@ -116,6 +117,7 @@ impl Service {
                 format!("QEMU pid {pid} runs but does not answer on QMP; adoption is retried"),
             ));
         }
+        issues.extend(self.snapshot_issues());
         for path in leftovers::find_partials(&self.config.storage_path) {
             // A root disk copy under way is no finding. Checked after the
             // scan, then the file again: a copy that ended in between has

@@ -131,7 +131,11 @@ fn view_of(qemu_img: &Path, disk: Disk) -> DiskView {
 }
 
 /// Whether the disk's file is still there and still an image of its format.
-fn check_file_of(images: &ImagePolicy, disk: &Disk, writable: bool) -> Result<Chain, ServiceError> {
+pub(super) fn check_file_of(
+    images: &ImagePolicy,
+    disk: &Disk,
+    writable: bool,
+) -> Result<Chain, ServiceError> {
     let chain = images
         .open_chain(
             Path::new(&disk.path),
@@ -260,8 +264,22 @@ impl Service {
         self.view(self.store.get_disk(id).map_err(store_err)?).await
     }
 
-    /// Deletes an unattached disk: its record, then its file.
-    pub fn delete_disk(&self, id: &Name) -> Result<(), ServiceError> {
+    /// Deletes an unattached disk: its record, then its file. A disk that
+    /// snapshots hold a copy of is refused unless `force` (the copies stay
+    /// with their snapshots; a restore makes the disk again).
+    pub fn delete_disk(&self, id: &Name, force: bool) -> Result<(), ServiceError> {
+        if !force {
+            let held = self.store.snapshots_holding_disk(id)?;
+            if !held.is_empty() {
+                let names: Vec<String> = held.iter().map(|(vm, s)| format!("{vm}/{s}")).collect();
+                self.store.get_disk(id).map_err(store_err)?;
+                return Err(Reason::DiskInSnapshot.refuse(format!(
+                    "Disk {id} belongs to snapshot(s) {}; delete those snapshots first, or delete \
+                     the disk with ?force=true (the snapshots keep their copies)",
+                    names.join(", ")
+                )));
+            }
+        }
         match self.store.delete_disk(id).map_err(store_err)? {
             DiskDelete::Attached(vm) => {
                 Err(Reason::DiskAttached.refuse(format!("Disk is attached to VM {vm}")))
@@ -283,7 +301,7 @@ impl Service {
     }
 
     /// The lowest hot-plug slot of `vm` no disk uses. Call under the VM lock.
-    fn free_slot(&self, vm: &Name) -> Result<u8, ServiceError> {
+    pub(super) fn free_slot(&self, vm: &Name) -> Result<u8, ServiceError> {
         let used: HashSet<u8> = self
             .store
             .disks_of_vm(vm)?

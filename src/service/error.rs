@@ -105,6 +105,7 @@ impl std::error::Error for Refusal {
             Reason::HotplugFailed(e) => Some(e),
             Reason::ConsoleWriteFailed(e) => Some(e),
             Reason::BridgeFailed(e) => Some(e),
+            Reason::SnapshotFailed(e) => Some(e),
             _ => None,
         }
     }
@@ -186,6 +187,10 @@ pub enum Reason {
     TooManySnapshots,
     /// Another snapshot or the root disk is built on this snapshot.
     SnapshotInUse,
+    /// A QMP step of a running VM's snapshot or merge failed.
+    SnapshotFailed(crate::operator::snapshot_qmp::SnapshotQmpError),
+    /// A data disk belongs to a snapshot (delete it with `?force=true`).
+    DiskInSnapshot,
 }
 
 impl Reason {
@@ -209,6 +214,12 @@ impl From<LaunchError> for Reason {
             LaunchError::AlreadyRunning(_) => Self::AlreadyRunning(Some(e)),
             e => Self::QemuFailed(e),
         }
+    }
+}
+
+impl From<crate::operator::snapshot_qmp::SnapshotQmpError> for Reason {
+    fn from(e: crate::operator::snapshot_qmp::SnapshotQmpError) -> Self {
+        Self::SnapshotFailed(e)
     }
 }
 
@@ -286,6 +297,11 @@ pub(crate) fn every_reason() -> Vec<Reason> {
         Reason::NoRootDisk,
         Reason::TooManySnapshots,
         Reason::SnapshotInUse,
+        Reason::SnapshotFailed(crate::operator::snapshot_qmp::SnapshotQmpError::Job {
+            job: "j".into(),
+            detail: "x".into(),
+        }),
+        Reason::DiskInSnapshot,
     ];
     for r in &all {
         match r {
@@ -321,7 +337,9 @@ pub(crate) fn every_reason() -> Vec<Reason> {
             | Reason::NotStopped
             | Reason::NoRootDisk
             | Reason::TooManySnapshots
-            | Reason::SnapshotInUse => {}
+            | Reason::SnapshotInUse
+            | Reason::SnapshotFailed(_)
+            | Reason::DiskInSnapshot => {}
         }
     }
     all

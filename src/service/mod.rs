@@ -22,6 +22,7 @@ mod observe;
 mod progress;
 mod record;
 pub mod rootdisk;
+mod snapshot_recovery;
 mod snapshots;
 mod space;
 
@@ -36,7 +37,8 @@ pub use events::{Event, EventKind, EventQuery};
 pub use lifecycle::StopReport;
 pub use network::{AddPort, Applied};
 pub use progress::Provisioning;
-pub use snapshots::{CreateSnapshot, SnapshotView};
+pub use snapshot_recovery::Settled;
+pub use snapshots::{CreateSnapshot, SnapshotDiskView, SnapshotView};
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -92,6 +94,8 @@ pub struct Service {
     running: Mutex<HashMap<Name, Arc<Running>>>,
     /// Live QEMU processes of VMs that did not answer QMP yet (pid).
     pending: Mutex<HashMap<Name, i32>>,
+    /// What start-up did with interrupted snapshot operations.
+    settled_snapshot_ops: Mutex<Vec<snapshot_recovery::Settled>>,
     /// Memory (MiB) of running and starting VMs, for admission.
     memory: Mutex<HashMap<Name, u64>>,
     /// Root disks being made by starts (`progress.rs`); not VM state.
@@ -122,6 +126,7 @@ impl Service {
             locks: Mutex::default(),
             running: Mutex::default(),
             pending: Mutex::default(),
+            settled_snapshot_ops: Mutex::default(),
             memory: Mutex::default(),
             provisioning: Mutex::default(),
             observer: Mutex::default(),

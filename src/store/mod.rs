@@ -47,7 +47,7 @@ pub use check::{backup, CheckLevel, Holdings, Lock, OpenOptions};
 pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
 pub use events::{EventFilter, EventRow};
 pub use ports::PortInsert;
-pub use snapshots::Snapshot;
+pub use snapshots::{Snapshot, SnapshotDisk, SnapshotOp};
 pub use vms::{NewVm, VmRuntime, VmWrite};
 
 /// The migrations, in order. Index + 1 is the schema version they produce.
@@ -60,6 +60,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_bridge.sql"),
     include_str!("../../migrations/0007_events.sql"),
     include_str!("../../migrations/0008_snapshots.sql"),
+    include_str!("../../migrations/0009_snapshot_disks.sql"),
 ];
 
 const READERS: usize = 4;

@@ -64,9 +64,37 @@ fn server_with_vm(vm: &str) -> (Server, PathBuf) {
     (s, root)
 }
 
+/// Reads `len` bytes at `offset` of an image's whole chain with qemu-io and
+/// tells whether they are all `pattern`.
+fn holds(file: &Path, pattern: u8, offset: u64, len: u64) -> bool {
+    let out = Command::new("qemu-io")
+        .args(["-r", "-U", "-f", "qcow2", "-c"])
+        .arg(format!("read -P {pattern:#x} {offset} {len}"))
+        .arg(file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    out.status.success() && text.contains("read ") && !text.contains("verification failed")
+}
+
+fn write_pattern(file: &Path, pattern: u8, offset: u64, len: u64) {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c"])
+        .arg(format!("write -P {pattern:#x} {offset} {len}"))
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn snapshots_are_taken_listed_restored_and_deleted_as_a_tree() {
     let (s, root) = server_with_vm("a");
+    write_pattern(&root, 0x11, 0, 65536);
     let (st, one) = s.post_json(
         "/vms/a/snapshots",
         &json!({"name": "one", "description": "first"}),
@@ -75,7 +103,9 @@ fn snapshots_are_taken_listed_restored_and_deleted_as_a_tree() {
     assert_eq!(one["name"], "one");
     assert_eq!(one["description"], "first");
     assert_eq!(one["vm_state_at_snapshot"], "stopped");
-    assert_eq!(one["disks"], json!(["root"]));
+    assert_eq!(one["disks"].as_array().unwrap().len(), 1);
+    assert_eq!(one["disks"][0]["id"], "root");
+    assert_eq!(one["disks"][0]["kind"], "root");
     assert_eq!(one["parent"], Value::Null);
     assert!(one["size_bytes"].as_u64().is_some());
     assert_eq!(one["virtual_size"], 64 << 20);
@@ -107,24 +137,28 @@ fn snapshots_are_taken_listed_restored_and_deleted_as_a_tree() {
     assert!(backing(&root).unwrap().ends_with("/snapshots/one.qcow2"));
     assert_eq!(s.get("/vms/a/snapshots").1.as_array().unwrap().len(), 2);
 
-    // `one` has `two` and the root on it: refused, naming both.
-    let reply = s.delete("/vms/a/snapshots/one");
-    let detail = assert_error(&reply, 400);
-    assert_eq!(reply.1["code"], "snapshot_in_use");
-    assert!(
-        detail.contains("snapshot two") && detail.contains("root disk"),
-        "{detail}"
-    );
-    assert!(detail.contains("merging"), "{detail}");
+    // `one` has `two` and the root on it: its data is merged into both,
+    // which no longer have a backing file; `two` keeps its data and has no
+    // parent any more.
+    let snap_two = root.parent().unwrap().join("snapshots/two.qcow2");
+    let (st, body) = s.delete("/vms/a/snapshots/one");
+    assert_eq!(st, 204, "{body}");
+    assert!(!snap_one.exists());
+    assert_eq!(backing(&root), None);
+    assert_eq!(backing(&snap_two), None);
+    assert!(holds(&root, 0x11, 0, 65536));
+    assert!(holds(&snap_two, 0x11, 0, 65536));
+    assert_eq!(s.get("/vms/a/snapshots/two").1["parent"], Value::Null);
+    assert_eq!(s.get("/vms/a/snapshots/one").0, 404);
     // `two` is a leaf now: deleted, file and row.
     let (st, _) = s.delete("/vms/a/snapshots/two");
     assert_eq!(st, 204);
-    assert!(!root.parent().unwrap().join("snapshots/two.qcow2").exists());
+    assert!(!snap_two.exists());
     assert_eq!(s.get("/vms/a/snapshots/two").0, 404);
 
-    // A new snapshot on top of `one` again, then the VM goes with its snapshots.
+    // A new snapshot, then the VM goes with its snapshots.
     let (st, three) = s.post_json("/vms/a/snapshots", &json!({"name": "three"}));
-    assert_eq!((st, three["parent"].as_str()), (201, Some("one")));
+    assert_eq!((st, three["parent"].as_str()), (201, None));
     assert_eq!(s.delete("/vms/a").0, 204);
     assert!(!root.parent().unwrap().exists());
     make_vm(&s, "t", Some("a"));
@@ -324,4 +358,74 @@ fn restoring_a_snapshot_with_a_parent_was_refused_as_outside_the_image_folders()
     let (st, body) = s.post_json("/vms/p/snapshots/s2/restore", &json!({}));
     assert_eq!(st, 200, "{body}");
     assert!(backing(&root).unwrap().ends_with("/snapshots/s2.qcow2"));
+}
+
+/// A stopped VM with a data disk: the snapshot holds a copy of it
+/// (`include_data_disks`, default true) or not (false); the disk cannot be
+/// deleted while a snapshot holds it, unless `?force=true`; a restore
+/// puts its data back, and makes it again when it was deleted.
+#[test]
+fn data_disks_are_part_of_a_snapshot_and_guarded() {
+    let (s, root) = server_with_vm("dd");
+    let dir = root.parent().unwrap().to_path_buf();
+    let (st, b) = s.post_json("/disks", &json!({"name": "d1", "size": 1}));
+    assert_eq!(st, 201, "{b}");
+    let (st, b) = s.post_json("/disks/d1/attach", &json!({"vm_id": "dd"}));
+    assert_eq!(st, 200, "{b}");
+    let disk = s.storage_path().join("disks/d1.qcow2");
+    write_pattern(&disk, 0x21, 4096, 4096);
+
+    let (st, one) = s.post_json("/vms/dd/snapshots", &json!({"name": "one"}));
+    assert_eq!(st, 201, "{one}");
+    assert_eq!(one["disks"][1]["id"], "d1");
+    assert_eq!(one["disks"][1]["kind"], "data");
+    assert_eq!(one["disks"][1]["virtual_size"], 1u64 << 30);
+    let copy = dir.join("snapshots/one.disks/d1.img");
+    assert!(holds(&copy, 0x21, 4096, 4096));
+    let (st, bare) = s.post_json(
+        "/vms/dd/snapshots",
+        &json!({"name": "bare", "include_data_disks": false}),
+    );
+    assert_eq!(st, 201, "{bare}");
+    assert_eq!(bare["disks"].as_array().unwrap().len(), 1);
+    assert!(!dir.join("snapshots/bare.disks").exists());
+    let reply = s.post_json(
+        "/vms/dd/snapshots",
+        &json!({"name": "x", "include_data_disks": "yes"}),
+    );
+    assert_error(&reply, 422);
+
+    // The disk changes; the snapshot's copy does not.
+    write_pattern(&disk, 0x22, 4096, 4096);
+    assert!(holds(&copy, 0x21, 4096, 4096));
+
+    // Guarded: detached, it still cannot go without force; nothing changed.
+    assert_eq!(s.post_json("/disks/d1/detach", &json!({})).0, 200);
+    let reply = s.delete("/disks/d1");
+    let detail = assert_error(&reply, 400);
+    assert_eq!(reply.1["code"], "disk_in_snapshot");
+    assert!(
+        detail.contains("dd/one") && detail.contains("force=true"),
+        "{detail}"
+    );
+    assert!(disk.exists());
+    assert_error(&s.delete("/disks/d1?force=maybe"), 422);
+    assert!(disk.exists());
+    assert_eq!(s.delete("/disks/d1?force=true").0, 204);
+    assert!(!disk.exists());
+    assert!(copy.exists());
+
+    // Restore makes the disk again, attached, with the snapshot's data.
+    let (st, b) = s.post_json("/vms/dd/snapshots/one/restore", &json!({}));
+    assert_eq!(st, 200, "{b}");
+    let (st, d) = s.get("/disks/d1");
+    assert_eq!(st, 200, "{d}");
+    assert_eq!(d["state"], "attached", "{d}");
+    assert!(holds(&disk, 0x21, 4096, 4096));
+
+    // Deleting the VM deletes its snapshots and their copies.
+    assert_eq!(s.post_json("/disks/d1/detach", &json!({})).0, 200);
+    assert_eq!(s.delete("/vms/dd").0, 204);
+    assert!(!dir.exists());
+    assert_eq!(s.delete("/disks/d1").0, 204);
 }

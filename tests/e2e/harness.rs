@@ -185,6 +185,26 @@ impl Vman {
         (reply.status, body)
     }
 
+    /// Like `call`, but a transport error (vman gone mid-request) is None.
+    pub fn try_call(&self, method: &str, path: &str, body: Option<Value>) -> Option<(u16, Value)> {
+        let bytes = body.map(|j| serde_json::to_vec(&j).expect("serialize"));
+        let headers: &[(&str, &str)] = if bytes.is_some() {
+            &[("content-type", "application/json")]
+        } else {
+            &[]
+        };
+        let reply = self
+            .server
+            .try_raw(method, path, bytes.as_deref(), headers)
+            .ok()?;
+        Some((reply.status, reply.body))
+    }
+
+    /// The storage folder, to start another vman on it.
+    pub fn storage_handle(&self) -> std::sync::Arc<tempfile::TempDir> {
+        self.server.storage_handle()
+    }
+
     pub fn get(&self, path: &str) -> Value {
         let (status, body) = self.call("GET", path, None);
         assert_eq!(status, 200, "GET {path}: {body}");

@@ -12,8 +12,9 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::atomic::{remove_stale_partials, Partial};
+use super::atomic::{copy_contents, remove_stale_partials, Partial};
 use super::probe::{open_verified, read_header};
+use super::progress::Progress;
 use super::qemu_img::qemu_img_do;
 use super::{io_err, ImageError};
 
@@ -183,6 +184,152 @@ pub fn remove(snapshot: &Path) -> Result<(), ImageError> {
     Ok(())
 }
 
+/// The folder of snapshot `name`'s data disk copies.
+pub fn disk_copy_dir(vm_dir: &Path, name: &str) -> PathBuf {
+    snapshot_dir(vm_dir).join(format!("{name}.disks"))
+}
+
+/// The copy of data disk `disk` in snapshot `name`.
+pub fn disk_copy(vm_dir: &Path, name: &str, disk: &str) -> PathBuf {
+    disk_copy_dir(vm_dir, name).join(format!("{disk}.img"))
+}
+
+/// Undoes `take` whose overlay QEMU never used: `root` becomes the snapshot
+/// file's inode again (a hard link renamed onto it), then the snapshot file
+/// goes. Every step leaves `root` bootable with all the data written.
+pub fn untake(root: &Path, snapshot: &Path) -> Result<(), ImageError> {
+    if !snapshot.exists() {
+        return Ok(());
+    }
+    if !same_file(root, snapshot) {
+        let dir = root.parent().unwrap_or(Path::new("/"));
+        let name = root.file_name().unwrap_or_default();
+        let (tmp, file) = Partial::create(dir, name)?;
+        drop(file);
+        fs::remove_file(&tmp.path)
+            .map_err(io_err(format!("cannot replace {}", tmp.path.display())))?;
+        fs::hard_link(snapshot, &tmp.path).map_err(io_err(format!(
+            "cannot link {} as {}",
+            snapshot.display(),
+            tmp.path.display()
+        )))?;
+        tmp.persist_replacing(root)?;
+        sync_dir(dir)?;
+    }
+    remove(snapshot)
+}
+
+/// Opens an image vman made, read-write, checked to be at `path` (what
+/// QEMU gets by descriptor).
+pub fn open_rw(path: &Path) -> Result<File, ImageError> {
+    open_verified(path, true)
+}
+
+/// A file being made under a `.partial` name (removed when dropped unless
+/// persisted).
+pub struct PendingFile(Partial);
+
+impl PendingFile {
+    pub fn path(&self) -> &Path {
+        &self.0.path
+    }
+
+    /// fsyncs it and renames it onto `dest` (never replacing).
+    pub fn persist(self, dest: &Path) -> Result<(), ImageError> {
+        self.0.persist(dest)
+    }
+
+    /// fsyncs it and renames it onto `dest`, replacing it, and fsyncs the folder.
+    pub fn persist_replacing(self, dest: &Path) -> Result<(), ImageError> {
+        self.0.persist_replacing(dest)?;
+        sync_dir(dest.parent().unwrap_or(Path::new("/")))
+    }
+}
+
+fn pending_for(dest: &Path) -> Result<(PendingFile, File), ImageError> {
+    let dir = dest.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
+    let (p, f) = Partial::create(dir, dest.file_name().unwrap_or_default())?;
+    Ok((PendingFile(p), f))
+}
+
+/// A copy of the (stopped) data disk `src` (reflink when the filesystem
+/// can), made as a `.partial` next to `dest`; the caller persists it.
+pub fn copy_disk(src: &Path, dest: &Path) -> Result<PendingFile, ImageError> {
+    let (pending, dst) = pending_for(dest)?;
+    let from = open_verified(src, false)?;
+    let len = from
+        .metadata()
+        .map_err(io_err(format!("cannot read {}", src.display())))?
+        .len();
+    copy_contents(&from, &dst, len, true, &Progress::new())
+        .map_err(io_err(format!("cannot copy {}", src.display())))?;
+    Ok(pending)
+}
+
+/// An empty image of `format` and `virtual_size` bytes made as a
+/// `.partial` next to `dest` (the target of a running disk's copy).
+pub fn empty_image(
+    qemu_img: &Path,
+    dest: &Path,
+    format: &str,
+    virtual_size: u64,
+) -> Result<PendingFile, ImageError> {
+    let (pending, file) = pending_for(dest)?;
+    drop(file);
+    let size = virtual_size.to_string();
+    qemu_img_do(
+        qemu_img,
+        "create",
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            format.as_ref(),
+            pending.path().as_os_str(),
+            size.as_ref(),
+        ],
+    )?;
+    Ok(pending)
+}
+
+/// Makes `child` (a qcow2 file no QEMU has open) independent of its
+/// backing file: the data its backing shows and `new_backing` does not is
+/// copied into it, then its header names `new_backing` (None: no backing).
+/// Safe at any crash: until the header changes, what was copied is what
+/// the old backing showed at those places.
+pub fn rebase(qemu_img: &Path, child: &Path, new_backing: Option<&Path>) -> Result<(), ImageError> {
+    use std::ffi::OsStr;
+    let mut args: Vec<&OsStr> = ["rebase", "-q", "-f", "qcow2"].map(OsStr::new).to_vec();
+    match new_backing {
+        Some(b) => {
+            args.extend(["-F", "qcow2", "-b"].map(OsStr::new));
+            args.push(b.as_os_str());
+        }
+        None => args.extend(["-b", ""].map(OsStr::new)),
+    }
+    args.push(child.as_os_str());
+    qemu_img_do(qemu_img, "rebase", &args)?;
+    File::open(child)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(format!("cannot flush {}", child.display())))
+}
+
+/// Removes a folder of disk copies (gone already is fine).
+pub fn remove_dir(dir: &Path) -> Result<(), ImageError> {
+    match fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(ImageError::Io {
+                what: format!("cannot remove {}", dir.display()),
+                source: e,
+            })
+        }
+    }
+    sync_dir(dir.parent().unwrap_or(Path::new("/")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +361,67 @@ mod tests {
         );
         assert!(take(&qimg(), &root, "one", 1 << 20).is_err());
         assert!(crate::operator::leftovers::find_partials(d.path()).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod merge_tests {
+    use super::*;
+    use crate::operator::image::testutil::{qemu_img_ok, qimg};
+
+    fn qio(file: &Path, cmd: &str) -> String {
+        let out = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd, file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    }
+
+    fn holds(file: &Path, pattern: u8) -> bool {
+        let out = qio(file, &format!("read -P {pattern:#x} 0 64k"));
+        out.contains("read 65536") && !out.contains("verification failed")
+    }
+
+    #[test]
+    fn untake_makes_the_snapshot_the_root_disk_again() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root.qcow2");
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", root.to_str().unwrap(), "1M"]);
+        qio(&root, "write -P 0x11 0 64k");
+        let snap = take(&qimg(), &root, "s", 1 << 20).unwrap();
+        // A running QEMU would have kept writing into the old inode.
+        qio(&snap, "write -P 0x33 0 64k");
+        untake(&root, &snap).unwrap();
+        assert!(!snap.exists());
+        assert_eq!(backing_of(&root).unwrap(), None);
+        assert!(holds(&root, 0x33));
+        assert!(crate::operator::leftovers::find_partials(d.path()).is_empty());
+    }
+
+    #[test]
+    fn a_rebase_merges_a_middle_snapshot_into_its_child() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root.qcow2");
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", root.to_str().unwrap(), "1M"]);
+        qio(&root, "write -P 0x11 0 64k");
+        let a = take(&qimg(), &root, "a", 1 << 20).unwrap();
+        qio(&root, "write -P 0x22 0 32k");
+        let b = take(&qimg(), &root, "b", 1 << 20).unwrap();
+        // b (0x22 then 0x11) sits on a; merge b's data into root, then a
+        // into b, and drop both.
+        rebase(&qimg(), &root, Some(&a)).unwrap();
+        assert!(qio(&root, "read -P 0x22 0 32k").contains("read 32768"));
+        rebase(&qimg(), &root, None).unwrap();
+        assert_eq!(backing_of(&root).unwrap(), None);
+        remove(&b).unwrap();
+        remove(&a).unwrap();
+        let out = qio(&root, "read -P 0x22 0 32k");
+        assert!(!out.contains("verification failed"), "{out}");
+        let out = qio(&root, "read -P 0x11 32k 32k");
+        assert!(
+            !out.contains("verification failed") && out.contains("read 32768"),
+            "{out}"
+        );
     }
 }
 
