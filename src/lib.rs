@@ -4,6 +4,7 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod fault;
 pub mod logging;
 pub mod metadata;
 pub mod model;

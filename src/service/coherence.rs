@@ -163,6 +163,7 @@ impl Service {
                 issues.push(issue);
             }
         }
+        issues.extend(self.clone_observations());
         issues.extend(self.disk_observations().await);
         issues.extend(self.network_observations().await);
         issues.extend(self.space_observations());

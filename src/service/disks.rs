@@ -131,7 +131,11 @@ fn view_of(qemu_img: &Path, disk: Disk) -> DiskView {
 }
 
 /// Whether the disk's file is still there and still an image of its format.
-fn check_file_of(images: &ImagePolicy, disk: &Disk, writable: bool) -> Result<Chain, ServiceError> {
+pub(super) fn check_file_of(
+    images: &ImagePolicy,
+    disk: &Disk,
+    writable: bool,
+) -> Result<Chain, ServiceError> {
     let chain = images
         .open_chain(
             Path::new(&disk.path),

@@ -236,6 +236,7 @@ impl Service {
         self.store
             .get_snapshot(id, name)
             .map_err(missing("snapshot"))?;
+        self.refuse_delete_of_clone_base(id, name)?;
         let root = self.snapshot_vm(id, "delete a snapshot")?;
         let vm_dir = self.paths(id).dir;
         let name_s = name.to_string();

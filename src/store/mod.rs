@@ -28,6 +28,7 @@ macro_rules! template_columns {
 
 mod bridge;
 mod check;
+mod clones;
 mod disks;
 mod events;
 mod ports;
@@ -44,6 +45,7 @@ use crate::model::{Name, Template};
 use crate::sync::LockExt;
 
 pub use check::{backup, CheckLevel, Holdings, Lock, OpenOptions};
+pub use clones::{CloneDisk, CloneJob, CloneRow, CommitClone};
 pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
 pub use events::{EventFilter, EventRow};
 pub use ports::PortInsert;
@@ -60,6 +62,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_bridge.sql"),
     include_str!("../../migrations/0007_events.sql"),
     include_str!("../../migrations/0008_snapshots.sql"),
+    // 0009 is helper K's (snapshots of running VMs); the lead orders them.
+    include_str!("../../migrations/0010_clones.sql"),
 ];
 
 const READERS: usize = 4;

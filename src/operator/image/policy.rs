@@ -7,16 +7,17 @@
 //! checking the open file, so what is checked is exactly what QEMU later
 //! gets by descriptor.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::atomic::read_full_at;
 use super::probe::{open_verified, read_header, Magic};
 use super::{ImageError, ImageFormat};
 use crate::config::Config;
+use crate::sync::LockExt;
 
 /// Most files in one backing chain (the top included); longer chains are
 /// refused rather than trusted.
@@ -73,6 +74,10 @@ pub struct ImagePolicy {
     /// The default boot disk as configured (resolved late when it did not
     /// exist at start-up).
     default_configured: Option<PathBuf>,
+    /// Linked clones: a VM folder (canonical) and the snapshot files of
+    /// other VMs its disks may be built on (canonical). Kept by the service
+    /// from its `clones` rows (`service::clone`); shared by every copy.
+    links: Arc<Mutex<HashMap<PathBuf, HashSet<PathBuf>>>>,
 }
 
 impl ImagePolicy {
@@ -93,7 +98,46 @@ impl ImagePolicy {
             dirs,
             default,
             default_configured: default_boot_disk.map(Path::to_path_buf),
+            links: Arc::default(),
         }
+    }
+
+    /// Lets the images of the VM folder `vm_dir` be built on `base`, another
+    /// VM's snapshot file (a linked clone), and on that file's own chain in
+    /// its snapshot folder.
+    pub fn allow_linked_base(&self, vm_dir: &Path, base: &Path) {
+        let dir = fs::canonicalize(vm_dir).unwrap_or_else(|_| vm_dir.to_path_buf());
+        let base = fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+        self.links
+            .lock_or_recover()
+            .entry(dir)
+            .or_default()
+            .insert(base);
+    }
+
+    /// Forgets the linked bases of `vm_dir` (the clone is gone).
+    pub fn forget_linked_bases(&self, vm_dir: &Path) {
+        let dir = fs::canonicalize(vm_dir).unwrap_or_else(|_| vm_dir.to_path_buf());
+        let mut links = self.links.lock_or_recover();
+        links.remove(&dir);
+        links.remove(vm_dir);
+    }
+
+    /// Whether `backing` is a linked base allowed for the VM that `file`
+    /// (a root disk or snapshot file, canonical) belongs to.
+    fn linked_base_of(&self, file: &Path, backing: &Path) -> bool {
+        let Some(folder) = file.parent() else {
+            return false;
+        };
+        let vm_dir = if folder.file_name().is_some_and(|n| n == "snapshots") {
+            folder.parent().unwrap_or(folder)
+        } else {
+            folder
+        };
+        self.links
+            .lock_or_recover()
+            .get(vm_dir)
+            .is_some_and(|bases| bases.contains(backing))
     }
 
     pub fn from_config(config: &Config) -> Self {
@@ -268,8 +312,14 @@ impl ImagePolicy {
             // A vman-placed top (a VM's root disk, or one of its snapshot
             // files) may have the VM's own snapshot files
             // (`<VM folder>/snapshots/`) in its chain.
+            // A linked clone's: the source's snapshot file registered for
+            // the VM of the file naming it (`allow_linked_base`), and below
+            // it that snapshot's own parents (in its own snapshot folder).
             let own_snapshot = fs::canonicalize(&absolute).ok().filter(|c| {
-                top == Top::Trusted && c.parent().is_some_and(|d| own_snapshot_dir(&top_path, d))
+                top == Top::Trusted
+                    && (c.parent().is_some_and(|d| own_snapshot_dir(&top_path, d))
+                        || self.linked_base_of(&parent.path, c)
+                        || in_same_snapshot_dir(&parent.path, c))
             });
             let canonical = match own_snapshot {
                 Some(c) => c,
@@ -340,6 +390,15 @@ fn own_snapshot_dir(top: &Path, dir: &Path) -> bool {
     };
     dir == folder.join("snapshots")
         || (folder.file_name().is_some_and(|n| n == "snapshots") && dir == folder)
+}
+
+/// True when `file` lies in a `snapshots` folder and `backing` in the same
+/// one: a snapshot file's parent snapshot (reached only through a file
+/// that passed the checks itself).
+fn in_same_snapshot_dir(file: &Path, backing: &Path) -> bool {
+    file.parent().is_some_and(|d| {
+        d.file_name().is_some_and(|n| n == "snapshots") && backing.parent() == Some(d)
+    })
 }
 
 /// `ImagePolicy::resolve` with a policy of these folders (for tests).
