@@ -63,6 +63,9 @@ pub(crate) const fn running_source_clonable() -> bool {
     false
 }
 
+/// How many names a linked clone tries for its snapshot.
+const BASE_NAME_TRIES: u32 = 8;
+
 /// How many host ports a clone picks for its SSH forward before it gives up.
 const PORT_PICKS: u32 = 8;
 
@@ -270,18 +273,7 @@ impl Service {
         // lock itself); everything else is checked before it, so bad input
         // leaves no snapshot.
         let base = if input.linked {
-            let snap = base_snapshot_name(&name);
-            let description = format!("base of the linked clone {name}");
-            self.create_snapshot(
-                source,
-                CreateSnapshot {
-                    name: snap.clone(),
-                    description: Some(description),
-                },
-            )
-            .await?;
-            fault::point("clone.after_snapshot");
-            Some(snap)
+            Some(self.take_base_snapshot(source, &name).await?)
         } else {
             None
         };
@@ -436,6 +428,41 @@ impl Service {
         }
     }
 
+    /// Takes the snapshot a linked clone `name` of `source` is built on:
+    /// `clone-<name>`, or `clone-<name>-<n>` when that name is taken (by a
+    /// snapshot an interrupted clone left, which holds an older state).
+    async fn take_base_snapshot(&self, source: &Name, name: &Name) -> Result<Name, ServiceError> {
+        let first = base_snapshot_name(name);
+        let mut last = None;
+        for n in 1..=BASE_NAME_TRIES {
+            let snap = if n == 1 {
+                first.clone()
+            } else {
+                Name::parse("name", &format!("{first}-{n}"))
+                    .unwrap_or_else(|_| base_snapshot_name(&Name::generate()))
+            };
+            let description = format!("base of the linked clone {name}");
+            let taken = self
+                .create_snapshot(
+                    source,
+                    CreateSnapshot {
+                        name: snap.clone(),
+                        description: Some(description),
+                    },
+                )
+                .await;
+            match taken {
+                Ok(_) => {
+                    fault::point("clone.after_snapshot");
+                    return Ok(snap);
+                }
+                Err(e) if matches!(e.reason(), Some(Reason::AlreadyExists)) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ServiceError::Internal("no snapshot name".into())))
+    }
+
     /// The refusals that need no file: the source runs (or starts), the
     /// name is taken.
     fn clone_precheck(&self, src: &Vm, name: &Name) -> Result<(), ServiceError> {
@@ -455,6 +482,13 @@ impl Service {
             Ok(_) => return Err(Reason::AlreadyExists.refuse("VM with this ID already exists")),
             Err(StoreError::NotFound) => {}
             Err(e) => return Err(e.into()),
+        }
+        let dir = self.paths(name).dir;
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            return Err(Reason::AlreadyExists.refuse(format!(
+                "the folder of a VM of this name exists without a record ({}); remove it or choose another name",
+                dir.display()
+            )));
         }
         Ok(())
     }
