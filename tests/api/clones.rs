@@ -27,7 +27,10 @@ fn run(program: &str, args: &[&str]) -> String {
 /// Writes `pattern` at offset 0 (64 KiB) of the qcow2 `file`.
 fn write_pattern(file: &Path, pattern: u8) {
     let cmd = format!("write -P {pattern:#x} 0 64k");
-    run("qemu-io", &["-f", "qcow2", "-c", &cmd, file.to_str().unwrap()]);
+    run(
+        "qemu-io",
+        &["-f", "qcow2", "-c", &cmd, file.to_str().unwrap()],
+    );
 }
 
 /// Whether the first 64 KiB of the qcow2 `file` (through its chain) are
@@ -35,7 +38,15 @@ fn write_pattern(file: &Path, pattern: u8) {
 fn has_pattern(file: &Path, pattern: u8) -> bool {
     let cmd = format!("read -P {pattern:#x} 0 64k");
     let out = Command::new("qemu-io")
-        .args(["-r", "-U", "-f", "qcow2", "-c", &cmd, file.to_str().unwrap()])
+        .args([
+            "-r",
+            "-U",
+            "-f",
+            "qcow2",
+            "-c",
+            &cmd,
+            file.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -130,7 +141,10 @@ fn full_and_linked_clones_copy_every_disk_and_the_metadata_but_the_hostname() {
     assert!(has_pattern(&root_c, 0x11));
     let (st, snap) = s.get("/vms/a/snapshots/clone-c");
     assert_eq!(st, 200, "{snap}");
-    assert!(has_pattern(&s.storage_path().join("disks/c-d1.qcow2"), 0x33));
+    assert!(has_pattern(
+        &s.storage_path().join("disks/c-d1.qcow2"),
+        0x33
+    ));
     write_pattern(&root_c, 0x55);
     assert!(has_pattern(&root_a, 0x11) && has_pattern(&root_b, 0x22));
 
@@ -138,7 +152,10 @@ fn full_and_linked_clones_copy_every_disk_and_the_metadata_but_the_hostname() {
     let reply = s.delete("/vms/a/snapshots/clone-c");
     let detail = assert_error(&reply, 400);
     assert_eq!(reply.1["code"], "snapshot_in_use");
-    assert!(detail.contains("linked clone") && detail.contains('c'), "{detail}");
+    assert!(
+        detail.contains("linked clone") && detail.contains('c'),
+        "{detail}"
+    );
     let reply = s.delete("/vms/a");
     let detail = assert_error(&reply, 400);
     assert_eq!(reply.1["code"], "in_use");
@@ -188,7 +205,10 @@ fn bad_clone_requests_are_4xx_and_change_nothing() {
     let same = |what: &str| assert_eq!(state(&s), before, "{what} changed something");
 
     assert_error(&s.post_json("/vms/nope/clone", &json!({"name": "x"})), 404);
-    assert_error(&s.post_json("/vms/..%2Fa/clone", &json!({"name": "x"})), 404);
+    assert_error(
+        &s.post_json("/vms/..%2Fa/clone", &json!({"name": "x"})),
+        404,
+    );
     same("unknown source");
     for bad in ["../x", "a/b", "", ".hidden", "x y", &"n".repeat(64)] {
         let reply = s.post_json("/vms/a/clone", &json!({"name": bad}));
@@ -203,9 +223,15 @@ fn bad_clone_requests_are_4xx_and_change_nothing() {
     }
     // A folder of that name without a record: refused, left alone.
     let reply = s.post_json("/vms/a/clone", &json!({"name": "stray"}));
-    assert!(assert_error(&reply, 400).contains("without a record"), "{reply:?}");
+    assert!(
+        assert_error(&reply, 400).contains("without a record"),
+        "{reply:?}"
+    );
     let reply = s.post_json("/vms/a/clone", &json!({"name": "stray", "linked": true}));
-    assert!(assert_error(&reply, 400).contains("without a record"), "{reply:?}");
+    assert!(
+        assert_error(&reply, 400).contains("without a record"),
+        "{reply:?}"
+    );
     same("stray folder");
     for body in [
         json!({"name": "x", "linked": "yes"}),
@@ -262,10 +288,18 @@ fn kill9_at_each_clone_fault_point_leaves_no_half_made_clone() {
         let reply = s.try_raw(
             "POST",
             "/vms/a/clone",
-            Some(json!({"name": "b", "linked": linked}).to_string().as_bytes()),
+            Some(
+                json!({"name": "b", "linked": linked})
+                    .to_string()
+                    .as_bytes(),
+            ),
             &[("content-type", "application/json")],
         );
-        assert!(reply.is_err(), "{point}: vman answered {:?}", reply.map(|r| r.text));
+        assert!(
+            reply.is_err(),
+            "{point}: vman answered {:?}",
+            reply.map(|r| r.text)
+        );
         for _ in 0..500 {
             if !s.is_running() {
                 break;
