@@ -154,7 +154,9 @@ enum RootFrom {
 
 /// Makes the clone's files (blocking). On error, whatever it made is
 /// removed by the caller through `made`.
-fn make_files(plan: &FilePlan, made: &mut Made) -> Result<(), ServiceError> {
+/// Returns how the root disk was made (`reflink`, `copy_file_range`,
+/// `read_write`, `convert`, `overlay`; none without one).
+fn make_files(plan: &FilePlan, made: &mut Made) -> Result<Option<&'static str>, ServiceError> {
     match std::fs::create_dir(&plan.vm_dir) {
         Ok(()) => made.dir_made = true,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -174,14 +176,14 @@ fn make_files(plan: &FilePlan, made: &mut Made) -> Result<(), ServiceError> {
         }
     }
     let progress = Progress::new();
-    match &plan.root_from {
-        RootFrom::None => {}
+    let method = match &plan.root_from {
+        RootFrom::None => None,
         RootFrom::Copy { path, top, pinned } => {
             let chain = plan
                 .policy
                 .open_chain(path, *top, *pinned, false)
                 .map_err(|e| ServiceError::because(e, |e| format!("source root disk: {e}")))?;
-            image::provision(
+            let report = image::provision(
                 &plan.qemu_img,
                 &chain,
                 &plan.root,
@@ -190,6 +192,7 @@ fn make_files(plan: &FilePlan, made: &mut Made) -> Result<(), ServiceError> {
                 &progress,
             )
             .map_err(|e| image_failed(e, "the root disk"))?;
+            Some(report.method)
         }
         RootFrom::Overlay(base) => {
             let chain = plan
@@ -203,7 +206,7 @@ fn make_files(plan: &FilePlan, made: &mut Made) -> Result<(), ServiceError> {
                 )));
             }
             plan.policy.allow_linked_base(&plan.vm_dir, base);
-            image::provision(
+            let report = image::provision(
                 &plan.qemu_img,
                 &chain,
                 &plan.root,
@@ -212,8 +215,9 @@ fn make_files(plan: &FilePlan, made: &mut Made) -> Result<(), ServiceError> {
                 &progress,
             )
             .map_err(|e| image_failed(e, "the root disk"))?;
+            Some(report.method)
         }
-    }
+    };
     if !matches!(plan.root_from, RootFrom::None) {
         // The file made passes the same check as every root disk.
         plan.policy
@@ -257,7 +261,7 @@ fn make_files(plan: &FilePlan, made: &mut Made) -> Result<(), ServiceError> {
         }
     }
     fault::point("clone.after_copy");
-    Ok(())
+    Ok(method)
 }
 
 impl Service {
@@ -382,7 +386,7 @@ impl Service {
                 policy: plan.policy.clone(),
             };
             match make_files(&plan, &mut made) {
-                Ok(()) => Ok(made),
+                Ok(method) => Ok((made, method)),
                 Err(e) => {
                     made.remove();
                     Err(e)
@@ -391,7 +395,7 @@ impl Service {
         })
         .await
         .and_then(|r| r);
-        let mut made = match made {
+        let (mut made, method) = match made {
             Ok(m) => m,
             Err(e) => {
                 self.drop_clone_job(&name);
@@ -406,8 +410,9 @@ impl Service {
             Ok(vm) => {
                 fault::point("clone.after_commit");
                 tracing::info!(
-                    "vm {name} cloned from vm {source} ({}{})",
+                    "vm {name} cloned from vm {source} ({}, root disk by {}{})",
                     if input.linked { "linked" } else { "full" },
+                    method.unwrap_or("none (made at its first start)"),
                     base.as_ref()
                         .map(|s| format!(", on its snapshot {s}"))
                         .unwrap_or_default()
