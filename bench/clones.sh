@@ -91,12 +91,13 @@ timed_ms() { local t0; t0=$(now_ns); call "$@"; ms_since "$t0"; }
 suite() {
     local storage=$1 label=$2 i t t0 best_full="" best_linked="" best_chain="" \
         best_cp="" best_cpr="" best_qcreate="" best_convert="" reflink=yes method
-    mkdir -p "$storage/vms/src"
-    cp "$WORK/src.qcow2" "$storage/vms/src/root.qcow2"
-    sync
     serve "$storage"
     call POST /templates '{"name":"t","cpu_count":1,"ram_mib":128}'
     call POST /vms '{"template_name":"t","name":"src"}'
+    # Its root disk, placed before its first start (used as is).
+    mkdir -p "$storage/vms/src"
+    cp "$WORK/src.qcow2" "$storage/vms/src/root.qcow2"
+    sync
     local src=$storage/vms/src/root.qcow2 dst=$storage/baseline.qcow2
     for ((i = 0; i < RUNS; i++)); do
         sync
