@@ -742,4 +742,49 @@ mod tests {
         assert!(matches!(e, ImageError::Changed { .. }), "{e}");
         assert!(e.to_string().contains("changed while it was being checked"));
     }
+
+    /// A linked clone's root disk may be built on the one snapshot file
+    /// registered for its VM folder (and that file's own parents), never on
+    /// another VM's other snapshots, and not once the link is forgotten.
+    #[test]
+    fn a_linked_clone_reaches_only_its_registered_base_and_its_parents() {
+        let d = TempDir::new().unwrap();
+        let root = fs::canonicalize(d.path()).unwrap();
+        let (a, b) = (root.join("vms/a"), root.join("vms/b"));
+        fs::create_dir_all(a.join("snapshots")).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        let s0 = a.join("snapshots/s0.qcow2");
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", s0.to_str().unwrap(), "1M"]);
+        let s1 = a.join("snapshots/s1.qcow2");
+        overlay_on(s0.to_str().unwrap(), &s1);
+        let other = a.join("snapshots/other.qcow2");
+        overlay_on(s0.to_str().unwrap(), &other);
+        let clone_root = b.join("root.qcow2");
+        overlay_on(s1.to_str().unwrap(), &clone_root);
+        let policy = ImagePolicy::new(vec![], None);
+        assert!(policy
+            .open_chain(&clone_root, Top::Trusted, None, false)
+            .is_err());
+        policy.allow_linked_base(&b, &s1);
+        let chain = policy
+            .open_chain(&clone_root, Top::Trusted, None, false)
+            .unwrap();
+        assert_eq!(chain.files.len(), 3);
+        // A user-named top never reaches it; another of a's snapshots is
+        // not the registered base.
+        assert!(policy
+            .open_chain(&clone_root, Top::User, None, false)
+            .is_err());
+        fs::remove_file(&clone_root).unwrap();
+        overlay_on(other.to_str().unwrap(), &clone_root);
+        assert!(policy
+            .open_chain(&clone_root, Top::Trusted, None, false)
+            .is_err());
+        fs::remove_file(&clone_root).unwrap();
+        overlay_on(s1.to_str().unwrap(), &clone_root);
+        policy.clone().forget_linked_bases(&b);
+        assert!(policy
+            .open_chain(&clone_root, Top::Trusted, None, false)
+            .is_err());
+    }
 }
