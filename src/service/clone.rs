@@ -28,6 +28,11 @@
 //! (`partial_clone`). A snapshot taken for a linked clone stays (a valid
 //! snapshot of the source: its root disk is built on it).
 //!
+//! A running source (only once `running_source_clonable` is switched on):
+//! its root disk is read through a snapshot taken for the clone (`clone-<name>`,
+//! kept as a snapshot of the source), so the copy is consistent; one with
+//! data disks attached is refused (their snapshots come with K's work).
+//!
 //! Locks: the source's and the clone name's VM locks, taken in name order
 //! (after the snapshot, which takes the source's lock itself), held until
 //! the clone is recorded: the source stays stopped while its disks are
@@ -276,11 +281,18 @@ impl Service {
         // A linked clone's snapshot is taken first (it takes the source's
         // lock itself); everything else is checked before it, so bad input
         // leaves no snapshot.
-        let base = if input.linked {
+        // A running source is read through a snapshot (consistent, and
+        // never written again); so is a linked clone's root disk.
+        let runs = self.source_runs(&src);
+        if runs {
+            self.refuse_running_data_disks(source)?;
+        }
+        let snap = if input.linked || runs {
             Some(self.take_base_snapshot(source, &name).await?)
         } else {
             None
         };
+        let base = snap.clone().filter(|_| input.linked);
         let (first, second) = if source <= &name {
             (source, &name)
         } else {
@@ -296,6 +308,9 @@ impl Service {
                 .map_err(|_| Reason::SnapshotInUse.refuse(format!(
                     "the snapshot {snap} of VM {source} made for this clone was deleted meanwhile; try again"
                 )))?;
+        }
+        if self.source_runs(&src) {
+            self.refuse_running_data_disks(source)?;
         }
         let disks = self.store.disks_of_vm(source)?;
         let mut plans = Vec::new();
@@ -330,6 +345,15 @@ impl Service {
         let src_paths = self.paths(source);
         let root_from = match (&base, &src.qcow2_path) {
             (Some(snap), _) => RootFrom::Overlay(snapshot_file(&src_paths.dir, snap.as_str())),
+            // A full clone of a running source: from its snapshot.
+            (None, _) if snap.is_some() => RootFrom::Copy {
+                path: snapshot_file(
+                    &src_paths.dir,
+                    snap.as_ref().map(Name::as_str).unwrap_or_default(),
+                ),
+                top: Top::Trusted,
+                pinned: Some(ImageFormat::Qcow2),
+            },
             (None, Some(explicit)) => RootFrom::Copy {
                 path: PathBuf::from(explicit),
                 top: Top::User,
@@ -468,6 +492,24 @@ impl Service {
         Err(last.unwrap_or_else(|| ServiceError::Internal("no snapshot name".into())))
     }
 
+    /// Whether the source's QEMU runs (recorded or live).
+    fn source_runs(&self, src: &Vm) -> bool {
+        src.state == VmState::Running || self.is_live(&src.id)
+    }
+
+    /// A running source with data disks attached: their copy would not be
+    /// consistent (snapshots cover the root disk only for now).
+    fn refuse_running_data_disks(&self, source: &Name) -> Result<(), ServiceError> {
+        let attached = self.store.disks_of_vm(source)?;
+        if attached.is_empty() {
+            return Ok(());
+        }
+        Err(Reason::NotStopped.refuse(format!(
+            "VM {source} is running with {} data disk(s) attached: stop the VM first to clone it",
+            attached.len()
+        )))
+    }
+
     /// The refusals that need no file: the source runs (or starts), the
     /// name is taken.
     fn clone_precheck(&self, src: &Vm, name: &Name) -> Result<(), ServiceError> {
@@ -477,8 +519,7 @@ impl Service {
                 "VM {source} is being started (its root disk is being made); stop it once it runs, then clone it"
             )));
         }
-        let running = src.state == VmState::Running || self.is_live(source);
-        if running && !running_source_clonable() {
+        if self.source_runs(src) && !running_source_clonable() {
             return Err(Reason::NotStopped.refuse(format!(
                 "VM {source} is running: stop the VM first to clone it"
             )));
