@@ -341,3 +341,63 @@ fn kill9_at_each_clone_fault_point_leaves_no_half_made_clone() {
         drop(s);
     }
 }
+
+/// A source whose start is making its root disk (a 512 MiB default boot
+/// disk being copied), then running: a clone is refused at once with
+/// `not_stopped`, nothing of it is made, and the start is not disturbed.
+#[test]
+fn a_source_being_started_or_running_is_not_cloned() {
+    use std::io::Write;
+    let images = tempfile::tempdir().unwrap();
+    let small = images.path().join("small.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            small.to_str().unwrap(),
+            "64M",
+        ],
+    );
+    let default = images.path().join("big.qcow2");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&default).unwrap());
+    f.write_all(&std::fs::read(&small).unwrap()).unwrap();
+    for _ in 0..512 {
+        f.write_all(&[0xab; 1 << 20]).unwrap();
+    }
+    f.into_inner().unwrap().sync_all().unwrap();
+    let s = Server::builder()
+        .env("VMAN_DEFAULT_BOOT_DISK", default.to_str().unwrap())
+        .env("VMAN_NETWORK_MODE", "none")
+        .start();
+    let _guests = crate::KillGuests(s.storage_path().to_owned());
+    make_template(&s, "t", 1, 1);
+    make_vm(&s, "t", Some("a"));
+    let (start, mut refusals) = std::thread::scope(|scope| {
+        let start = scope.spawn(|| s.post_json("/vms/a/actions/start", &json!({})));
+        let mut refusals = Vec::new();
+        while !start.is_finished() {
+            if !s.get("/vms/a").1["provisioning"].is_null() {
+                refusals.push(s.post_json("/vms/a/clone", &json!({"name": "b"})));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        (start.join().unwrap(), refusals)
+    });
+    assert_eq!(start.0, 202, "{}", start.1);
+    refusals.push(s.post_json("/vms/a/clone", &json!({"name": "b", "linked": true})));
+    for reply in &refusals {
+        let detail = assert_error(reply, 400);
+        assert_eq!(reply.1["code"], "not_stopped", "{detail}");
+        assert!(
+            detail.contains("being started") || detail.contains("stop the VM first"),
+            "{detail}"
+        );
+    }
+    assert_eq!(s.get("/vms/b").0, 404);
+    assert!(!s.storage_path().join("vms/b").exists());
+    assert_eq!(s.get("/vms/a/snapshots").1, json!([]));
+    assert_eq!(s.get("/vms/a").1["state"], "running");
+}
