@@ -175,6 +175,16 @@ fn full_and_linked_clones_copy_every_disk_and_the_metadata_but_the_hostname() {
     assert_eq!(st, 200, "{restored}");
     assert!(has_pattern(&root_c, 0x55));
 
+    // A linked clone of the linked clone: its chain crosses both VMs.
+    let (st, e) = s.post_json("/vms/c/clone", &json!({"name": "e", "linked": true}));
+    assert_eq!(st, 201, "{e}");
+    assert!(has_pattern(
+        &s.storage_path().join("vms/e/root.qcow2"),
+        0x55
+    ));
+    assert_eq!(assert_error(&s.delete("/vms/c"), 400).contains("e"), true);
+    assert_eq!(s.delete("/vms/e").0, 204);
+
     // Deleting the linked clone releases the snapshot and the source.
     assert_eq!(s.delete("/vms/c").0, 204);
     let reply = s.delete("/vms/a/snapshots/clone-c");

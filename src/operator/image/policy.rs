@@ -269,6 +269,9 @@ impl ImagePolicy {
         let mut seen = HashSet::new();
         seen.insert(identity(&first.file)?);
         let mut files = vec![first];
+        // The snapshot folder of the last linked base reached (another
+        // VM's), whose files may follow it in the chain.
+        let mut linked_dir: Option<PathBuf> = None;
         loop {
             let parent = &files[files.len() - 1];
             let Some(backing) = parent.backing_file.clone() else {
@@ -319,11 +322,20 @@ impl ImagePolicy {
                 top == Top::Trusted
                     && (c.parent().is_some_and(|d| own_snapshot_dir(&top_path, d))
                         || self.linked_base_of(&parent.path, c)
-                        || in_same_snapshot_dir(&parent.path, c))
+                        || (linked_dir.is_some() && c.parent() == linked_dir.as_deref()))
             });
+            // Below a linked base, its own snapshot folder only.
+            if let Some(c) = own_snapshot.as_ref().filter(|c| {
+                !c.parent().is_some_and(|d| own_snapshot_dir(&top_path, d)) && in_snapshot_dir(c)
+            }) {
+                linked_dir = c.parent().map(Path::to_path_buf);
+            }
             let canonical = match own_snapshot {
                 Some(c) => c,
-                None => self.resolve_inside(&absolute, true).map_err(wrap)?,
+                None => {
+                    linked_dir = None;
+                    self.resolve_inside(&absolute, true).map_err(wrap)?
+                }
             };
             let next = self
                 .open_one(&canonical, Some(format), false)
@@ -392,13 +404,11 @@ fn own_snapshot_dir(top: &Path, dir: &Path) -> bool {
         || (folder.file_name().is_some_and(|n| n == "snapshots") && dir == folder)
 }
 
-/// True when `file` lies in a `snapshots` folder and `backing` in the same
-/// one: a snapshot file's parent snapshot (reached only through a file
-/// that passed the checks itself).
-fn in_same_snapshot_dir(file: &Path, backing: &Path) -> bool {
-    file.parent().is_some_and(|d| {
-        d.file_name().is_some_and(|n| n == "snapshots") && backing.parent() == Some(d)
-    })
+/// True when `file` lies in a folder named `snapshots`.
+fn in_snapshot_dir(file: &Path) -> bool {
+    file.parent()
+        .and_then(Path::file_name)
+        .is_some_and(|n| n == "snapshots")
 }
 
 /// `ImagePolicy::resolve` with a policy of these folders (for tests).
@@ -782,7 +792,26 @@ mod tests {
             .is_err());
         fs::remove_file(&clone_root).unwrap();
         overlay_on(s1.to_str().unwrap(), &clone_root);
+        // A linked clone of the linked clone: c -> b's snapshot t -> a's s1 -> s0.
+        let c = root.join("vms/c");
+        fs::create_dir_all(b.join("snapshots")).unwrap();
+        fs::create_dir_all(&c).unwrap();
+        let t = b.join("snapshots/t.qcow2");
+        overlay_on(s1.to_str().unwrap(), &t);
+        let c_root = c.join("root.qcow2");
+        overlay_on(t.to_str().unwrap(), &c_root);
+        assert!(policy
+            .open_chain(&c_root, Top::Trusted, None, false)
+            .is_err());
+        policy.allow_linked_base(&c, &t);
+        let chain = policy
+            .open_chain(&c_root, Top::Trusted, None, false)
+            .unwrap();
+        assert_eq!(chain.files.len(), 4);
         policy.clone().forget_linked_bases(&b);
+        assert!(policy
+            .open_chain(&c_root, Top::Trusted, None, false)
+            .is_err());
         assert!(policy
             .open_chain(&clone_root, Top::Trusted, None, false)
             .is_err());
