@@ -182,7 +182,8 @@ fn full_and_linked_clones_copy_every_disk_and_the_metadata_but_the_hostname() {
         &s.storage_path().join("vms/e/root.qcow2"),
         0x55
     ));
-    assert_eq!(assert_error(&s.delete("/vms/c"), 400).contains("e"), true);
+    let detail = assert_error(&s.delete("/vms/c"), 400);
+    assert!(detail.contains("linked clone(s) (e)"), "{detail}");
     assert_eq!(s.delete("/vms/e").0, 204);
 
     // Deleting the linked clone releases the snapshot and the source.
