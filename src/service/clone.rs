@@ -746,6 +746,27 @@ impl Service {
             .collect()
     }
 
+    /// Whether `path` (a `.partial` file) is being written by a clone under
+    /// way: in its VM folder, or the copy of one of its new data disks.
+    pub(crate) fn clone_writes(&self, path: &Path) -> bool {
+        let Ok(jobs) = self.store.clone_jobs() else {
+            return false;
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        jobs.iter()
+            .filter(|job| self.vm_lock_held(&job.clone_id))
+            .any(|job| {
+                path.starts_with(self.paths(&job.clone_id).dir)
+                    || job
+                        .disk_ids
+                        .iter()
+                        .any(|id| name.starts_with(&format!(".{id}.qcow2.partial-")))
+            })
+    }
+
     /// Whether some request holds the VM lock of `id` now.
     fn vm_lock_held(&self, id: &Name) -> bool {
         use crate::sync::LockExt;
