@@ -5,6 +5,7 @@
 //! SQL or processes.
 
 pub mod actions;
+pub mod clone;
 pub mod console_ws;
 pub mod disks;
 pub mod doc;
@@ -65,6 +66,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(ports::router())
         .merge(network::router())
         .merge(snapshots::router())
+        .merge(clone::router())
 }
 
 /// The served routes and their document, with the parts every operation

@@ -1,5 +1,5 @@
 //! `vman vm ...` over /vms: create, list, show, start, stop, restart,
-//! delete, the console log (`logs [--follow]`, followed by polling
+//! clone, delete, the console log (`logs [--follow]`, followed by polling
 //! GET /vms/{id}/console), port forwards (/vms/{id}/ports) and cloud-init
 //! metadata (/vms/{id}/metadata). A VM is named by its id, a `name` the
 //! server reports, or a unique id prefix (`client::with_id`).
@@ -56,6 +56,18 @@ pub enum Cmd {
         /// Skip the graceful power-off.
         #[arg(long)]
         force: bool,
+    },
+    /// Clone a stopped VM: a new stopped VM with a copy of each disk (full),
+    /// or a root disk linked on a new snapshot of the source (--linked).
+    Clone {
+        name: String,
+        /// The new VM's name.
+        #[arg(long = "name", value_name = "NEW")]
+        new_name: String,
+        /// Build the root disk on a snapshot of the source (qcow2 overlay)
+        /// instead of copying it; data disks are copied either way.
+        #[arg(long)]
+        linked: bool,
     },
     /// Delete a VM (stopped first if running; its data disks are detached).
     #[command(visible_alias = "rm")]
@@ -250,6 +262,19 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
             force.then(|| json!({"force": true})),
             "restarted",
         ),
+        Cmd::Clone {
+            name,
+            new_name,
+            linked,
+        } => {
+            let body = json!({"name": new_name, "linked": linked});
+            let vm = with_id(c, Kind::Vm, &name, |id| {
+                c.post(&format!("{}/clone", vm_path(id)), &body)
+            })?;
+            let id = vm["id"].as_str().unwrap_or("?");
+            let how = if linked { "linked clone" } else { "clone" };
+            out.created(&format!("created VM {id} ({how} of {name})"), id, &vm)
+        }
         Cmd::Delete { name } => {
             let id = with_id(c, Kind::Vm, &name, |id| {
                 c.delete(&vm_path(id)).map(|_| id.to_owned())

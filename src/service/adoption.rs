@@ -42,6 +42,7 @@ impl Service {
         for p in leftovers::remove_partials(&self.config.storage_path) {
             tracing::info!("removed {} left by an interrupted copy", p.display());
         }
+        self.sweep_clone_leftovers();
     }
 
     /// At start-up, with the API already listening: takes over every QEMU

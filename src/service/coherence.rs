@@ -124,7 +124,9 @@ impl Service {
             // renamed its file (before it stops being tracked), so a file
             // still there once its VM is not provisioning is a leftover.
             let folder = path.parent().and_then(Path::file_name);
-            if folder.is_some_and(|f| self.provisioning_in(&f.to_string_lossy())) || !path.exists()
+            if folder.is_some_and(|f| self.provisioning_in(&f.to_string_lossy()))
+                || self.clone_writes(&path)
+                || !path.exists()
             {
                 continue;
             }
@@ -165,6 +167,7 @@ impl Service {
                 issues.push(issue);
             }
         }
+        issues.extend(self.clone_observations());
         issues.extend(self.disk_observations().await);
         issues.extend(self.network_observations().await);
         issues.extend(self.space_observations());

@@ -298,6 +298,7 @@ impl Service {
     pub async fn delete_vm(&self, id: &Name) -> Result<(), ServiceError> {
         let _guard = self.lock_vm(id).await;
         self.store.get_vm(id).map_err(missing("VM"))?;
+        self.refuse_delete_of_clone_source(id)?;
         // Recorded first: a full disk refuses the deletion with nothing
         // changed rather than leaving a killed QEMU recorded running.
         self.forget_vm(id)?;
@@ -319,6 +320,7 @@ impl Service {
                 dir.display()
             ),
         }
+        self.forget_clone(id);
         tracing::info!("vm {id} deleted");
         let none = serde_json::json!({});
         self.emit(super::EventKind::Vm, id.as_str(), "deleted", none);

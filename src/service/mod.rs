@@ -6,6 +6,7 @@
 mod adoption;
 mod blocking;
 mod bridge;
+mod clone;
 mod coherence;
 mod console;
 pub mod database;
@@ -27,6 +28,7 @@ mod snapshots;
 mod space;
 
 pub use bridge::{Allocation, BridgeConfigView, NetworkConfig};
+pub use clone::CloneVm;
 pub use coherence::{Issue, Report};
 pub use console::{ConsoleOutput, ConsoleSession};
 pub use disks::{CreateDisk, DiskState, DiskView};

@@ -724,6 +724,7 @@ impl Service {
             .store
             .get_snapshot(id, name)
             .map_err(missing("snapshot"))?;
+        self.refuse_delete_of_clone_base(id, name)?;
         let (_, power) = self.snapshot_vm(id, "delete a snapshot", false)?;
         let run = match power {
             Power::Running(run) => Some(run),

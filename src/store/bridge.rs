@@ -9,6 +9,31 @@ use super::vms::{insert_vm_in, NewVm};
 use super::{Store, StoreError};
 use crate::model::{Name, Vm};
 
+/// Gives the VM `id` (inserted in this transaction) the address `pick`
+/// chooses among the free ones; `Exhausted` when there is none.
+pub(super) fn assign_address_in(
+    tx: &rusqlite::Transaction<'_>,
+    id: &Name,
+    pick: impl FnOnce(&HashSet<Ipv4Addr>) -> Option<Ipv4Addr>,
+) -> Result<String, StoreError> {
+    let taken = {
+        let mut stmt = tx.prepare_cached("SELECT ip FROM bridge_ips")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        rows.filter_map(|r| r.ok().and_then(|ip| ip.parse().ok()))
+            .collect::<HashSet<Ipv4Addr>>()
+    };
+    let ip = pick(&taken).ok_or(StoreError::Exhausted)?.to_string();
+    tx.execute(
+        "INSERT INTO bridge_ips (ip, vm_id, created_at) VALUES (?1, ?2, ?3)",
+        rusqlite::params![ip, id.as_str(), crate::model::now()],
+    )?;
+    tx.execute(
+        "UPDATE vms SET local_ip = ?2 WHERE id = ?1",
+        rusqlite::params![id.as_str(), ip],
+    )?;
+    Ok(ip)
+}
+
 impl Store {
     /// Records a new VM with the address `pick` chooses among those not
     /// taken (`pick` sees the taken ones); `Exhausted` with nothing written
@@ -20,22 +45,7 @@ impl Store {
     ) -> Result<Vm, StoreError> {
         self.write(|tx| {
             let mut vm = insert_vm_in(tx, new)?;
-            let taken = {
-                let mut stmt = tx.prepare_cached("SELECT ip FROM bridge_ips")?;
-                let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
-                rows.filter_map(|r| r.ok().and_then(|ip| ip.parse().ok()))
-                    .collect::<HashSet<Ipv4Addr>>()
-            };
-            let ip = pick(&taken).ok_or(StoreError::Exhausted)?.to_string();
-            tx.execute(
-                "INSERT INTO bridge_ips (ip, vm_id, created_at) VALUES (?1, ?2, ?3)",
-                rusqlite::params![ip, new.id.as_str(), crate::model::now()],
-            )?;
-            tx.execute(
-                "UPDATE vms SET local_ip = ?2 WHERE id = ?1",
-                rusqlite::params![new.id.as_str(), ip],
-            )?;
-            vm.local_ip = Some(ip);
+            vm.local_ip = Some(assign_address_in(tx, &new.id, pick)?);
             Ok(vm)
         })
     }

@@ -28,6 +28,7 @@ macro_rules! template_columns {
 
 mod bridge;
 mod check;
+mod clones;
 mod disks;
 mod events;
 mod ports;
@@ -44,6 +45,7 @@ use crate::model::{Name, Template};
 use crate::sync::LockExt;
 
 pub use check::{backup, CheckLevel, Holdings, Lock, OpenOptions};
+pub use clones::{CloneDisk, CloneJob, CloneRow, CommitClone};
 pub use disks::{Disk, DiskClaim, DiskDelete, NewDisk};
 pub use events::{EventFilter, EventRow};
 pub use ports::PortInsert;
@@ -61,6 +63,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0007_events.sql"),
     include_str!("../../migrations/0008_snapshots.sql"),
     include_str!("../../migrations/0009_snapshot_disks.sql"),
+    include_str!("../../migrations/0010_clones.sql"),
 ];
 
 const READERS: usize = 4;

@@ -5,6 +5,7 @@
 mod common;
 
 mod auth;
+mod clones;
 mod codes;
 mod concurrency;
 mod config;

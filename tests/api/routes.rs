@@ -43,6 +43,7 @@ const SERVED: &[(&str, &str)] = &[
     ("GET", "/vms/{vm_id}/snapshots/{name}"),
     ("DELETE", "/vms/{vm_id}/snapshots/{name}"),
     ("POST", "/vms/{vm_id}/snapshots/{name}/restore"),
+    ("POST", "/vms/{vm_id}/clone"),
     ("GET", "/disks"),
     ("POST", "/disks"),
     ("GET", "/disks/{id}"),

@@ -11,6 +11,7 @@ mod common;
 #[path = "../e2e/harness.rs"]
 mod harness;
 
+mod clones;
 mod console;
 mod disks;
 mod events;

@@ -5,6 +5,7 @@
 
 mod adoption;
 mod bridge;
+mod clones;
 #[path = "../common/mod.rs"]
 mod common;
 mod console_ws;

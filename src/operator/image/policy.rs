@@ -7,16 +7,17 @@
 //! checking the open file, so what is checked is exactly what QEMU later
 //! gets by descriptor.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::atomic::read_full_at;
 use super::probe::{open_verified, read_header, Magic};
 use super::{ImageError, ImageFormat};
 use crate::config::Config;
+use crate::sync::LockExt;
 
 /// Most files in one backing chain (the top included); longer chains are
 /// refused rather than trusted.
@@ -73,6 +74,10 @@ pub struct ImagePolicy {
     /// The default boot disk as configured (resolved late when it did not
     /// exist at start-up).
     default_configured: Option<PathBuf>,
+    /// Linked clones: a VM folder (canonical) and the snapshot files of
+    /// other VMs its disks may be built on (canonical). Kept by the service
+    /// from its `clones` rows (`service::clone`); shared by every copy.
+    links: Arc<Mutex<HashMap<PathBuf, HashSet<PathBuf>>>>,
 }
 
 impl ImagePolicy {
@@ -93,7 +98,46 @@ impl ImagePolicy {
             dirs,
             default,
             default_configured: default_boot_disk.map(Path::to_path_buf),
+            links: Arc::default(),
         }
+    }
+
+    /// Lets the images of the VM folder `vm_dir` be built on `base`, another
+    /// VM's snapshot file (a linked clone), and on that file's own chain in
+    /// its snapshot folder.
+    pub fn allow_linked_base(&self, vm_dir: &Path, base: &Path) {
+        let dir = fs::canonicalize(vm_dir).unwrap_or_else(|_| vm_dir.to_path_buf());
+        let base = fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+        self.links
+            .lock_or_recover()
+            .entry(dir)
+            .or_default()
+            .insert(base);
+    }
+
+    /// Forgets the linked bases of `vm_dir` (the clone is gone).
+    pub fn forget_linked_bases(&self, vm_dir: &Path) {
+        let dir = fs::canonicalize(vm_dir).unwrap_or_else(|_| vm_dir.to_path_buf());
+        let mut links = self.links.lock_or_recover();
+        links.remove(&dir);
+        links.remove(vm_dir);
+    }
+
+    /// Whether `backing` is a linked base allowed for the VM that `file`
+    /// (a root disk or snapshot file, canonical) belongs to.
+    fn linked_base_of(&self, file: &Path, backing: &Path) -> bool {
+        let Some(folder) = file.parent() else {
+            return false;
+        };
+        let vm_dir = if folder.file_name().is_some_and(|n| n == "snapshots") {
+            folder.parent().unwrap_or(folder)
+        } else {
+            folder
+        };
+        self.links
+            .lock_or_recover()
+            .get(vm_dir)
+            .is_some_and(|bases| bases.contains(backing))
     }
 
     pub fn from_config(config: &Config) -> Self {
@@ -225,6 +269,9 @@ impl ImagePolicy {
         let mut seen = HashSet::new();
         seen.insert(identity(&first.file)?);
         let mut files = vec![first];
+        // The snapshot folder of the last linked base reached (another
+        // VM's), whose files may follow it in the chain.
+        let mut linked_dir: Option<PathBuf> = None;
         loop {
             let parent = &files[files.len() - 1];
             let Some(backing) = parent.backing_file.clone() else {
@@ -268,12 +315,27 @@ impl ImagePolicy {
             // A vman-placed top (a VM's root disk, or one of its snapshot
             // files) may have the VM's own snapshot files
             // (`<VM folder>/snapshots/`) in its chain.
+            // A linked clone's: the source's snapshot file registered for
+            // the VM of the file naming it (`allow_linked_base`), and below
+            // it that snapshot's own parents (in its own snapshot folder).
             let own_snapshot = fs::canonicalize(&absolute).ok().filter(|c| {
-                top == Top::Trusted && c.parent().is_some_and(|d| own_snapshot_dir(&top_path, d))
+                top == Top::Trusted
+                    && (c.parent().is_some_and(|d| own_snapshot_dir(&top_path, d))
+                        || self.linked_base_of(&parent.path, c)
+                        || (linked_dir.is_some() && c.parent() == linked_dir.as_deref()))
             });
+            // Below a linked base, its own snapshot folder only.
+            if let Some(c) = own_snapshot.as_ref().filter(|c| {
+                !c.parent().is_some_and(|d| own_snapshot_dir(&top_path, d)) && in_snapshot_dir(c)
+            }) {
+                linked_dir = c.parent().map(Path::to_path_buf);
+            }
             let canonical = match own_snapshot {
                 Some(c) => c,
-                None => self.resolve_inside(&absolute, true).map_err(wrap)?,
+                None => {
+                    linked_dir = None;
+                    self.resolve_inside(&absolute, true).map_err(wrap)?
+                }
             };
             let next = self
                 .open_one(&canonical, Some(format), false)
@@ -340,6 +402,13 @@ fn own_snapshot_dir(top: &Path, dir: &Path) -> bool {
     };
     dir == folder.join("snapshots")
         || (folder.file_name().is_some_and(|n| n == "snapshots") && dir == folder)
+}
+
+/// True when `file` lies in a folder named `snapshots`.
+fn in_snapshot_dir(file: &Path) -> bool {
+    file.parent()
+        .and_then(Path::file_name)
+        .is_some_and(|n| n == "snapshots")
 }
 
 /// `ImagePolicy::resolve` with a policy of these folders (for tests).
@@ -682,5 +751,69 @@ mod tests {
         let e = super::super::probe::open_verified(&checked, false).unwrap_err();
         assert!(matches!(e, ImageError::Changed { .. }), "{e}");
         assert!(e.to_string().contains("changed while it was being checked"));
+    }
+
+    /// A linked clone's root disk may be built on the one snapshot file
+    /// registered for its VM folder (and that file's own parents), never on
+    /// another VM's other snapshots, and not once the link is forgotten.
+    #[test]
+    fn a_linked_clone_reaches_only_its_registered_base_and_its_parents() {
+        let d = TempDir::new().unwrap();
+        let root = fs::canonicalize(d.path()).unwrap();
+        let (a, b) = (root.join("vms/a"), root.join("vms/b"));
+        fs::create_dir_all(a.join("snapshots")).unwrap();
+        fs::create_dir_all(&b).unwrap();
+        let s0 = a.join("snapshots/s0.qcow2");
+        qemu_img_ok(&["create", "-q", "-f", "qcow2", s0.to_str().unwrap(), "1M"]);
+        let s1 = a.join("snapshots/s1.qcow2");
+        overlay_on(s0.to_str().unwrap(), &s1);
+        let other = a.join("snapshots/other.qcow2");
+        overlay_on(s0.to_str().unwrap(), &other);
+        let clone_root = b.join("root.qcow2");
+        overlay_on(s1.to_str().unwrap(), &clone_root);
+        let policy = ImagePolicy::new(vec![], None);
+        assert!(policy
+            .open_chain(&clone_root, Top::Trusted, None, false)
+            .is_err());
+        policy.allow_linked_base(&b, &s1);
+        let chain = policy
+            .open_chain(&clone_root, Top::Trusted, None, false)
+            .unwrap();
+        assert_eq!(chain.files.len(), 3);
+        // A user-named top never reaches it; another of a's snapshots is
+        // not the registered base.
+        assert!(policy
+            .open_chain(&clone_root, Top::User, None, false)
+            .is_err());
+        fs::remove_file(&clone_root).unwrap();
+        overlay_on(other.to_str().unwrap(), &clone_root);
+        assert!(policy
+            .open_chain(&clone_root, Top::Trusted, None, false)
+            .is_err());
+        fs::remove_file(&clone_root).unwrap();
+        overlay_on(s1.to_str().unwrap(), &clone_root);
+        // A linked clone of the linked clone: c -> b's snapshot t -> a's s1 -> s0.
+        let c = root.join("vms/c");
+        fs::create_dir_all(b.join("snapshots")).unwrap();
+        fs::create_dir_all(&c).unwrap();
+        let t = b.join("snapshots/t.qcow2");
+        overlay_on(s1.to_str().unwrap(), &t);
+        let c_root = c.join("root.qcow2");
+        overlay_on(t.to_str().unwrap(), &c_root);
+        assert!(policy
+            .open_chain(&c_root, Top::Trusted, None, false)
+            .is_err());
+        policy.allow_linked_base(&c, &t);
+        let chain = policy
+            .open_chain(&c_root, Top::Trusted, None, false)
+            .unwrap();
+        assert_eq!(chain.files.len(), 4);
+        policy.clone().forget_linked_bases(&b);
+        assert!(policy
+            .open_chain(&c_root, Top::Trusted, None, false)
+            .is_err());
+        assert!(policy
+            .open_chain(&clone_root, Top::Trusted, None, false)
+            .is_err());
     }
 }
