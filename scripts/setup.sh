@@ -13,7 +13,8 @@ need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in fdisk dosfstools mtools syslinux syslinux-common busybox-static cpio kmod \
            wrk curl ca-certificates xz-utils python3-venv \
-           passt socat nftables iproute2 openssh-client dnsmasq-base; do
+           passt socat nftables iproute2 openssh-client dnsmasq-base \
+           etcd-server etcd-client protobuf-compiler; do
     have "$pkg" || need+=("$pkg")
 done
 
