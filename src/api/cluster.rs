@@ -529,12 +529,23 @@ async fn vm_request(
             {
                 Ok(resp) if is_get && whole_vm => with_node(resp, &n).await,
                 Ok(resp) => resp,
-                Err(e) => ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "node_unreachable",
-                    e.to_string(),
-                )
-                .into_response(),
+                Err(e) => {
+                    // Its lease has not expired yet, but it does not answer:
+                    // reads get the last published JSON, state unknown.
+                    if is_get && whole_vm {
+                        let state = cluster.cache.lock_or_recover();
+                        if let Some(mut v) = remote_view(&state, id, &n) {
+                            v["state"] = Value::String(UNKNOWN.into());
+                            return json_response(StatusCode::OK, &v);
+                        }
+                    }
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "node_unreachable",
+                        e.to_string(),
+                    )
+                    .into_response()
+                }
             }
         }
     }
