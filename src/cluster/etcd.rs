@@ -15,6 +15,53 @@ use crate::config::ClusterConfig;
 /// unavailable (no quorum answers by then).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Runs `$body` with `$c` bound to the current endpoint's client; when it
+/// fails before the timeout (refused, no leader there), with the next
+/// endpoints in turn. A timeout is not retried: the request may have been
+/// applied.
+macro_rules! call {
+    ($self:expr, |$c:ident| $body:expr) => {{
+        use std::sync::atomic::Ordering;
+        let n = $self.clients.len();
+        let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+        let mut last = String::new();
+        let mut out = None;
+        // Rounds over the endpoints until one answers or the deadline: a
+        // leader election (a member just died) refuses for a moment.
+        'rounds: while out.is_none() {
+            let first = $self.current.load(Ordering::Relaxed) % n;
+            for i in 0..n {
+                let at = (first + i) % n;
+                #[allow(unused_mut)]
+                let mut $c = $self.clients[at].clone();
+                match tokio::time::timeout_at(deadline, async { $body }).await {
+                    Ok(Ok(v)) => {
+                        $self.current.store(at, Ordering::Relaxed);
+                        out = Some(Ok(v));
+                        break 'rounds;
+                    }
+                    Ok(Err(e)) => last = etcd_client::Error::to_string(&e),
+                    Err(_) => break 'rounds,
+                }
+            }
+            if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+                break;
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+        }
+        out.unwrap_or_else(|| {
+            Err(EtcdError::Unavailable(if last.is_empty() {
+                format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())
+            } else {
+                last
+            }))
+        })
+    }};
+}
+
+/// Pause between two rounds over the endpoints.
+const RETRY_PAUSE: Duration = Duration::from_millis(200);
+
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdError {
     /// etcd did not answer (no quorum, every endpoint down, timeout).
@@ -66,9 +113,14 @@ pub enum Change {
     Delete(String),
 }
 
+/// One client per endpoint: a request goes to the endpoint that answered
+/// last and moves on to the next when that one cannot be reached (the
+/// balanced channel of a single multi-endpoint client keeps sending to a
+/// dead member).
 #[derive(Clone)]
 pub struct Etcd {
-    client: Client,
+    clients: Vec<Client>,
+    current: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     prefix: String,
 }
 
@@ -101,11 +153,19 @@ impl Etcd {
             .map(|e| e.trim().to_owned())
             .filter(|e| !e.is_empty())
             .collect();
-        let client = Client::connect(endpoints, Some(options))
-            .await
-            .map_err(|e| EtcdError::Config(format!("etcd endpoints: {e}")))?;
+        let mut clients = Vec::new();
+        for e in &endpoints {
+            let c = Client::connect([e], Some(options.clone()))
+                .await
+                .map_err(|err| EtcdError::Config(format!("etcd endpoint {e}: {err}")))?;
+            clients.push(c);
+        }
+        if clients.is_empty() {
+            return Err(EtcdError::Config("no etcd endpoint".into()));
+        }
         Ok(Self {
-            client,
+            clients,
+            current: std::sync::Arc::default(),
             prefix: format!("{}/", cfg.cluster_prefix),
         })
     }
@@ -119,24 +179,12 @@ impl Etcd {
         key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned()
     }
 
-    /// Runs one request with the timeout (a request to a cluster without
-    /// quorum may otherwise wait for a leader for long).
-    async fn timed<T>(
-        fut: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, EtcdError> {
-        match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
-            Ok(r) => r.map_err(EtcdError::from),
-            Err(_) => Err(EtcdError::Unavailable(format!(
-                "no answer within {} s",
-                REQUEST_TIMEOUT.as_secs()
-            ))),
-        }
-    }
-
     /// Every key under `rel` (a prefix) with the store's revision.
     pub async fn range(&self, rel: &str) -> Result<(Vec<Entry>, i64), EtcdError> {
-        let mut c = self.client.clone();
-        let resp = Self::timed(c.get(self.key(rel), Some(GetOptions::new().with_prefix()))).await?;
+        let key = self.key(rel);
+        let resp = call!(self, |c| c
+            .get(key.clone(), Some(GetOptions::new().with_prefix()))
+            .await)?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let entries = resp
             .kvs()
@@ -152,8 +200,8 @@ impl Etcd {
 
     /// One key, if present.
     pub async fn get(&self, rel: &str) -> Result<Option<Entry>, EtcdError> {
-        let mut c = self.client.clone();
-        let resp = Self::timed(c.get(self.key(rel), None)).await?;
+        let key = self.key(rel);
+        let resp = call!(self, |c| c.get(key.clone(), None).await)?;
         Ok(resp.kvs().first().map(|kv| Entry {
             key: self.rel(kv.key()),
             value: kv.value().to_vec(),
@@ -162,14 +210,14 @@ impl Etcd {
     }
 
     pub async fn put(&self, rel: &str, value: Vec<u8>) -> Result<(), EtcdError> {
-        let mut c = self.client.clone();
-        Self::timed(c.put(self.key(rel), value, None)).await?;
+        let key = self.key(rel);
+        call!(self, |c| c.put(key.clone(), value.clone(), None).await)?;
         Ok(())
     }
 
     pub async fn delete(&self, rel: &str) -> Result<(), EtcdError> {
-        let mut c = self.client.clone();
-        Self::timed(c.delete(self.key(rel), None)).await?;
+        let key = self.key(rel);
+        call!(self, |c| c.delete(key.clone(), None).await)?;
         Ok(())
     }
 
@@ -193,26 +241,23 @@ impl Etcd {
                 Op::Delete(k) => TxnOp::delete(self.key(&k), None),
             })
             .collect();
-        let mut c = self.client.clone();
-        let resp = Self::timed(c.txn(Txn::new().when(compares).and_then(ops))).await?;
+        let txn = Txn::new().when(compares).and_then(ops);
+        let resp = call!(self, |c| c.txn(txn.clone()).await)?;
         Ok(resp.succeeded())
     }
 
     /// A new lease of `ttl` seconds.
     pub async fn grant(&self, ttl: i64) -> Result<i64, EtcdError> {
-        let mut c = self.client.clone();
-        Ok(Self::timed(c.lease_grant(ttl, None)).await?.id())
+        Ok(call!(self, |c| c.lease_grant(ttl, None).await)?.id())
     }
 
     /// Renews a lease once; its remaining TTL (0: it expired).
     pub async fn keep_alive(&self, lease: i64) -> Result<i64, EtcdError> {
-        let mut c = self.client.clone();
-        let fut = async move {
+        call!(self, |c| {
             let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
             keeper.keep_alive().await?;
-            Ok::<_, etcd_client::Error>(stream.message().await?.map_or(0, |r| r.ttl()))
-        };
-        Self::timed(fut).await
+            Ok(stream.message().await?.map_or(0, |r| r.ttl()))
+        })
     }
 
     /// Changes under the whole prefix after `revision`, sent to `tx` until
@@ -222,11 +267,13 @@ impl Etcd {
         revision: i64,
         tx: &tokio::sync::mpsc::Sender<Vec<Change>>,
     ) -> Result<(), EtcdError> {
-        let mut c = self.client.clone();
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
-        let mut stream = Self::timed(c.watch(self.prefix.clone(), Some(options))).await?;
+        let prefix = self.prefix.clone();
+        let mut stream = call!(self, |c| c
+            .watch(prefix.clone(), Some(options.clone()))
+            .await)?;
         while let Some(resp) = stream.message().await? {
             if resp.canceled() {
                 return Err(EtcdError::Unavailable("watch cancelled".into()));

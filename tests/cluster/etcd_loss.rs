@@ -18,8 +18,11 @@ fn one_etcd_member_down_works_two_down_refuse_writes_but_read_and_quorum_back_ca
     let other = vm["id"].as_str().unwrap().to_owned();
     let (s, b) = c.n(2).start_vm("q1");
     assert_eq!(s, 202, "{b}");
-    c.n(2).wait_console("q1", "vman-guest: boot ok hostname=q1", 1);
-    wait_until(SERVER, "published", || c.n(3).vm("q1")["state"] == "running");
+    c.n(2)
+        .wait_console("q1", "vman-guest: boot ok hostname=q1", 1);
+    wait_until(SERVER, "published", || {
+        c.n(3).vm("q1")["state"] == "running"
+    });
     let pid = c.n(1).vm("q1")["pid"].as_i64().expect("pid");
 
     c.etcd.stop_member(1);
@@ -28,7 +31,10 @@ fn one_etcd_member_down_works_two_down_refuse_writes_but_read_and_quorum_back_ca
     assert_eq!(s, 503, "{b}");
     assert_eq!(b["code"], "cluster_unavailable", "{b}");
     assert!(b["detail"].as_str().unwrap().contains("quorum"), "{b}");
-    let (s, b) = c.n(3).post("/templates", json!({"name": "t2", "cpu_count": 1, "ram_mib": 64}));
+    let (s, b) = c.n(3).post(
+        "/templates",
+        json!({"name": "t2", "cpu_count": 1, "ram_mib": 64}),
+    );
     assert_eq!(s, 503, "{b}");
     assert_eq!(c.n(3).call("GET", "/templates/t2", None).0, 404);
     let (s, b) = c.n(1).post("/vms/q1/actions/stop", json!({}));
@@ -46,7 +52,9 @@ fn one_etcd_member_down_works_two_down_refuse_writes_but_read_and_quorum_back_ca
     // Something changes meanwhile: the guest's QEMU dies.
     // SAFETY: kill(2) has no memory effects.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    wait_until(GUEST, "n1 records the exit", || c.n(1).vm("q1")["state"] != "running");
+    wait_until(GUEST, "n1 records the exit", || {
+        c.n(1).vm("q1")["state"] != "running"
+    });
     let after = c.n(1).vm("q1")["state"].clone();
 
     c.etcd.start_member(1);
@@ -62,7 +70,12 @@ fn one_etcd_member_down_works_two_down_refuse_writes_but_read_and_quorum_back_ca
     for n in 1..=3 {
         wait_until(SERVER, "three VMs everywhere", || {
             let l = c.n(n).get("/vms");
-            let ids: Vec<&str> = l.as_array().unwrap().iter().map(|v| v["id"].as_str().unwrap()).collect();
+            let ids: Vec<&str> = l
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v["id"].as_str().unwrap())
+                .collect();
             ids.len() == 3 && ids.contains(&"q1") && ids.contains(&other.as_str())
         });
     }

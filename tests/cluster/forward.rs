@@ -43,7 +43,11 @@ fn start_stop_console_metadata_of_a_vm_on_n2_work_through_n1() {
     n1.type_line("far", "echo through-$((6*7))-n1");
     n1.wait_console("far", "through-42-n1", 1);
     // Metadata through n1 lands on n2.
-    let (s, b) = n1.call("PUT", "/vms/far/metadata", Some(json!({"hostname": "farhost"})));
+    let (s, b) = n1.call(
+        "PUT",
+        "/vms/far/metadata",
+        Some(json!({"hostname": "farhost"})),
+    );
     assert_eq!(s, 200, "{b}");
     assert_eq!(n2.get("/vms/far/metadata")["hostname"], "farhost");
     assert_eq!(n1.get("/vms/far/metadata"), n2.get("/vms/far/metadata"));
@@ -53,7 +57,14 @@ fn start_stop_console_metadata_of_a_vm_on_n2_work_through_n1() {
     assert_eq!(b["status"], "stopped");
     assert_eq!(n2.vm("far")["state"], "stopped");
     wait_until(SERVER, "stopped everywhere", || {
-        (1..=3).all(|n| c.n(n).get("/vms").as_array().unwrap().iter().any(|v| v["id"] == "far" && v["state"] == "stopped"))
+        (1..=3).all(|n| {
+            c.n(n)
+                .get("/vms")
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v["id"] == "far" && v["state"] == "stopped")
+        })
     });
     // Delete through n1: gone from n2's store and from every list.
     let (s, b) = n1.call("DELETE", "/vms/far", None);
@@ -64,6 +75,8 @@ fn start_stop_console_metadata_of_a_vm_on_n2_work_through_n1() {
         (1..=3).all(|n| c.n(n).get("/vms").as_array().unwrap().is_empty())
     });
     wait_until(SERVER, "memory released", || {
-        c.nodes_seen_by(1).iter().all(|n| n["memory_reserved_mib"] == 0)
+        c.nodes_seen_by(1)
+            .iter()
+            .all(|n| n["memory_reserved_mib"] == 0)
     });
 }

@@ -72,8 +72,12 @@ impl Etcd {
     pub fn start_member(&mut self, i: usize) {
         let initial = self.initial_cluster();
         let data: PathBuf = self.dir.path().join(&self.members[i].name);
-        let log = std::fs::File::create(self.dir.path().join(format!("{}.log", self.members[i].name)))
-            .expect("etcd log");
+        let log = std::fs::File::create(
+            self.dir
+                .path()
+                .join(format!("{}.log", self.members[i].name)),
+        )
+        .expect("etcd log");
         let m = &mut self.members[i];
         let child = Command::new("etcd")
             .arg("--name")
@@ -133,7 +137,11 @@ impl Etcd {
             if ok {
                 return;
             }
-            assert!(start.elapsed() < SERVER * 2, "etcd has no quorum after {:?}", SERVER * 2);
+            assert!(
+                start.elapsed() < SERVER * 2,
+                "etcd has no quorum after {:?}",
+                SERVER * 2
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
@@ -207,8 +215,9 @@ impl Cluster {
             wait_until(SERVER, "nodes online", || {
                 let list = node.get("/cluster/nodes");
                 names.iter().all(|n| {
-                    list.as_array()
-                        .is_some_and(|a| a.iter().any(|x| x["name"] == *n && x["status"] == "online"))
+                    list.as_array().is_some_and(|a| {
+                        a.iter().any(|x| x["name"] == *n && x["status"] == "online")
+                    })
                 })
             });
         }
@@ -216,7 +225,11 @@ impl Cluster {
 
     /// GET /cluster/nodes of node `n` by name.
     pub fn nodes_seen_by(&self, n: usize) -> Vec<Value> {
-        self.n(n).get("/cluster/nodes").as_array().cloned().unwrap_or_default()
+        self.n(n)
+            .get("/cluster/nodes")
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// A template made through n1, waited for on every node.
@@ -238,7 +251,10 @@ impl Cluster {
 
     /// A VM pinned to node `on`, created through `via`.
     pub fn create_on(&self, via: usize, on: usize, id: &str, template: &str) -> Value {
-        self.create(via, json!({"template_name": template, "name": id, "node": format!("n{on}")}))
+        self.create(
+            via,
+            json!({"template_name": template, "name": id, "node": format!("n{on}")}),
+        )
     }
 }
 

@@ -16,7 +16,12 @@ fn listing(c: &Cluster, n: usize) -> BTreeMap<String, String> {
         .as_array()
         .expect("array")
         .iter()
-        .map(|v| (v["id"].as_str().unwrap().to_owned(), v["node"].as_str().unwrap().to_owned()))
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_owned(),
+                v["node"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect()
 }
 
@@ -51,7 +56,10 @@ fn create_at_once(c: &Cluster, ram: u64, n: usize) -> Vec<(u16, Value)> {
                 s.spawn(move || node.post("/vms", json!({"template_name": "small"})))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("thread")).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
     })
 }
 
@@ -76,7 +84,9 @@ fn every_node_lists_the_same_vms_and_creates_spread_by_free_memory_without_overc
         assert_eq!(*s, 201, "{b}");
     }
     wait_same_lists(&c, 60);
-    wait_until(SERVER, "reservations seen", || counts(&c).iter().all(|x| x.0 == 20));
+    wait_until(SERVER, "reservations seen", || {
+        counts(&c).iter().all(|x| x.0 == 20)
+    });
     for (count, reserved, _) in counts(&c) {
         assert_eq!(count, 20);
         assert_eq!(reserved, 20 * ram);
@@ -91,7 +101,9 @@ fn every_node_lists_the_same_vms_and_creates_spread_by_free_memory_without_overc
     }
     assert_eq!(created, 12);
     wait_same_lists(&c, 72);
-    wait_until(SERVER, "reservations seen", || counts(&c).iter().all(|x| x.0 == 24));
+    wait_until(SERVER, "reservations seen", || {
+        counts(&c).iter().all(|x| x.0 == 24)
+    });
     for (count, reserved, capacity) in counts(&c) {
         assert_eq!(count, 24);
         assert_eq!(reserved, 24 * ram);
@@ -116,18 +128,28 @@ fn pinned_creates_go_to_their_node_and_names_are_unique_in_the_cluster() {
     assert_eq!(vm["id"], "pinned");
     assert_eq!(vm["state"], "stopped");
     // Recorded on n3 only.
-    assert_eq!(crate::e2e::Vman::call(c.n(3), "GET", "/vms/pinned", None).0, 200);
+    assert_eq!(
+        crate::e2e::Vman::call(c.n(3), "GET", "/vms/pinned", None).0,
+        200
+    );
     assert!(c.n(3).storage.join("vman.db").exists());
     // The same name through another node, on another node: refused.
     for via in 1..=3 {
-        let (s, b) = c.n(via).post("/vms", json!({"template_name": "small", "name": "pinned", "node": "n1"}));
+        let (s, b) = c.n(via).post(
+            "/vms",
+            json!({"template_name": "small", "name": "pinned", "node": "n1"}),
+        );
         assert_eq!(s, 400, "{b}");
         assert_eq!(b["code"], "already_exists", "{b}");
     }
-    let (s, b) = c.n(2).post("/vms", json!({"template_name": "small", "node": "n9"}));
+    let (s, b) = c
+        .n(2)
+        .post("/vms", json!({"template_name": "small", "node": "n9"}));
     assert_eq!(s, 400, "{b}");
     assert_eq!(b["code"], "node_unavailable", "{b}");
-    let (s, b) = c.n(2).post("/vms", json!({"template_name": "small", "node": 7}));
+    let (s, b) = c
+        .n(2)
+        .post("/vms", json!({"template_name": "small", "node": 7}));
     assert_eq!(s, 422, "{b}");
     // Refusals of the single-host handler come through unchanged, and
     // nothing is placed.
