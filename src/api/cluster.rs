@@ -508,13 +508,7 @@ async fn vm_request(
                 .into_response();
             }
             if req.uri().path().ends_with("/console/ws") {
-                let url = cluster.node_url(&n).unwrap_or_default();
-                return ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "not_forwarded",
-                    format!("The console WebSocket of VM {id} is served by its node {n}: connect to {url}{}", req.uri().path()),
-                )
-                .into_response();
+                return super::cluster_ws::relay(cluster, &n, req).await;
             }
             let pq = req
                 .uri()

@@ -39,7 +39,7 @@ pub struct ErrorBody {
     /// `internal` (500), `database_damaged` (500), `upgrade_required` (426).
     /// Cluster mode: `cluster_unavailable` (503), `node_offline` (503),
     /// `node_unreachable` (503), `node_unavailable` (400),
-    /// `placement_changed` (409), `not_forwarded` (400), `cluster_token`
+    /// `placement_changed` (409), `cluster_token`
     /// (401), `not_clustered` (404).
     /// See docs/errors.md.
     pub code: &'static str,
@@ -287,7 +287,6 @@ mod tests {
             "node_unreachable",
             "node_unavailable",
             "placement_changed",
-            "not_forwarded",
             "cluster_token",
             "not_clustered",
         ];

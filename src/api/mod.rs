@@ -6,6 +6,7 @@
 
 pub mod actions;
 pub mod cluster;
+pub mod cluster_ws;
 pub mod console_ws;
 pub mod disks;
 pub mod doc;

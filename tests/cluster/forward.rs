@@ -1,10 +1,67 @@
 //! A VM placed on n2, driven through n1: start (202 once QEMU runs on n2),
 //! console, metadata, stop, delete — the answers are n2's own.
 
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::e2e::{qemu_processes, GUEST, SERVER};
 use crate::harness::{wait_until, Cluster};
+
+/// What a console WebSocket through a node saw: the text, and the close
+/// code once closed.
+struct Seen {
+    text: String,
+    closed: Option<u16>,
+}
+
+/// Opens the console WebSocket of `id` through `base`, types `line`, and
+/// reads until `until(seen)` holds or the deadline passes.
+async fn console_ws(
+    base: &str,
+    id: &str,
+    line: &str,
+    until: impl Fn(&Seen) -> bool,
+    deadline: Duration,
+) -> Seen {
+    let url = format!("{}/vms/{id}/console/ws", base.replace("http://", "ws://"));
+    let req = url.into_client_request().expect("request");
+    let (mut socket, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("console ws");
+    socket
+        .send(Message::text(format!("{line}\n")))
+        .await
+        .expect("type");
+    let mut seen = Seen {
+        text: String::new(),
+        closed: None,
+    };
+    let start = Instant::now();
+    while !until(&seen) && seen.closed.is_none() {
+        let left = deadline.saturating_sub(start.elapsed());
+        assert!(
+            !left.is_zero(),
+            "console ws: nothing after {deadline:?}: {}",
+            seen.text
+        );
+        match tokio::time::timeout(left, socket.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => seen.text.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some(Ok(Message::Text(t)))) => seen.text.push_str(&t),
+            Ok(Some(Ok(Message::Close(f)))) => {
+                seen.closed = Some(f.map_or(0, |f| u16::from(f.code)))
+            }
+            Ok(Some(Ok(_))) => {}
+            Ok(None) => seen.closed = Some(0),
+            Ok(Some(Err(e))) => panic!("console ws: {e}"),
+            Err(_) => {}
+        }
+    }
+    seen
+}
 
 /// The VM as a node answers it, without the `node` field and the fields
 /// that change by themselves.
@@ -42,6 +99,31 @@ fn start_stop_console_metadata_of_a_vm_on_n2_work_through_n1() {
     // Console input and output through n1.
     n1.type_line("far", "echo through-$((6*7))-n1");
     n1.wait_console("far", "through-42-n1", 1);
+    // The console WebSocket through n1: typed input reaches the guest on
+    // n2 and its output comes back.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let seen = rt.block_on(console_ws(
+        &n1.base,
+        "far",
+        "echo ws-$((6*7))-relay",
+        |s| s.text.contains("ws-42-relay"),
+        GUEST,
+    ));
+    assert!(seen.text.contains("ws-42-relay"), "{}", seen.text);
+    // An unknown VM: 404, as on a single host.
+    let req = format!(
+        "{}/vms/nope/console/ws",
+        n1.base.replace("http://", "ws://")
+    )
+    .into_client_request()
+    .expect("request");
+    match rt.block_on(tokio_tungstenite::connect_async(req)) {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status().as_u16(), 404),
+        other => panic!("expected 404, got {:?}", other.map(|(_, r)| r.status())),
+    }
     // Metadata through n1 lands on n2.
     let (s, b) = n1.call(
         "PUT",
