@@ -306,7 +306,8 @@ fn list(app: &AppState, cluster: &Cluster, query: Option<&str>) -> Response {
         }
     }
     for vm in &local {
-        if let Some(v) = local_view(app, cluster, &vm.id) {
+        if let Ok(mut v) = serde_json::to_value(VmResponse::from(vm)) {
+            v["node"] = Value::String(cluster.node.clone());
             all.insert(vm.id.to_string(), v);
         }
     }

@@ -33,26 +33,36 @@ impl Candidate {
 }
 
 /// The pure choice: among nodes that fit `need` MiB (only `pinned` when
-/// given), the most free memory (`spread`) or the least that still fits
-/// (`pack`); ties by name.
+/// given), one with the most free memory (`spread`) or the least that still
+/// fits (`pack`). Nodes within less than `need` of the best are as good
+/// (they differ by less than one such VM): `salt` picks among them, so
+/// concurrent creates spread over them instead of all racing for one
+/// node's reservation; with `salt` 0 the first by name.
 pub fn choose<'a>(
     candidates: &'a [Candidate],
     need: u64,
     policy: Placement,
     pinned: Option<&str>,
+    salt: usize,
 ) -> Option<&'a Candidate> {
-    let fits = candidates
+    let mut fits: Vec<&Candidate> = candidates
         .iter()
         .filter(|c| pinned.is_none_or(|p| p == c.name))
-        .filter(|c| c.free_mib() >= need);
-    match policy {
-        Placement::Spread => {
-            fits.min_by(|a, b| b.free_mib().cmp(&a.free_mib()).then(a.name.cmp(&b.name)))
-        }
-        Placement::Pack => {
-            fits.min_by(|a, b| a.free_mib().cmp(&b.free_mib()).then(a.name.cmp(&b.name)))
-        }
-    }
+        .filter(|c| c.free_mib() >= need)
+        .collect();
+    fits.sort_by(|a, b| a.name.cmp(&b.name));
+    let best = match policy {
+        Placement::Spread => fits.iter().map(|c| c.free_mib()).max()?,
+        Placement::Pack => fits.iter().map(|c| c.free_mib()).min()?,
+    };
+    let good: Vec<&Candidate> = fits
+        .into_iter()
+        .filter(|c| match policy {
+            Placement::Spread => c.free_mib() + need > best,
+            Placement::Pack => c.free_mib() < best + need.max(1),
+        })
+        .collect();
+    good.get(salt % good.len().max(1)).copied()
 }
 
 fn reserved_of(entry: Option<&Entry>) -> (u64, i64) {
@@ -116,7 +126,8 @@ pub async fn place(
                 )));
             }
         }
-        let Some(node) = choose(&all, memory_mib, cluster.policy, pinned) else {
+        let salt = usize::from(uuid::Uuid::new_v4().as_bytes()[1]);
+        let Some(node) = choose(&all, memory_mib, cluster.policy, pinned, salt) else {
             let free: Vec<String> = all
                 .iter()
                 .filter(|c| pinned.is_none_or(|p| p == c.name))
@@ -318,35 +329,51 @@ mod tests {
     fn spread_takes_the_most_free_and_pack_the_least_that_fits() {
         let all = [c("n1", 1000, 100), c("n2", 1000, 500), c("n3", 1000, 950)];
         assert_eq!(
-            choose(&all, 40, Placement::Spread, None).map(|c| c.name.as_str()),
+            choose(&all, 40, Placement::Spread, None, 0).map(|c| c.name.as_str()),
             Some("n1")
         );
         assert_eq!(
-            choose(&all, 40, Placement::Pack, None).map(|c| c.name.as_str()),
+            choose(&all, 40, Placement::Pack, None, 0).map(|c| c.name.as_str()),
             Some("n3")
         );
         assert_eq!(
-            choose(&all, 60, Placement::Pack, None).map(|c| c.name.as_str()),
+            choose(&all, 60, Placement::Pack, None, 0).map(|c| c.name.as_str()),
             Some("n2")
         );
         assert_eq!(
-            choose(&all, 40, Placement::Spread, Some("n3")).map(|c| c.name.as_str()),
+            choose(&all, 40, Placement::Spread, Some("n3"), 0).map(|c| c.name.as_str()),
             Some("n3")
         );
-        assert!(choose(&all, 60, Placement::Spread, Some("n3")).is_none());
-        assert!(choose(&all, 901, Placement::Spread, None).is_none());
+        assert!(choose(&all, 60, Placement::Spread, Some("n3"), 0).is_none());
+        assert!(choose(&all, 901, Placement::Spread, None, 0).is_none());
     }
 
     #[test]
     fn ties_go_by_name() {
         let all = [c("n2", 1000, 0), c("n1", 1000, 0)];
         assert_eq!(
-            choose(&all, 1, Placement::Spread, None).map(|c| c.name.as_str()),
+            choose(&all, 1, Placement::Spread, None, 0).map(|c| c.name.as_str()),
             Some("n1")
         );
         assert_eq!(
-            choose(&all, 1, Placement::Pack, None).map(|c| c.name.as_str()),
+            choose(&all, 1, Placement::Pack, None, 0).map(|c| c.name.as_str()),
             Some("n1")
         );
+    }
+
+    #[test]
+    fn nodes_a_whole_vm_apart_are_not_equally_good() {
+        // n2 is one VM fuller: spread never picks it, pack always prefers
+        // the fuller ones, whatever the salt; equal nodes share the load.
+        let all = [c("n1", 1000, 0), c("n2", 1000, 100), c("n3", 1000, 50)];
+        for salt in 0..10 {
+            let got = choose(&all, 100, Placement::Spread, None, salt).map(|c| c.name.as_str());
+            assert!(matches!(got, Some("n1" | "n3")), "{got:?}");
+            let got = choose(&all, 100, Placement::Pack, None, salt).map(|c| c.name.as_str());
+            assert!(matches!(got, Some("n2" | "n3")), "{got:?}");
+        }
+        let equal = [c("n1", 1000, 0), c("n2", 1000, 0)];
+        let got = choose(&equal, 1, Placement::Spread, None, 1).map(|c| c.name.as_str());
+        assert_eq!(got, Some("n2"));
     }
 }
