@@ -6,7 +6,8 @@
 # (passt, socat for the slirp metadata relay, nftables for the guard table,
 # iproute2), openssh-client (the debian guest's SSH test), bridge networking
 # (dnsmasq-base), the web console's build and browser tests (nodejs and
-# npm to build ui/, chromium and chromium-driver for tests/ui), and the
+# npm to build ui/, chromium and chromium-driver for tests/ui), etcd and
+# protoc for the cluster (tests start their own members), and the
 # vman-qemu and vman-passt users (QEMU and passt run as them). Safe to run
 # again: it only installs what is missing.
 set -euo pipefail
@@ -16,7 +17,7 @@ have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok ins
 for pkg in fdisk dosfstools mtools syslinux syslinux-common busybox-static cpio kmod \
            wrk curl ca-certificates xz-utils python3-venv \
            passt socat nftables iproute2 openssh-client dnsmasq-base \
-           chromium chromium-driver; do
+           chromium chromium-driver etcd-server etcd-client protobuf-compiler; do
     have "$pkg" || need+=("$pkg")
 done
 # Node from Debian unless a node and npm are already there (e.g. NodeSource).
@@ -49,6 +50,12 @@ fi
 if [ "${#need[@]}" -gt 0 ]; then
     echo "setup: installing ${need[*]}"
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    # The etcd-server package enables an etcd service on 2379 where systemd
+    # runs; vman's cluster tests start their own members, and a cluster
+    # user configures theirs: one installed just now is stopped again.
+    if [[ " ${need[*]} " == *" etcd-server "* ]] && [ -d /run/systemd/system ]; then
+        systemctl disable --now etcd.service >/dev/null 2>&1 || true
+    fi
 fi
 if ! qemu_ok; then
     # Some images ship a newer qemu-utils than the distribution's

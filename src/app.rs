@@ -64,17 +64,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let service = Arc::new(Service::new(config.clone(), store, host));
     service.wire_metadata();
     service.sweep_leftovers();
-    let state = AppState {
+    let mut state = AppState {
         service: service.clone(),
         token: config.api_token.as_deref().map(Arc::from),
         vm_list: Arc::default(),
         http_metrics: Arc::default(),
+        cluster: None,
     };
     let addr = SocketAddr::new(config.host, config.port);
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
+    if config.cluster.enabled {
+        api::cluster::join(&mut state, local).await?;
+    }
     // Before the "listening" line, which tells scripts vman is ready.
     let signal = shutdown_signal();
     // Listen first: a QEMU that does not answer must not hold up the API.

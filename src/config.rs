@@ -11,7 +11,9 @@ use crate::model::{Accel, NetworkMode, UserNet};
 use std::path::{Path, PathBuf};
 
 mod bridge;
+mod cluster;
 pub use bridge::{BridgeConfig, Subnet};
+pub use cluster::{valid_node_name, ClusterConfig, Placement};
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
@@ -192,6 +194,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub bridge: BridgeConfig,
+
+    #[command(flatten)]
+    pub cluster: ClusterConfig,
 }
 
 /// An nftables table name: letters, digits and `_`, at most 32 bytes.
@@ -315,6 +320,8 @@ pub enum ConfigError {
         "refusing to listen on {0} without VMAN_API_TOKEN: set a token or listen on a loopback address"
     )]
     TokenRequired(IpAddr),
+    #[error("{0}")]
+    Cluster(String),
     #[error("VMAN_API_TOKEN must have at least {MIN_TOKEN_CHARS} non-space characters (e.g. `openssl rand -hex 32`)")]
     WeakToken,
 }
@@ -331,6 +338,7 @@ impl Config {
         if !self.host.is_loopback() && self.api_token.is_none() {
             return Err(ConfigError::TokenRequired(self.host));
         }
+        self.cluster.validate().map_err(ConfigError::Cluster)?;
         let storage = &self.storage_path;
         if storage.exists() && !storage.is_dir() {
             return Err(ConfigError::StorageNotDir(storage.clone()));

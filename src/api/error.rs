@@ -37,6 +37,10 @@ pub struct ErrorBody {
     /// (403), `origin_not_allowed` (403), `too_large` (413),
     /// `unsupported_media_type` (415), `insufficient_storage` (507),
     /// `internal` (500), `database_damaged` (500), `upgrade_required` (426).
+    /// Cluster mode: `cluster_unavailable` (503), `node_offline` (503),
+    /// `node_unreachable` (503), `node_unavailable` (400),
+    /// `placement_changed` (409), `cluster_token`
+    /// (401), `not_clustered` (404).
     /// See docs/errors.md.
     pub code: &'static str,
 }
@@ -282,6 +286,13 @@ mod tests {
             "internal",
             "database_damaged",
             "upgrade_required",
+            "cluster_unavailable",
+            "node_offline",
+            "node_unreachable",
+            "node_unavailable",
+            "placement_changed",
+            "cluster_token",
+            "not_clustered",
         ];
         for code in REFUSAL_CODES.iter().chain(&others) {
             assert!(

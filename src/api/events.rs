@@ -82,7 +82,7 @@ fn parse(
         .get("type")
         .map(|t| {
             EventKind::parse(t).ok_or_else(|| {
-                ApiError::invalid("type", "must be one of vm, disk, template, observer")
+                ApiError::invalid("type", "must be one of vm, disk, template, observer, node")
             })
         })
         .transpose()?;

@@ -6,6 +6,8 @@
 
 pub mod actions;
 pub mod clone;
+pub mod cluster;
+pub mod cluster_ws;
 pub mod console_ws;
 pub mod disks;
 pub mod doc;
@@ -47,6 +49,8 @@ pub struct AppState {
     pub token: Option<Arc<str>>,
     pub vm_list: Arc<vms::ListCache>,
     pub http_metrics: Arc<metrics::HttpMetrics>,
+    /// Cluster mode's handle (`--cluster`); `None` on a single host.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 /// Every served route with its documentation, one list per module: a route
@@ -67,6 +71,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(network::router())
         .merge(snapshots::router())
         .merge(clone::router())
+        .merge(cluster::router())
 }
 
 /// The served routes and their document, with the parts every operation
@@ -89,6 +94,10 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            cluster::dispatch,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .layer(middleware::from_fn_with_state(guard, guard::enforce))
         .layer(panic_answer())

@@ -28,10 +28,18 @@ pub enum EventKind {
     Disk,
     Template,
     Observer,
+    /// A cluster node (`node_lost`).
+    Node,
 }
 
 impl EventKind {
-    pub const ALL: [Self; 4] = [Self::Vm, Self::Disk, Self::Template, Self::Observer];
+    pub const ALL: [Self; 5] = [
+        Self::Vm,
+        Self::Disk,
+        Self::Template,
+        Self::Observer,
+        Self::Node,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -39,6 +47,7 @@ impl EventKind {
             Self::Disk => "disk",
             Self::Template => "template",
             Self::Observer => "observer",
+            Self::Node => "node",
         }
     }
 

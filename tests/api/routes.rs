@@ -54,6 +54,7 @@ const SERVED: &[(&str, &str)] = &[
     ("GET", "/events"),
     ("GET", "/vms/{vm_id}/console/ws"),
     ("GET", "/metrics"),
+    ("GET", "/cluster/nodes"),
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "PATCH"];
