@@ -11,7 +11,9 @@ use crate::model::{Accel, NetworkMode, UserNet};
 use std::path::{Path, PathBuf};
 
 mod bridge;
+pub mod cluster;
 pub use bridge::{BridgeConfig, Subnet};
+pub use cluster::ClusterConfig;
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
@@ -192,6 +194,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub bridge: BridgeConfig,
+
+    #[command(flatten)]
+    pub cluster: ClusterConfig,
 }
 
 /// An nftables table name: letters, digits and `_`, at most 32 bytes.
@@ -317,6 +322,8 @@ pub enum ConfigError {
     TokenRequired(IpAddr),
     #[error("VMAN_API_TOKEN must have at least {MIN_TOKEN_CHARS} non-space characters (e.g. `openssl rand -hex 32`)")]
     WeakToken,
+    #[error("{0}")]
+    Cluster(String),
 }
 
 impl Config {
@@ -331,6 +338,7 @@ impl Config {
         if !self.host.is_loopback() && self.api_token.is_none() {
             return Err(ConfigError::TokenRequired(self.host));
         }
+        cluster::check(&self.cluster).map_err(ConfigError::Cluster)?;
         let storage = &self.storage_path;
         if storage.exists() && !storage.is_dir() {
             return Err(ConfigError::StorageNotDir(storage.clone()));

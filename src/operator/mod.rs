@@ -16,6 +16,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod stats;
 pub mod tools;
+pub mod transfer;
 pub mod unixsock;
 pub mod vm;
 

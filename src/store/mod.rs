@@ -33,7 +33,10 @@ mod events;
 mod ports;
 mod reserve;
 mod snapshots;
+mod vm_migrations;
 mod vms;
+
+pub use vm_migrations::{AdoptedDisk, Adoption, MigrationRow, MigrationRole, MigrationStep};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::Path;
@@ -60,6 +63,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_bridge.sql"),
     include_str!("../../migrations/0007_events.sql"),
     include_str!("../../migrations/0008_snapshots.sql"),
+    include_str!("../../migrations/0011_migrations.sql"),
 ];
 
 const READERS: usize = 4;

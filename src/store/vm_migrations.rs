@@ -1,0 +1,267 @@
+//! Cold migration rows (`vm_migrations`, migrations/0011_migrations.sql):
+//! the intent of a source (`outgoing`) and the mark of a target
+//! (`incoming`), and the target's adoption of a VM record in one
+//! transaction (VM row, root disk, metadata, forwards, data disks, mark).
+
+use rusqlite::OptionalExtension;
+
+use super::{Store, StoreError};
+use crate::model::{ImageFormat, Name, Template};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationRole {
+    Outgoing,
+    Incoming,
+}
+
+impl MigrationRole {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Outgoing => "outgoing",
+            Self::Incoming => "incoming",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationStep {
+    /// Files are being sent; the target has no record yet.
+    Copying,
+    /// The target recorded the VM; the placement change may have happened.
+    Adopted,
+}
+
+impl MigrationStep {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Copying => "copying",
+            Self::Adopted => "adopted",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationRow {
+    pub vm_id: Name,
+    pub role: MigrationRole,
+    pub peer: String,
+    pub peer_url: String,
+    pub step: MigrationStep,
+}
+
+/// A data disk as the target records it.
+#[derive(Debug, Clone)]
+pub struct AdoptedDisk {
+    pub id: Name,
+    pub size_gb: u64,
+    pub mount_point: Option<String>,
+    pub path: String,
+    pub format: ImageFormat,
+    pub slot: u8,
+}
+
+/// Everything the target writes for a VM it adopts.
+#[derive(Debug, Clone)]
+pub struct Adoption {
+    pub vm: super::NewVm,
+    pub template: Template,
+    pub created_at: String,
+    /// `root.qcow2` at the target: path, virtual size, format.
+    pub root_disk: Option<(String, u64, ImageFormat)>,
+    pub hostname: Option<String>,
+    pub user_data: Option<String>,
+    pub ssh_keys: Option<Vec<String>>,
+    pub disks: Vec<AdoptedDisk>,
+    /// The source node and its URL (the `incoming` mark).
+    pub peer: String,
+    pub peer_url: String,
+}
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<MigrationRow> {
+    let role: String = r.get(1)?;
+    let step: String = r.get(4)?;
+    Ok(MigrationRow {
+        vm_id: Name::from_trusted(r.get(0)?),
+        role: if role == "incoming" {
+            MigrationRole::Incoming
+        } else {
+            MigrationRole::Outgoing
+        },
+        peer: r.get(2)?,
+        peer_url: r.get(3)?,
+        step: if step == "adopted" {
+            MigrationStep::Adopted
+        } else {
+            MigrationStep::Copying
+        },
+    })
+}
+
+const SELECT: &str = "SELECT vm_id, role, peer, peer_url, step FROM vm_migrations";
+
+impl Store {
+    /// Records an outgoing migration; `AlreadyExists` when the VM has a row.
+    pub fn begin_migration(&self, vm: &Name, peer: &str, peer_url: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            let n = tx.execute(
+                "INSERT INTO vm_migrations (vm_id, role, peer, peer_url, step, created_at)
+                 VALUES (?1, 'outgoing', ?2, ?3, 'copying', ?4) ON CONFLICT(vm_id) DO NOTHING",
+                rusqlite::params![vm.as_str(), peer, peer_url, crate::model::now()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::AlreadyExists);
+            }
+            Ok(())
+        })
+    }
+
+    pub fn set_migration_step(&self, vm: &Name, step: MigrationStep) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE vm_migrations SET step = ?2 WHERE vm_id = ?1",
+                rusqlite::params![vm.as_str(), step.as_str()],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn get_migration(&self, vm: &Name) -> Result<Option<MigrationRow>, StoreError> {
+        self.read(|c| {
+            Ok(c.prepare_cached(&format!("{SELECT} WHERE vm_id = ?1"))?
+                .query_row([vm.as_str()], row)
+                .optional()?)
+        })
+    }
+
+    pub fn list_migrations(&self, role: MigrationRole) -> Result<Vec<MigrationRow>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!("{SELECT} WHERE role = ?1 ORDER BY vm_id"))?;
+            let rows = stmt.query_map([role.as_str()], row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    /// Forgets a VM's migration row (any role).
+    pub fn end_migration(&self, vm: &Name) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM vm_migrations WHERE vm_id = ?1", [vm.as_str()])?;
+            Ok(())
+        })
+    }
+
+    /// The target's adoption, all or nothing: `AlreadyExists` when the VM id,
+    /// a disk id or a forwarded host port is taken here; the template is
+    /// created when missing (the caller checked that an existing one has the
+    /// same size).
+    pub fn adopt_vm(&self, a: &Adoption) -> Result<(), StoreError> {
+        let keys = a
+            .ssh_keys
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.write(|tx| {
+            let t = &a.template;
+            tx.execute(
+                "INSERT INTO templates (name, cpu_count, ram_mib, disk_size_gb, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT(name) DO NOTHING",
+                rusqlite::params![
+                    t.name.as_str(),
+                    t.cpu_count,
+                    t.ram_mib,
+                    t.disk_size_gb,
+                    t.created_at
+                ],
+            )?;
+            let n = tx.execute(
+                "INSERT INTO vm_migrations (vm_id, role, peer, peer_url, step, created_at)
+                 VALUES (?1, 'incoming', ?2, ?3, 'adopted', ?4) ON CONFLICT(vm_id) DO NOTHING",
+                rusqlite::params![a.vm.id.as_str(), a.peer, a.peer_url, crate::model::now()],
+            )?;
+            if n == 0 {
+                return Err(StoreError::AlreadyExists);
+            }
+            super::vms::insert_vm_in(tx, &a.vm)?;
+            tx.execute(
+                "UPDATE vms SET created_at = ?2 WHERE id = ?1",
+                rusqlite::params![a.vm.id.as_str(), a.created_at],
+            )?;
+            if let Some((path, size, format)) = &a.root_disk {
+                tx.execute(
+                    "UPDATE vms SET root_disk_source = 'existing', root_disk_path = ?2,
+                        root_disk_size = ?3, root_disk_format = ?4 WHERE id = ?1",
+                    rusqlite::params![a.vm.id.as_str(), path, size, format.as_str()],
+                )?;
+            }
+            if a.hostname.is_some() || a.user_data.is_some() || keys.is_some() {
+                let now = crate::model::now();
+                tx.execute(
+                    "INSERT INTO vm_metadata (vm_id, hostname, user_data, ssh_keys, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                    rusqlite::params![a.vm.id.as_str(), a.hostname, a.user_data, keys, now],
+                )?;
+            }
+            let now = crate::model::now();
+            for d in &a.disks {
+                let n = tx.execute(
+                    "INSERT INTO disks (id, size_gb, mount_point, path, format, vm_id, slot,
+                        created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8) ON CONFLICT(id) DO NOTHING",
+                    rusqlite::params![
+                        d.id.as_str(),
+                        d.size_gb,
+                        d.mount_point,
+                        d.path,
+                        d.format.as_str(),
+                        a.vm.id.as_str(),
+                        d.slot,
+                        now
+                    ],
+                )?;
+                if n == 0 {
+                    return Err(StoreError::AlreadyExists);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The target's roll-back: removes the VM and its disk rows only when
+    /// they carry the `incoming` mark (a VM this node owns is never touched).
+    /// Returns the paths of the disk files the rows named, `None` when there
+    /// was no mark.
+    pub fn drop_incoming(&self, vm: &Name) -> Result<Option<Vec<String>>, StoreError> {
+        self.write(|tx| {
+            let marked: Option<String> = tx
+                .query_row(
+                    "SELECT role FROM vm_migrations WHERE vm_id = ?1",
+                    [vm.as_str()],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if marked.as_deref() != Some("incoming") {
+                return Ok(None);
+            }
+            let paths = {
+                let mut stmt = tx.prepare_cached("SELECT path FROM disks WHERE vm_id = ?1")?;
+                let rows = stmt.query_map([vm.as_str()], |r| r.get::<_, String>(0))?;
+                rows.collect::<Result<Vec<_>, _>>()?
+            };
+            tx.execute("DELETE FROM disks WHERE vm_id = ?1", [vm.as_str()])?;
+            tx.execute("DELETE FROM vms WHERE id = ?1", [vm.as_str()])?;
+            tx.execute("DELETE FROM vm_migrations WHERE vm_id = ?1", [vm.as_str()])?;
+            Ok(Some(paths))
+        })
+    }
+
+    /// The source's last step once the placement moved: the VM's row, its
+    /// disk rows and its migration row, in one transaction.
+    pub fn forget_migrated(&self, vm: &Name) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM disks WHERE vm_id = ?1", [vm.as_str()])?;
+            tx.execute("DELETE FROM vms WHERE id = ?1", [vm.as_str()])?;
+            tx.execute("DELETE FROM vm_migrations WHERE vm_id = ?1", [vm.as_str()])?;
+            Ok(())
+        })
+    }
+}
