@@ -75,6 +75,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
+    service.wire_cluster_standin(local.port());
     // Before the "listening" line, which tells scripts vman is ready.
     let signal = shutdown_signal();
     // Listen first: a QEMU that does not answer must not hold up the API.
@@ -89,6 +90,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         service.recover_network().await;
         service.reconcile_bridge().await;
         service.ensure_bridge_metadata_listener().await;
+        service.settle_migrations().await;
         crate::observer::run(service, interval).await;
     });
     tracing::info!(

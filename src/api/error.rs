@@ -31,10 +31,11 @@ pub struct ErrorBody {
     /// `hotplug_failed`, `invalid_transition`, `port_in_use`,
     /// `network_unavailable`, `not_user_network`, `network_failed`,
     /// `subnet_full`, `bridge_failed`, `not_stopped`, `no_root_disk`,
-    /// `too_many_snapshots`, `snapshot_in_use`. Others: `invalid` (422), `required` (400),
+    /// `too_many_snapshots`, `snapshot_in_use`, `unknown_node`,
+    /// `migration_refused`, `transfer_refused`, `placement_conflict`. Others: `invalid` (422), `required` (400),
     /// `malformed_json` (400), `bad_body` (400), `not_found` (404),
     /// `method_not_allowed` (405), `unauthorized` (401), `host_not_allowed`
-    /// (403), `origin_not_allowed` (403), `too_large` (413),
+    /// (403), `origin_not_allowed` (403), `forbidden` (403), `too_large` (413),
     /// `unsupported_media_type` (415), `insufficient_storage` (507),
     /// `internal` (500), `database_damaged` (500), `upgrade_required` (426).
     /// See docs/errors.md.
@@ -112,6 +113,10 @@ fn code_of(reason: &Reason) -> &'static str {
         Reason::NoRootDisk => "no_root_disk",
         Reason::TooManySnapshots => "too_many_snapshots",
         Reason::SnapshotInUse => "snapshot_in_use",
+        Reason::UnknownNode => "unknown_node",
+        Reason::MigrationRefused => "migration_refused",
+        Reason::TransferRefused => "transfer_refused",
+        Reason::PlacementConflict => "placement_conflict",
     }
 }
 
@@ -193,7 +198,7 @@ mod tests {
 
     /// The code of every reason, in the order of `every_reason()`. These
     /// are published (docs/errors.md): never change one.
-    const REFUSAL_CODES: [&str; 35] = [
+    const REFUSAL_CODES: [&str; 39] = [
         "already_exists",
         "template_missing",
         "in_use",
@@ -229,6 +234,10 @@ mod tests {
         "no_root_disk",
         "too_many_snapshots",
         "snapshot_in_use",
+        "unknown_node",
+        "migration_refused",
+        "transfer_refused",
+        "placement_conflict",
     ];
 
     #[test]
@@ -270,6 +279,7 @@ mod tests {
             "not_found",
             "method_not_allowed",
             "unauthorized",
+            "forbidden",
             "host_not_allowed",
             "origin_not_allowed",
             "too_large",

@@ -15,6 +15,7 @@ pub mod guard;
 pub mod listen;
 pub mod metadata;
 pub mod metrics;
+pub mod migrate;
 pub mod network;
 pub mod ports;
 pub mod snapshots;
@@ -64,6 +65,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(ports::router())
         .merge(network::router())
         .merge(snapshots::router())
+        .merge(migrate::router())
 }
 
 /// The served routes and their document, with the parts every operation
@@ -153,7 +155,9 @@ pub fn authorized(app: &AppState, headers: &header::HeaderMap) -> bool {
 /// /health answers anyone, with details only when `authorized`.
 async fn require_token(State(app): State<AppState>, req: Request, next: Next) -> Response {
     let (path, query) = (req.uri().path(), req.uri().query());
+    // Node-to-node routes check the cluster token themselves.
     if path == "/health"
+        || path.starts_with(migrate::INTERNAL_PREFIX)
         || authorized(&app, req.headers())
         || console_ws::query_token_ok(&app, path, query)
     {

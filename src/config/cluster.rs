@@ -25,7 +25,11 @@ pub struct ClusterConfig {
 
     /// Shared secret of node-to-node calls (header X-Vman-Cluster-Token);
     /// at least 16 non-space characters.
-    #[arg(long = "cluster-token", env = "VMAN_CLUSTER_TOKEN", hide_env_values = true)]
+    #[arg(
+        long = "cluster-token",
+        env = "VMAN_CLUSTER_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
 
     /// Tests only: a folder shared by the nodes that stands in for etcd's
@@ -46,7 +50,10 @@ pub fn check(c: &ClusterConfig) -> Result<(), String> {
             super::MIN_TOKEN_CHARS
         ));
     }
-    if c.node_name.as_deref().is_none_or(|n| crate::model::Name::parse("node_name", n).is_err()) {
+    if c.node_name
+        .as_deref()
+        .is_none_or(|n| crate::model::Name::parse("node_name", n).is_err())
+    {
         return Err("--cluster needs VMAN_NODE_NAME (a name: letters, digits, - and _)".into());
     }
     if !c

@@ -25,6 +25,7 @@ pub const CHUNK: usize = 1 << 20;
 pub const TOKEN_HEADER: &str = "x-vman-cluster-token";
 pub const SIZE_HEADER: &str = "x-vman-size";
 pub const SHA_HEADER: &str = "x-vman-sha256";
+pub const FORMAT_HEADER: &str = "x-vman-format";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -104,6 +105,15 @@ pub fn read_chunks(
     }
 }
 
+/// What the sender announces of a file.
+#[derive(Debug, Clone)]
+pub struct Announced {
+    pub size: u64,
+    /// Lower-case hex SHA-256.
+    pub sha256: String,
+    pub format: ImageFormat,
+}
+
 /// A file being received: written to a partial file, hashed as it comes.
 pub struct Incoming {
     partial: Partial,
@@ -151,9 +161,10 @@ impl Incoming {
                 got,
             });
         }
-        self.file
-            .write_all(data)
-            .map_err(io_err(format!("cannot write {}", self.partial.path().display())))?;
+        self.file.write_all(data).map_err(io_err(format!(
+            "cannot write {}",
+            self.partial.path().display()
+        )))?;
         self.hasher.update(data);
         self.written = got;
         Ok(())
@@ -235,7 +246,12 @@ impl Peer {
             return Ok(());
         }
         let body: serde_json::Value = reply.json().await.unwrap_or_default();
-        let text = |k: &str| body.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+        let text = |k: &str| {
+            body.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("")
+                .to_owned()
+        };
         Err(TransferError::Peer {
             node: self.node.clone(),
             status: status.as_u16(),
@@ -245,14 +261,14 @@ impl Peer {
     }
 
     /// `PUT /cluster/internal/import/{vm}/{kind}/{file}` with the file as a
-    /// streamed body.
+    /// streamed body (no Content-Type: the cross-site guard takes only JSON
+    /// or none).
     pub async fn put_file(
         &self,
         vm: &str,
         kind: &str,
         file: &str,
-        size: u64,
-        sha256: &str,
+        announced: &Announced,
         body: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, io::Error>>,
     ) -> Result<(), TransferError> {
         let stream = futures_util::stream::unfold(body, |mut rx| async move {
@@ -265,10 +281,10 @@ impl Peer {
                 self.base
             ))
             .header(TOKEN_HEADER, &self.token)
-            .header(SIZE_HEADER, size.to_string())
-            .header(SHA_HEADER, sha256)
-            .header("content-type", "application/octet-stream")
-            .header("content-length", size.to_string())
+            .header(SIZE_HEADER, announced.size.to_string())
+            .header(SHA_HEADER, &announced.sha256)
+            .header(FORMAT_HEADER, announced.format.as_str())
+            .header("content-length", announced.size.to_string())
             .body(reqwest::Body::wrap_stream(stream))
             .send()
             .await
@@ -291,11 +307,15 @@ impl Peer {
 
     /// `DELETE /cluster/internal/import/{vm}`: the target forgets what it
     /// received for the VM (files, and the record while it is marked
-    /// incoming).
-    pub async fn cleanup(&self, vm: &str) -> Result<(), TransferError> {
+    /// incoming) and the files of `disks` no record there owns.
+    pub async fn cleanup(&self, vm: &str, disks: &[String]) -> Result<(), TransferError> {
         let reply = self
             .client
-            .delete(format!("{}/cluster/internal/import/{vm}", self.base))
+            .delete(format!(
+                "{}/cluster/internal/import/{vm}?disks={}",
+                self.base,
+                disks.join(",")
+            ))
             .header(TOKEN_HEADER, &self.token)
             .send()
             .await
@@ -321,7 +341,7 @@ mod tests {
     #[test]
     fn a_received_file_lands_only_when_size_and_digest_match() {
         let d = tempfile::tempdir().expect("tmp");
-        let data = vec![7u8; 3 * CHUNK + 5];
+        let data = vec![7u8; 3 * CHUNK + 512];
         let src = raw_file(d.path(), &data);
         let (size, sha) = digest(&src).expect("digest");
         assert_eq!(size, data.len() as u64);

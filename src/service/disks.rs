@@ -161,7 +161,7 @@ fn check_file_of(images: &ImagePolicy, disk: &Disk, writable: bool) -> Result<Ch
 }
 
 impl Service {
-    fn disk_path(&self, id: &Name) -> PathBuf {
+    pub(crate) fn disk_path(&self, id: &Name) -> PathBuf {
         self.config.disks_dir().join(format!("{id}.qcow2"))
     }
 

@@ -186,6 +186,17 @@ pub enum Reason {
     TooManySnapshots,
     /// Another snapshot or the root disk is built on this snapshot.
     SnapshotInUse,
+    /// A migration names a node the cluster does not know (or this node).
+    UnknownNode,
+    /// This VM cannot be migrated (not in cluster mode, a disk that is not
+    /// vman's own standalone file, a bridge address, snapshots, a migration
+    /// under way).
+    MigrationRefused,
+    /// A disk file arrived damaged (size or SHA-256 not as announced) or
+    /// the target's image checks refused it; nothing was kept.
+    TransferRefused,
+    /// The VM's placement changed while it was being migrated.
+    PlacementConflict,
 }
 
 impl Reason {
@@ -286,6 +297,10 @@ pub(crate) fn every_reason() -> Vec<Reason> {
         Reason::NoRootDisk,
         Reason::TooManySnapshots,
         Reason::SnapshotInUse,
+        Reason::UnknownNode,
+        Reason::MigrationRefused,
+        Reason::TransferRefused,
+        Reason::PlacementConflict,
     ];
     for r in &all {
         match r {
@@ -321,7 +336,11 @@ pub(crate) fn every_reason() -> Vec<Reason> {
             | Reason::NotStopped
             | Reason::NoRootDisk
             | Reason::TooManySnapshots
-            | Reason::SnapshotInUse => {}
+            | Reason::SnapshotInUse
+            | Reason::UnknownNode
+            | Reason::MigrationRefused
+            | Reason::TransferRefused
+            | Reason::PlacementConflict => {}
         }
     }
     all

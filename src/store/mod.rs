@@ -36,7 +36,7 @@ mod snapshots;
 mod vm_migrations;
 mod vms;
 
-pub use vm_migrations::{AdoptedDisk, Adoption, MigrationRow, MigrationRole, MigrationStep};
+pub use vm_migrations::{AdoptedDisk, Adoption, MigrationRole, MigrationRow, MigrationStep};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::Path;
