@@ -174,6 +174,19 @@ struct Outgoing {
     format: ImageFormat,
 }
 
+/// Tests only: `VMAN_TEST_MIGRATE_CRASH_AT=<step>` makes the source kill
+/// itself with SIGKILL at that step (`copied`, `adopted`, `committed`), as a
+/// `kill -9` would, so the tests can check every crash point.
+fn crash_point(step: &str) {
+    if std::env::var("VMAN_TEST_MIGRATE_CRASH_AT").is_ok_and(|s| s == step) {
+        tracing::error!("VMAN_TEST_MIGRATE_CRASH_AT={step}: killing myself");
+        // SAFETY: signalling our own process.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
 fn refused(detail: impl Into<String>) -> ServiceError {
     Reason::MigrationRefused.refuse(detail)
 }
@@ -255,7 +268,12 @@ impl Service {
         let _guard = self.lock_vm(id).await;
         let vm = self.store.get_vm(id).map_err(missing("VM"))?;
         if let Some(row) = self.store.get_migration(id)? {
-            self.settle(cluster.as_ref(), &row).await;
+            if row.role == MigrationRole::Incoming {
+                // Received here: ours once the placement names this node.
+                self.migration_allows_start(id).await?;
+            } else {
+                self.settle(cluster.as_ref(), &row).await;
+            }
             if self.store.get_migration(id)?.is_some() {
                 return Err(refused(format!(
                     "VM {id} is being migrated to node {} already",
@@ -376,6 +394,7 @@ impl Service {
                 Err(e) => return Err(rollback(e).await),
             }
         }
+        crash_point("copied");
         let metadata = self.store.get_metadata(id).unwrap_or_default();
         let record = AdoptRecord {
             id: id.to_string(),
@@ -423,6 +442,7 @@ impl Service {
             return Err(rollback(from_peer("the VM record", e)).await);
         }
         self.store.set_migration_step(id, MigrationStep::Adopted)?;
+        crash_point("adopted");
         match cluster.move_placement(id, &local, node, ram).await {
             Ok(()) => {}
             Err(PlacementError::Unavailable(e)) => {
@@ -435,6 +455,7 @@ impl Service {
             }
             Err(e) => return Err(rollback(placement_failed(e)).await),
         }
+        crash_point("committed");
         self.forget_migrated(id).await;
         let seconds = began.elapsed().as_secs_f64();
         tracing::info!(

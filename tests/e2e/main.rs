@@ -16,6 +16,7 @@ mod harness;
 mod hostile_images;
 mod lifecycle;
 mod metadata;
+mod migrate;
 mod network_user;
 mod privilege;
 mod rootdisk;
