@@ -3,7 +3,8 @@
 //! under an exclusive `flock` so that a placement move is all or nothing
 //! like the etcd transaction it stands in for. Node records (name, URL,
 //! memory capacity), reservations by node and placements by VM. A VM
-//! without a placement counts as placed on the node that has it.
+//! without a placement entry was never moved: `placement` answers `None`
+//! and `move_placement` takes it as placed on `from`.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -126,12 +127,10 @@ impl PlacementCommit for StandIn {
         &'a self,
         vm: &'a Name,
     ) -> BoxFuture<'a, Result<Option<String>, PlacementError>> {
-        let (file, vm, me) = (self.file.clone(), vm.to_string(), self.node.clone());
+        let (file, vm) = (self.file.clone(), vm.to_string());
         Box::pin(async move {
             blocking("stand-in read", move || {
-                with_state(&file, |s| {
-                    Ok((Some(s.placement.get(&vm).cloned().unwrap_or(me)), false))
-                })
+                with_state(&file, |s| Ok((s.placement.get(&vm).cloned(), false)))
             })
             .await
             .map_err(unavailable)?
