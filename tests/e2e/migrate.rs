@@ -164,6 +164,8 @@ fn a_stopped_vm_with_a_data_disk_moves_to_another_node_and_boots_there_with_its_
     assert!(!disk_path(&n1, "md1").exists());
     let moved = n2.vm("m1");
     assert_eq!(moved["state"], "stopped", "{moved}");
+    // Recorded as its existing root disk, not to be made again from the boot disk.
+    assert_eq!(moved["root_disk"]["source"], "existing", "{moved}");
     let disk = n2.get("/disks/md1");
     assert_eq!(disk["vm_id"], "m1", "{disk}");
     assert_eq!(
@@ -178,7 +180,7 @@ fn a_stopped_vm_with_a_data_disk_moves_to_another_node_and_boots_there_with_its_
     let (s, b) = n2.start_vm("m1");
     assert_eq!(s, 202, "{b}");
     n2.wait_console("m1", "vman-guest: ready", 1);
-    assert_eq!(n2.vm("m1")["root_disk_source"], "existing");
+    assert_eq!(n2.vm("m1")["root_disk"]["source"], "existing");
     let back = run(
         &n2,
         "m1",
