@@ -35,14 +35,23 @@ pub struct MigrateRequest {
 }
 
 fn not_found() -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "not_found", "Not Found")
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "Not found")
+}
+
+/// Outside cluster mode the node-to-node routes do not exist.
+fn not_a_cluster() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "Not found: node-to-node routes exist only in cluster mode (--cluster)",
+    )
 }
 
 /// The cluster token check of internal routes.
 fn cluster_auth(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let cluster = &app.service.config().cluster;
     let Some(wanted) = cluster.token.as_deref().filter(|_| cluster.enabled) else {
-        return Err(not_found());
+        return Err(not_a_cluster());
     };
     let Some(given) = headers.get(TOKEN_HEADER) else {
         return Err(ApiError::new(

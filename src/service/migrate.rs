@@ -821,9 +821,11 @@ impl Service {
         };
         match self.store.adopt_vm(&adoption) {
             Ok(()) => {}
-            Err(StoreError::AlreadyExists) => return Err(Reason::AlreadyExists.refuse(format!(
+            Err(StoreError::AlreadyExists) => {
+                return Err(Reason::AlreadyExists.refuse(format!(
                 "VM {id}, one of its disks or one of its forwarded host ports exists on this node"
-            ))),
+            )))
+            }
             Err(e) => return Err(e.into()),
         }
         tracing::info!("VM {id} received from node {}", r.source_node);

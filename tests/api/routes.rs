@@ -53,6 +53,10 @@ const SERVED: &[(&str, &str)] = &[
     ("GET", "/events"),
     ("GET", "/vms/{vm_id}/console/ws"),
     ("GET", "/metrics"),
+    ("POST", "/vms/{vm_id}/actions/migrate"),
+    ("PUT", "/cluster/internal/import/{vm_id}/{kind}/{file}"),
+    ("DELETE", "/cluster/internal/import/{vm_id}"),
+    ("POST", "/cluster/internal/adopt/{vm_id}"),
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "PATCH"];

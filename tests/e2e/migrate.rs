@@ -46,10 +46,7 @@ fn disk_path(vman: &Vman, disk: &str) -> PathBuf {
 }
 
 fn migrate(vman: &Vman, id: &str, to: &str) -> (u16, Value) {
-    vman.post(
-        &format!("/vms/{id}/actions/migrate"),
-        json!({ "node": to }),
-    )
+    vman.post(&format!("/vms/{id}/actions/migrate"), json!({ "node": to }))
 }
 
 /// Names of every file under `dir` (recursively), for "nothing was left".
@@ -154,7 +151,10 @@ fn a_stopped_vm_with_a_data_disk_moves_to_another_node_and_boots_there_with_its_
 
     let (s, b) = migrate(&n1, "m1", "n2");
     assert_eq!(s, 200, "{b}");
-    assert_eq!((b["from"].as_str(), b["to"].as_str()), (Some("n1"), Some("n2")));
+    assert_eq!(
+        (b["from"].as_str(), b["to"].as_str()),
+        (Some("n1"), Some("n2"))
+    );
     assert_eq!(b["files"], 2, "{b}");
 
     // Gone from n1, files included; on n2, stopped, with its disk.
@@ -219,15 +219,48 @@ fn bad_migrations_and_bad_internal_calls_change_nothing() {
     // Node-to-node routes: no token 401, wrong token 403.
     let put = "/cluster/internal/import/r1/disk/rd1";
     assert_eq!(internal(&n2, "PUT", put, None, vec![0; 512]), 401);
-    assert_eq!(internal(&n2, "PUT", put, Some("wrong-token-0123456789"), vec![0; 512]), 403);
-    assert_eq!(internal(&n2, "POST", "/cluster/internal/adopt/r1", None, b"{}".to_vec()), 401);
     assert_eq!(
-        internal(&n2, "POST", "/cluster/internal/adopt/r1", Some("x"), b"{}".to_vec()),
+        internal(
+            &n2,
+            "PUT",
+            put,
+            Some("wrong-token-0123456789"),
+            vec![0; 512]
+        ),
         403
     );
-    assert_eq!(internal(&n2, "DELETE", "/cluster/internal/import/r1", None, vec![]), 401);
     assert_eq!(
-        internal(&n2, "DELETE", "/cluster/internal/import/r1", Some("y"), vec![]),
+        internal(
+            &n2,
+            "POST",
+            "/cluster/internal/adopt/r1",
+            None,
+            b"{}".to_vec()
+        ),
+        401
+    );
+    assert_eq!(
+        internal(
+            &n2,
+            "POST",
+            "/cluster/internal/adopt/r1",
+            Some("x"),
+            b"{}".to_vec()
+        ),
+        403
+    );
+    assert_eq!(
+        internal(&n2, "DELETE", "/cluster/internal/import/r1", None, vec![]),
+        401
+    );
+    assert_eq!(
+        internal(
+            &n2,
+            "DELETE",
+            "/cluster/internal/import/r1",
+            Some("y"),
+            vec![]
+        ),
         403
     );
 
@@ -235,7 +268,13 @@ fn bad_migrations_and_bad_internal_calls_change_nothing() {
     let bytes = std::fs::read(disk_path(&n1, "rd1")).expect("disk file");
     assert_eq!(internal(&n2, "PUT", put, Some(TOKEN), bytes.clone()), 400);
     // A record without its files is refused too.
-    let s = internal(&n2, "POST", "/cluster/internal/adopt/r1", Some(TOKEN), b"{}".to_vec());
+    let s = internal(
+        &n2,
+        "POST",
+        "/cluster/internal/adopt/r1",
+        Some(TOKEN),
+        b"{}".to_vec(),
+    );
     assert_eq!(s, 422);
     assert_eq!(files_under(&n2.storage), n2_files, "n2 kept something");
     assert_eq!(status(&n2, "/vms/r1"), 404);
@@ -265,7 +304,10 @@ fn bad_migrations_and_bad_internal_calls_change_nothing() {
     assert_eq!(s, 200, "{b}");
     assert_eq!(n1.get("/disks/rd1")["vm_id"], "r1");
     let single = Vman::builder().start();
-    assert_eq!(internal(&single, "PUT", put, Some(TOKEN), vec![0; 512]), 404);
+    assert_eq!(
+        internal(&single, "PUT", put, Some(TOKEN), vec![0; 512]),
+        404
+    );
     let (s, b) = single.post("/vms/x/actions/migrate", json!({"node": "n2"}));
     assert!(s == 404 || b["code"] == "migration_refused", "{s} {b}");
 }
@@ -304,22 +346,39 @@ fn a_source_killed_at_any_step_leaves_the_vm_startable_on_exactly_one_node() {
             .post(format!("{}/vms/k1/actions/migrate", n1.base))
             .json(&json!({"node": "n2"}))
             .send();
-        assert!(died.is_err(), "{step}: the source was to die mid-request: {died:?}");
+        assert!(
+            died.is_err(),
+            "{step}: the source was to die mid-request: {died:?}"
+        );
         if step == "adopted" {
             // The target's copy is not startable while the placement says n1.
             let (s, b) = n2.start_vm("k1");
-            assert_eq!((s, b["code"].as_str()), (400, Some("migration_refused")), "{b}");
+            assert_eq!(
+                (s, b["code"].as_str()),
+                (400, Some("migration_refused")),
+                "{b}"
+            );
         }
         n1.restart();
-        let (owner, other) = if lands_on_target { (&n2, &n1) } else { (&n1, &n2) };
+        let (owner, other) = if lands_on_target {
+            (&n2, &n1)
+        } else {
+            (&n1, &n2)
+        };
         until(&format!("{step}: settled"), GUEST, || {
             status(other, "/vms/k1") == 404 && status(owner, "/vms/k1") == 200
         });
         until(&format!("{step}: files settled"), GUEST, || {
             !disk_path(other, "kd1").exists() && !other.vm_dir("k1").exists()
         });
-        assert!(qemu_io(&disk_path(owner, "kd1"), "read -P 0x4d 0 64k"), "{step}");
-        assert!(partials(&n1).is_empty() && partials(&n2).is_empty(), "{step}");
+        assert!(
+            qemu_io(&disk_path(owner, "kd1"), "read -P 0x4d 0 64k"),
+            "{step}"
+        );
+        assert!(
+            partials(&n1).is_empty() && partials(&n2).is_empty(),
+            "{step}"
+        );
         let (s, b) = owner.start_vm("k1");
         assert_eq!(s, 202, "{step}: {b}");
         let (s, b) = owner.call("POST", "/vms/k1/actions/stop", Some(json!({"force": true})));
