@@ -221,15 +221,30 @@ pub struct Peer {
     pub node: String,
     base: String,
     token: String,
+    /// `VMAN_API_TOKEN`, sent as a bearer token too when set (the nodes of
+    /// a cluster share it).
+    api_token: Option<String>,
 }
 
 impl Peer {
-    pub fn new(node: &str, base_url: &str, token: &str) -> Self {
+    pub fn new(node: &str, base_url: &str, token: &str, api_token: Option<&str>) -> Self {
         Self {
             client: reqwest::Client::new(),
             node: node.to_owned(),
             base: base_url.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
+            api_token: api_token.map(str::to_owned),
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .header(TOKEN_HEADER, &self.token);
+        match &self.api_token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
         }
     }
 
@@ -274,13 +289,9 @@ impl Peer {
         let stream = futures_util::stream::unfold(body, |mut rx| async move {
             rx.recv().await.map(|item| (item, rx))
         });
+        let path = format!("/cluster/internal/import/{vm}/{kind}/{file}");
         let reply = self
-            .client
-            .put(format!(
-                "{}/cluster/internal/import/{vm}/{kind}/{file}",
-                self.base
-            ))
-            .header(TOKEN_HEADER, &self.token)
+            .request(reqwest::Method::PUT, &path)
             .header(SIZE_HEADER, announced.size.to_string())
             .header(SHA_HEADER, &announced.sha256)
             .header(FORMAT_HEADER, announced.format.as_str())
@@ -294,10 +305,9 @@ impl Peer {
 
     /// `POST /cluster/internal/adopt/{vm}` with the VM's record.
     pub async fn adopt(&self, vm: &str, record: &serde_json::Value) -> Result<(), TransferError> {
+        let path = format!("/cluster/internal/adopt/{vm}");
         let reply = self
-            .client
-            .post(format!("{}/cluster/internal/adopt/{vm}", self.base))
-            .header(TOKEN_HEADER, &self.token)
+            .request(reqwest::Method::POST, &path)
             .json(record)
             .send()
             .await
@@ -309,14 +319,9 @@ impl Peer {
     /// received for the VM (files, and the record while it is marked
     /// incoming) and the files of `disks` no record there owns.
     pub async fn cleanup(&self, vm: &str, disks: &[String]) -> Result<(), TransferError> {
+        let path = format!("/cluster/internal/import/{vm}?disks={}", disks.join(","));
         let reply = self
-            .client
-            .delete(format!(
-                "{}/cluster/internal/import/{vm}?disks={}",
-                self.base,
-                disks.join(",")
-            ))
-            .header(TOKEN_HEADER, &self.token)
+            .request(reqwest::Method::DELETE, &path)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;

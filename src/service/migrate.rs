@@ -245,6 +245,7 @@ impl Service {
             node,
             url,
             self.config.cluster.token.as_deref().unwrap_or(""),
+            self.config.api_token.as_deref(),
         )
     }
 

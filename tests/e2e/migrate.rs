@@ -24,7 +24,16 @@ fn node(name: &str, standin: &Path) -> Vman {
 }
 
 fn node_with(name: &str, standin: &Path, crash_at: Option<&str>) -> Vman {
-    let mut b = Vman::builder()
+    node_builder(name, standin, crash_at, Vman::builder())
+}
+
+fn node_builder(
+    name: &str,
+    standin: &Path,
+    crash_at: Option<&str>,
+    b: crate::harness::Builder,
+) -> Vman {
+    let mut b = b
         .with_tiny_default()
         .env("VMAN_CLUSTER", "1")
         .env("VMAN_NODE_NAME", name)
@@ -195,8 +204,10 @@ fn a_stopped_vm_with_a_data_disk_moves_to_another_node_and_boots_there_with_its_
 #[test]
 fn bad_migrations_and_bad_internal_calls_change_nothing() {
     let dir = standin();
-    let n1 = node("n1", dir.path());
-    let n2 = node("n2", dir.path());
+    // With an API token too: node-to-node calls send it as well.
+    let api = "api-token-0123456789abcdef";
+    let n1 = node_builder("n1", dir.path(), None, Vman::builder().api_token(api));
+    let n2 = node_builder("n2", dir.path(), None, Vman::builder().api_token(api));
     n1.template("tiny", 256);
     let (s, b) = n1.create_vm(json!({"template_name": "tiny", "name": "r1"}));
     assert_eq!(s, 201, "{b}");
