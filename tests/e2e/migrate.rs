@@ -398,3 +398,39 @@ fn a_source_killed_at_any_step_leaves_the_vm_startable_on_exactly_one_node() {
         assert_eq!(s, 404, "{step}");
     }
 }
+
+/// A target killed (-9) in the middle of receiving a file: the half file
+/// carries the `.partial-` name, nothing else appears, and the target's
+/// start-up sweep removes it; the source keeps everything.
+#[test]
+fn a_target_killed_mid_import_keeps_nothing_after_its_restart() {
+    use std::io::Write;
+    let dir = standin();
+    let mut n2 = node("n2", dir.path());
+    let before = files_under(&n2.storage);
+    let port = n2.base.rsplit(':').next().expect("port").to_owned();
+    let mut sock = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+    let size = 4 << 20;
+    write!(
+        sock,
+        "PUT /cluster/internal/import/h1/disk/hd1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         X-Vman-Cluster-Token: {TOKEN}\r\nX-Vman-Size: {size}\r\nX-Vman-Sha256: {}\r\n\
+         Content-Length: {size}\r\n\r\n",
+        "0".repeat(64)
+    )
+    .expect("headers");
+    sock.write_all(&vec![0u8; size / 2]).expect("half the body");
+    sock.flush().expect("flush");
+    until("the partial file", GUEST, || !partials(&n2).is_empty());
+    let half: Vec<String> = files_under(&n2.storage)
+        .into_iter()
+        .filter(|f| !before.contains(f) && (f.contains("/disks/") || f.contains("/vms/")))
+        .collect();
+    assert_eq!(half.len(), 1, "{half:?}");
+    assert!(half[0].contains("/disks/.hd1.qcow2.partial-"), "{half:?}");
+    n2.restart();
+    assert!(partials(&n2).is_empty());
+    assert_eq!(status(&n2, "/disks/hd1"), 404);
+    assert!(!disk_path(&n2, "hd1").exists());
+    drop(sock);
+}
