@@ -840,6 +840,23 @@ impl Service {
     /// no record of this node owns.
     pub async fn drop_import(&self, id: &Name, disk_ids: &[Name]) -> Result<(), ServiceError> {
         let _guard = self.lock_vm(id).await;
+        // Never drop a copy the placement already names: the source may
+        // have misread it (then the copy here is the VM).
+        if let Some(cluster) = self.placement() {
+            match cluster.placement(id).await {
+                Ok(Some(n)) if n == cluster.local_node() => {
+                    return Err(Reason::PlacementConflict.refuse(format!(
+                        "VM {id} is placed on this node ({n}); its copy here is kept"
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(refused(format!(
+                        "the placement of VM {id} cannot be read ({e}); nothing was dropped, try again"
+                    )))
+                }
+            }
+        }
         let recorded = self.store.drop_incoming(id)?;
         let owned_vm = match self.store.get_vm(id) {
             Ok(_) => true,
