@@ -850,11 +850,9 @@ impl Service {
                     )))
                 }
                 Ok(_) => {}
-                Err(e) => {
-                    return Err(refused(format!(
-                        "the placement of VM {id} cannot be read ({e}); nothing was dropped, try again"
-                    )))
-                }
+                Err(e) => return Err(refused(format!(
+                    "the placement of VM {id} cannot be read ({e}); nothing was dropped, try again"
+                ))),
             }
         }
         let recorded = self.store.drop_incoming(id)?;

@@ -265,3 +265,158 @@ impl Store {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::NetworkMode;
+    use crate::store::{NewDisk, NewVm};
+
+    fn name(s: &str) -> Name {
+        Name::parse("n", s).expect("valid")
+    }
+
+    fn adoption(id: &str, disk: &str) -> Adoption {
+        Adoption {
+            vm: NewVm {
+                id: name(id),
+                template: name("t"),
+                qcow2_path: None,
+                boot_disk: None,
+                qcow2_path_format: None,
+                boot_disk_format: None,
+                network_mode: NetworkMode::None,
+                ports: Vec::new(),
+            },
+            template: Template {
+                name: name("t"),
+                cpu_count: 1,
+                ram_mib: 256,
+                disk_size_gb: None,
+                created_at: crate::model::now(),
+            },
+            created_at: "2020-01-01T00:00:00Z".into(),
+            root_disk: Some(("/s/vms/x/root.qcow2".into(), 1 << 30, ImageFormat::Qcow2)),
+            hostname: Some("h".into()),
+            user_data: None,
+            ssh_keys: Some(vec!["ssh-ed25519 AAAA k".into()]),
+            disks: vec![AdoptedDisk {
+                id: name(disk),
+                size_gb: 1,
+                mount_point: None,
+                path: format!("/s/disks/{disk}.qcow2"),
+                format: ImageFormat::Qcow2,
+                slot: 0,
+            }],
+            peer: "n1".into(),
+            peer_url: "http://n1".into(),
+        }
+    }
+
+    #[test]
+    fn an_adoption_is_all_or_nothing_and_marked_incoming() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(&dir.path().join("db")).expect("open");
+        store
+            .insert_disk(&NewDisk {
+                id: name("taken"),
+                size_gb: 1,
+                mount_point: None,
+                path: "/s/disks/taken.qcow2".into(),
+                format: ImageFormat::Qcow2,
+            })
+            .expect("disk");
+        // A disk id taken here: nothing at all is written.
+        assert!(matches!(
+            store.adopt_vm(&adoption("v1", "taken")),
+            Err(StoreError::AlreadyExists)
+        ));
+        assert!(matches!(
+            store.get_vm(&name("v1")),
+            Err(StoreError::NotFound)
+        ));
+        assert_eq!(store.get_migration(&name("v1")).expect("read"), None);
+        assert!(matches!(
+            store.get_template(&name("t")),
+            Err(StoreError::NotFound)
+        ));
+
+        store.adopt_vm(&adoption("v1", "d1")).expect("adopt");
+        let vm = store.get_vm(&name("v1")).expect("vm");
+        assert_eq!(vm.created_at, "2020-01-01T00:00:00Z");
+        assert_eq!(vm.root_disk_size, Some(1 << 30));
+        assert_eq!(vm.root_disk_format, Some(ImageFormat::Qcow2));
+        assert_eq!(
+            store
+                .get_metadata(&name("v1"))
+                .expect("md")
+                .hostname
+                .as_deref(),
+            Some("h")
+        );
+        assert_eq!(
+            store.get_disk(&name("d1")).expect("disk").attachment,
+            Some((name("v1"), 0))
+        );
+        let row = store
+            .get_migration(&name("v1"))
+            .expect("read")
+            .expect("row");
+        assert_eq!(
+            (row.role, row.peer.as_str()),
+            (MigrationRole::Incoming, "n1")
+        );
+    }
+
+    #[test]
+    fn a_roll_back_drops_only_a_marked_copy() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(&dir.path().join("db")).expect("open");
+        store.adopt_vm(&adoption("v1", "d1")).expect("adopt");
+        // Once it is this node's (mark gone), a roll-back leaves it alone.
+        store.end_migration(&name("v1")).expect("unmark");
+        assert_eq!(store.drop_incoming(&name("v1")).expect("drop"), None);
+        assert!(store.get_vm(&name("v1")).is_ok());
+        store.adopt_vm(&adoption("v2", "d2")).expect("adopt");
+        let paths = store.drop_incoming(&name("v2")).expect("drop");
+        assert_eq!(paths, Some(vec!["/s/disks/d2.qcow2".to_owned()]));
+        assert!(matches!(
+            store.get_vm(&name("v2")),
+            Err(StoreError::NotFound)
+        ));
+        assert!(matches!(
+            store.get_disk(&name("d2")),
+            Err(StoreError::NotFound)
+        ));
+        assert!(store.get_disk(&name("d1")).is_ok());
+    }
+
+    #[test]
+    fn an_outgoing_intent_is_one_per_vm() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(&dir.path().join("db")).expect("open");
+        store
+            .begin_migration(&name("v"), "n2", "http://n2")
+            .expect("begin");
+        assert!(matches!(
+            store.begin_migration(&name("v"), "n3", "http://n3"),
+            Err(StoreError::AlreadyExists)
+        ));
+        store
+            .set_migration_step(&name("v"), MigrationStep::Adopted)
+            .expect("step");
+        let rows = store
+            .list_migrations(MigrationRole::Outgoing)
+            .expect("list");
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].step, rows[0].peer.as_str()),
+            (MigrationStep::Adopted, "n2")
+        );
+        store.end_migration(&name("v")).expect("end");
+        assert!(store
+            .list_migrations(MigrationRole::Outgoing)
+            .expect("list")
+            .is_empty());
+    }
+}
