@@ -50,7 +50,7 @@ fn not_a_cluster() -> ApiError {
 /// The cluster token check of internal routes.
 fn cluster_auth(app: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let cluster = &app.service.config().cluster;
-    let Some(wanted) = cluster.token.as_deref().filter(|_| cluster.enabled) else {
+    let Some(wanted) = cluster.cluster_token.as_deref().filter(|_| cluster.enabled) else {
         return Err(not_a_cluster());
     };
     let Some(given) = headers.get(TOKEN_HEADER) else {

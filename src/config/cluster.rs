@@ -30,7 +30,7 @@ pub struct ClusterConfig {
         env = "VMAN_CLUSTER_TOKEN",
         hide_env_values = true
     )]
-    pub token: Option<String>,
+    pub cluster_token: Option<String>,
 
     /// Tests only: a folder shared by the nodes that stands in for etcd's
     /// node records and placement (until the etcd core is merged).
@@ -43,7 +43,7 @@ pub fn check(c: &ClusterConfig) -> Result<(), String> {
     if !c.enabled {
         return Ok(());
     }
-    let token = c.token.as_deref().unwrap_or("");
+    let token = c.cluster_token.as_deref().unwrap_or("");
     if token.chars().filter(|ch| !ch.is_whitespace()).count() < super::MIN_TOKEN_CHARS {
         return Err(format!(
             "--cluster needs VMAN_CLUSTER_TOKEN with at least {} non-space characters",

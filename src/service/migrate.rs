@@ -58,6 +58,9 @@ pub enum PlacementError {
     Conflict(Option<String>),
     #[error("node {node} has {free} MiB of memory free, {need} MiB are needed")]
     NoMemory { node: String, free: u64, need: u64 },
+    /// The target is not an online node (nothing changed).
+    #[error("{0}")]
+    NodeUnavailable(String),
     /// The cluster state cannot be read or written now; the outcome of a
     /// write is unknown.
     #[error("the cluster state is unavailable: {0}")]
@@ -223,6 +226,9 @@ fn placement_failed(e: PlacementError) -> ServiceError {
         PlacementError::NoMemory { .. } => {
             Reason::NoMemory.refuse(format!("{e}; nothing was moved"))
         }
+        PlacementError::NodeUnavailable(_) => {
+            Reason::UnknownNode.refuse(format!("{e}; nothing was moved"))
+        }
         PlacementError::Unavailable(_) => refused(format!("{e}; nothing was moved")),
     }
 }
@@ -244,7 +250,7 @@ impl Service {
         Peer::new(
             node,
             url,
-            self.config.cluster.token.as_deref().unwrap_or(""),
+            self.config.cluster.cluster_token.as_deref().unwrap_or(""),
             self.config.api_token.as_deref(),
         )
     }
@@ -850,9 +856,11 @@ impl Service {
                     )))
                 }
                 Ok(_) => {}
-                Err(e) => return Err(refused(format!(
+                Err(e) => {
+                    return Err(refused(format!(
                     "the placement of VM {id} cannot be read ({e}); nothing was dropped, try again"
-                ))),
+                )))
+                }
             }
         }
         let recorded = self.store.drop_incoming(id)?;
