@@ -57,6 +57,14 @@ pub enum Cmd {
         #[arg(long)]
         force: bool,
     },
+    /// Move a stopped VM, with its root and data disks, to another node of
+    /// the cluster (cold migration).
+    Migrate {
+        name: String,
+        /// The node to move it to.
+        #[arg(long)]
+        node: String,
+    },
     /// Delete a VM (stopped first if running; its data disks are detached).
     #[command(visible_alias = "rm")]
     Delete { name: String },
@@ -250,6 +258,22 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
             force.then(|| json!({"force": true})),
             "restarted",
         ),
+        Cmd::Migrate { name, node } => {
+            let bar = out.progress(&format!("migrate {name} to {node}"));
+            let result = with_id(c, Kind::Vm, &name, |id| {
+                let path = format!("{}/actions/migrate", vm_path(id));
+                c.post(&path, &json!({ "node": node }))
+                    .map(|a| (id.to_owned(), a))
+            });
+            bar.finish_and_clear();
+            let (id, answer) = result?;
+            let line = format!(
+                "migrated VM {id} to {node} ({} bytes in {:.1} s)",
+                answer.get("bytes").and_then(Value::as_u64).unwrap_or(0),
+                answer.get("seconds").and_then(Value::as_f64).unwrap_or(0.0)
+            );
+            out.done(&line, &answer)
+        }
         Cmd::Delete { name } => {
             let id = with_id(c, Kind::Vm, &name, |id| {
                 c.delete(&vm_path(id)).map(|_| id.to_owned())
