@@ -6,7 +6,7 @@
 //! (401 without it, 403 when wrong; compared in constant time) instead of
 //! the API token.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use futures_util::TryStreamExt;
@@ -154,32 +154,19 @@ pub async fn adopt(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-pub struct DropQuery {
-    /// Comma-separated ids of the VM's data disks whose imported files go too.
-    #[serde(default)]
-    pub disks: String,
-}
-
-/// Node to node: forget what was imported for a VM (its record while it is
-/// still marked as received, and files no record here owns).
-#[utoipa::path(delete, path = "/cluster/internal/import/{vm_id}", params(("vm_id" = String, Path, description = "The VM id"), DropQuery), tag = "cluster",
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+/// Node to node: forget what was imported for a VM: its record while it is
+/// still marked as received, and the files this node wrote for it (nothing
+/// else). 204 also when there was nothing.
+#[utoipa::path(delete, path = "/cluster/internal/import/{vm_id}", params(("vm_id" = String, Path, description = "The VM id")), tag = "cluster",
+    responses((status = 204), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn drop_import(
     State(app): State<AppState>,
     Path(vm): Path<String>,
-    Query(q): Query<DropQuery>,
     headers: HeaderMap,
 ) -> Result<StatusCode, ApiError> {
     cluster_auth(&app, &headers)?;
     let id = Name::parse("vm_id", &vm).map_err(|_| not_found())?;
-    let disks = q
-        .disks
-        .split(',')
-        .filter(|d| !d.is_empty())
-        .map(|d| Name::parse("disks", d))
-        .collect::<Result<Vec<_>, _>>()?;
-    app.service.drop_import(&id, &disks).await?;
+    app.service.drop_import(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -317,9 +317,9 @@ impl Peer {
 
     /// `DELETE /cluster/internal/import/{vm}`: the target forgets what it
     /// received for the VM (files, and the record while it is marked
-    /// incoming) and the files of `disks` no record there owns.
-    pub async fn cleanup(&self, vm: &str, disks: &[String]) -> Result<(), TransferError> {
-        let path = format!("/cluster/internal/import/{vm}?disks={}", disks.join(","));
+    /// incoming) and the files it wrote for it.
+    pub async fn cleanup(&self, vm: &str) -> Result<(), TransferError> {
+        let path = format!("/cluster/internal/import/{vm}");
         let reply = self
             .request(reqwest::Method::DELETE, &path)
             .send()

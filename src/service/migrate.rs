@@ -381,9 +381,8 @@ impl Service {
             Err(e) => return Err(e.into()),
         }
         let peer = self.peer(node, &target.url);
-        let disk_ids: Vec<String> = disks.iter().map(|d| d.id.to_string()).collect();
         let rollback = |e: ServiceError| async {
-            if let Err(c) = peer.cleanup(id.as_str(), &disk_ids).await {
+            if let Err(c) = peer.cleanup(id.as_str()).await {
                 tracing::warn!(
                     "migration of {id}: cannot clean up at node {node}: {c}; retried at start-up"
                 );
@@ -553,16 +552,9 @@ impl Service {
             self.emit(EventKind::Vm, id.as_str(), "migrated", detail);
             return;
         }
-        let disk_ids: Vec<String> = self
-            .store
-            .disks_of_vm(id)
-            .unwrap_or_default()
-            .iter()
-            .map(|d| d.id.to_string())
-            .collect();
         match self
             .peer(&row.peer, &row.peer_url)
-            .cleanup(id.as_str(), &disk_ids)
+            .cleanup(id.as_str())
             .await
         {
             Ok(()) => {
@@ -678,6 +670,7 @@ impl Service {
                 self.disk_path(&disk)
             }
         };
+        let dest_for_note = dest.to_string_lossy().into_owned();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
         let images = self.host.images.clone();
         let writer = blocking("import write", move || {
@@ -701,7 +694,12 @@ impl Service {
             }
             Ok(())
         };
+        let written_to = dest_for_note;
         let (fed, written) = tokio::join!(feeder, writer);
+        if !matches!(written, Ok(Ok(_))) && kind == ImportKind::Root {
+            // Leave no empty VM folder behind a refused root disk.
+            let _ = std::fs::remove_dir(self.paths(id).dir);
+        }
         // A body cut short drops the sender first: the writer then sees
         // fewer bytes than announced and removes its partial file.
         let result = written?;
@@ -710,7 +708,18 @@ impl Service {
                 .refuse(format!("the upload broke off ({e}); nothing was kept")));
         }
         match result {
-            Ok(_) => Ok(()),
+            Ok(_) => {
+                // Listed as this node's doing, for a roll-back to remove.
+                if let Err(e) = self.store.note_import(id, &written_to) {
+                    let _ = std::fs::remove_file(&written_to);
+                    return Err(match e {
+                        StoreError::AlreadyExists => Reason::AlreadyExists
+                            .refuse(format!("VM {id} is being migrated away from this node")),
+                        other => other.into(),
+                    });
+                }
+                Ok(())
+            }
             Err(TransferError::Image(ImageError::Exists { path })) => {
                 Err(Reason::AlreadyExists.refuse(format!("{} exists on this node", path.display())))
             }
@@ -841,10 +850,10 @@ impl Service {
         Ok(())
     }
 
-    /// `DELETE /cluster/internal/import/{vm}?disks=a,b`: drops what was
-    /// received for the VM: its record while marked `incoming`, and files
-    /// no record of this node owns.
-    pub async fn drop_import(&self, id: &Name, disk_ids: &[Name]) -> Result<(), ServiceError> {
+    /// `DELETE /cluster/internal/import/{vm}`: drops what was received for
+    /// the VM: its record while marked `incoming`, and the files this node
+    /// noted writing for it (never another file).
+    pub async fn drop_import(&self, id: &Name) -> Result<(), ServiceError> {
         let _guard = self.lock_vm(id).await;
         // Never drop a copy the placement already names: the source may
         // have misread it (then the copy here is the VM).
@@ -863,40 +872,20 @@ impl Service {
                 }
             }
         }
-        let recorded = self.store.drop_incoming(id)?;
-        let owned_vm = match self.store.get_vm(id) {
-            Ok(_) => true,
-            Err(StoreError::NotFound) => false,
-            Err(e) => return Err(e.into()),
+        let Some(files) = self.store.drop_incoming(id)? else {
+            return Ok(());
         };
-        let mut remove: Vec<PathBuf> = recorded
-            .unwrap_or_default()
-            .into_iter()
-            .map(PathBuf::from)
-            .collect();
-        for d in disk_ids {
-            match self.store.get_disk(d) {
-                Err(StoreError::NotFound) => remove.push(self.disk_path(d)),
-                Err(e) => return Err(e.into()),
-                Ok(_) => {}
-            }
-        }
-        let dir = (!owned_vm).then(|| self.paths(id).dir);
+        let dir = self.paths(id).dir;
         blocking("drop import", move || {
-            for p in remove {
+            for p in files {
                 match std::fs::remove_file(&p) {
-                    Ok(()) => tracing::info!("removed imported {}", p.display()),
+                    Ok(()) => tracing::info!("removed imported {p}"),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => tracing::warn!("cannot remove imported {}: {e}", p.display()),
+                    Err(e) => tracing::warn!("cannot remove imported {p}: {e}"),
                 }
             }
-            if let Some(dir) = dir {
-                match std::fs::remove_dir_all(&dir) {
-                    Ok(()) => tracing::info!("removed imported {}", dir.display()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => tracing::warn!("cannot remove imported {}: {e}", dir.display()),
-                }
-            }
+            // The VM folder only when nothing else is in it.
+            let _ = std::fs::remove_dir(&dir);
         })
         .await?;
         Ok(())

@@ -173,9 +173,13 @@ impl Store {
                     t.created_at
                 ],
             )?;
+            // The row of the files received (if any) becomes `adopted`; an
+            // outgoing row means the VM is this node's.
             let n = tx.execute(
                 "INSERT INTO vm_migrations (vm_id, role, peer, peer_url, step, created_at)
-                 VALUES (?1, 'incoming', ?2, ?3, 'adopted', ?4) ON CONFLICT(vm_id) DO NOTHING",
+                 VALUES (?1, 'incoming', ?2, ?3, 'adopted', ?4)
+                 ON CONFLICT(vm_id) DO UPDATE SET peer = ?2, peer_url = ?3, step = 'adopted'
+                 WHERE role = 'incoming'",
                 rusqlite::params![a.vm.id.as_str(), a.peer, a.peer_url, crate::model::now()],
             )?;
             if n == 0 {
@@ -226,27 +230,54 @@ impl Store {
         })
     }
 
-    /// The target's roll-back: removes the VM and its disk rows only when
-    /// they carry the `incoming` mark (a VM this node owns is never touched).
-    /// Returns the paths of the disk files the rows named, `None` when there
-    /// was no mark.
-    pub fn drop_incoming(&self, vm: &Name) -> Result<Option<Vec<String>>, StoreError> {
+    /// The target notes a file it wrote for an incoming VM (the row is made
+    /// with the first). `AlreadyExists` when the VM has an outgoing row.
+    pub fn note_import(&self, vm: &Name, path: &str) -> Result<(), StoreError> {
         self.write(|tx| {
-            let marked: Option<String> = tx
+            let row: Option<(String, String)> = tx
                 .query_row(
-                    "SELECT role FROM vm_migrations WHERE vm_id = ?1",
+                    "SELECT role, files FROM vm_migrations WHERE vm_id = ?1",
                     [vm.as_str()],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
-            if marked.as_deref() != Some("incoming") {
-                return Ok(None);
-            }
-            let paths = {
-                let mut stmt = tx.prepare_cached("SELECT path FROM disks WHERE vm_id = ?1")?;
-                let rows = stmt.query_map([vm.as_str()], |r| r.get::<_, String>(0))?;
-                rows.collect::<Result<Vec<_>, _>>()?
+            let mut files: Vec<String> = match &row {
+                Some((role, _)) if role != "incoming" => return Err(StoreError::AlreadyExists),
+                Some((_, files)) => serde_json::from_str(files).unwrap_or_default(),
+                None => Vec::new(),
             };
+            if !files.iter().any(|f| f == path) {
+                files.push(path.to_owned());
+            }
+            let text =
+                serde_json::to_string(&files).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO vm_migrations (vm_id, role, peer, peer_url, step, files, created_at)
+                 VALUES (?1, 'incoming', '', '', 'copying', ?2, ?3)
+                 ON CONFLICT(vm_id) DO UPDATE SET files = ?2",
+                rusqlite::params![vm.as_str(), text, crate::model::now()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The target's roll-back: removes the VM and its disk rows only when
+    /// they carry the `incoming` mark (a VM this node owns is never touched).
+    /// Returns the paths of the files this node wrote for it (the caller
+    /// removes them), `None` when there was no mark.
+    pub fn drop_incoming(&self, vm: &Name) -> Result<Option<Vec<String>>, StoreError> {
+        self.write(|tx| {
+            let marked: Option<(String, String)> = tx
+                .query_row(
+                    "SELECT role, files FROM vm_migrations WHERE vm_id = ?1",
+                    [vm.as_str()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some(("incoming", files)) = marked.as_ref().map(|(r, f)| (r.as_str(), f)) else {
+                return Ok(None);
+            };
+            let paths: Vec<String> = serde_json::from_str(files).unwrap_or_default();
             tx.execute("DELETE FROM disks WHERE vm_id = ?1", [vm.as_str()])?;
             tx.execute("DELETE FROM vms WHERE id = ?1", [vm.as_str()])?;
             tx.execute("DELETE FROM vm_migrations WHERE vm_id = ?1", [vm.as_str()])?;
@@ -377,8 +408,15 @@ mod tests {
         store.end_migration(&name("v1")).expect("unmark");
         assert_eq!(store.drop_incoming(&name("v1")).expect("drop"), None);
         assert!(store.get_vm(&name("v1")).is_ok());
+        store
+            .note_import(&name("v2"), "/s/disks/d2.qcow2")
+            .expect("note");
+        store
+            .note_import(&name("v2"), "/s/disks/d2.qcow2")
+            .expect("twice");
         store.adopt_vm(&adoption("v2", "d2")).expect("adopt");
         let paths = store.drop_incoming(&name("v2")).expect("drop");
+        // Only what this node noted writing: never a file it did not make.
         assert_eq!(paths, Some(vec!["/s/disks/d2.qcow2".to_owned()]));
         assert!(matches!(
             store.get_vm(&name("v2")),
@@ -413,6 +451,11 @@ mod tests {
             (rows[0].step, rows[0].peer.as_str()),
             (MigrationStep::Adopted, "n2")
         );
+        // A VM this node is sending away takes no imports.
+        assert!(matches!(
+            store.note_import(&name("v"), "/s/x"),
+            Err(StoreError::AlreadyExists)
+        ));
         store.end_migration(&name("v")).expect("end");
         assert!(store
             .list_migrations(MigrationRole::Outgoing)

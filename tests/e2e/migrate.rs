@@ -305,6 +305,25 @@ fn bad_migrations_and_bad_internal_calls_change_nothing() {
     assert_eq!((s, b["code"].as_str()), (400, Some("no_memory")), "{b}");
     assert_eq!(status(&n2, "/vms/big"), 404);
 
+    // A file of the disk's name already on the target (no record there):
+    // refused, and the roll-back leaves that file alone.
+    let stray = disk_path(&n2, "rd1");
+    std::fs::create_dir_all(stray.parent().expect("dir")).expect("disks dir");
+    std::fs::write(&stray, b"not vman's doing").expect("stray");
+    let (s, b) = migrate(&n1, "r1", "n2");
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (400, Some("already_exists")),
+        "{b}"
+    );
+    assert_eq!(
+        std::fs::read(&stray).expect("stray kept"),
+        b"not vman's doing"
+    );
+    assert_eq!(n1.get("/disks/rd1")["vm_id"], "r1");
+    assert_eq!(status(&n2, "/vms/r1"), 404);
+    std::fs::remove_file(&stray).expect("rm stray");
+
     // The same VM then moves (never started: no root disk, one data disk).
     let (s, b) = migrate(&n1, "r1", "n2");
     assert_eq!((s, b["files"].as_u64()), (200, Some(1)), "{b}");
