@@ -94,6 +94,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         service.recover_network().await;
         service.reconcile_bridge().await;
         service.ensure_bridge_metadata_listener().await;
+        service.settle_migrations().await;
         crate::observer::run(service, interval).await;
     });
     tracing::info!(

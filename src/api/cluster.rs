@@ -107,6 +107,11 @@ pub async fn join(state: &mut AppState, bound: std::net::SocketAddr) -> anyhow::
     let config = state.service.config().cluster.clone();
     let cluster = Cluster::start(&config, state.service.clone(), bound).await?;
     state.cluster = Some(cluster.clone());
+    state
+        .service
+        .set_placement(Arc::new(crate::cluster::migration::EtcdPlacement(
+            cluster.clone(),
+        )));
     tokio::spawn(publisher(
         state.clone(),
         cluster,

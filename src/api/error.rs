@@ -31,10 +31,12 @@ pub struct ErrorBody {
     /// `hotplug_failed`, `invalid_transition`, `port_in_use`,
     /// `network_unavailable`, `not_user_network`, `network_failed`,
     /// `subnet_full`, `bridge_failed`, `not_stopped`, `no_root_disk`,
-    /// `too_many_snapshots`, `snapshot_in_use`, `snapshot_failed`, `disk_in_snapshot`. Others: `invalid` (422), `required` (400),
+    /// `too_many_snapshots`, `snapshot_in_use`, `snapshot_failed`, `disk_in_snapshot`,
+    /// `unknown_node`, `migration_refused`, `transfer_refused`,
+    /// `placement_conflict`. Others: `invalid` (422), `required` (400),
     /// `malformed_json` (400), `bad_body` (400), `not_found` (404),
     /// `method_not_allowed` (405), `unauthorized` (401), `host_not_allowed`
-    /// (403), `origin_not_allowed` (403), `too_large` (413),
+    /// (403), `origin_not_allowed` (403), `forbidden` (403), `too_large` (413),
     /// `unsupported_media_type` (415), `insufficient_storage` (507),
     /// `internal` (500), `database_damaged` (500), `upgrade_required` (426).
     /// Cluster mode: `cluster_unavailable` (503), `node_offline` (503),
@@ -118,6 +120,10 @@ fn code_of(reason: &Reason) -> &'static str {
         Reason::SnapshotInUse => "snapshot_in_use",
         Reason::SnapshotFailed(_) => "snapshot_failed",
         Reason::DiskInSnapshot => "disk_in_snapshot",
+        Reason::UnknownNode => "unknown_node",
+        Reason::MigrationRefused => "migration_refused",
+        Reason::TransferRefused => "transfer_refused",
+        Reason::PlacementConflict => "placement_conflict",
     }
 }
 
@@ -199,7 +205,7 @@ mod tests {
 
     /// The code of every reason, in the order of `every_reason()`. These
     /// are published (docs/errors.md): never change one.
-    const REFUSAL_CODES: [&str; 37] = [
+    const REFUSAL_CODES: [&str; 41] = [
         "already_exists",
         "template_missing",
         "in_use",
@@ -237,6 +243,10 @@ mod tests {
         "snapshot_in_use",
         "snapshot_failed",
         "disk_in_snapshot",
+        "unknown_node",
+        "migration_refused",
+        "transfer_refused",
+        "placement_conflict",
     ];
 
     #[test]
@@ -278,6 +288,7 @@ mod tests {
             "not_found",
             "method_not_allowed",
             "unauthorized",
+            "forbidden",
             "host_not_allowed",
             "origin_not_allowed",
             "too_large",

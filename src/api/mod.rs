@@ -18,6 +18,7 @@ pub mod guard;
 pub mod listen;
 pub mod metadata;
 pub mod metrics;
+pub mod migrate;
 pub mod network;
 pub mod ports;
 pub mod snapshots;
@@ -72,6 +73,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(snapshots::router())
         .merge(clone::router())
         .merge(cluster::router())
+        .merge(migrate::router())
 }
 
 /// The served routes and their document, with the parts every operation

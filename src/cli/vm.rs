@@ -69,6 +69,14 @@ pub enum Cmd {
         #[arg(long)]
         linked: bool,
     },
+    /// Move a stopped VM, with its root and data disks, to another node of
+    /// the cluster (cold migration).
+    Migrate {
+        name: String,
+        /// The node to move it to.
+        #[arg(long)]
+        node: String,
+    },
     /// Delete a VM (stopped first if running; its data disks are detached).
     #[command(visible_alias = "rm")]
     Delete { name: String },
@@ -274,6 +282,22 @@ pub fn run(c: &Client, out: Out, cmd: Cmd) -> Result<(), CliError> {
             let id = vm["id"].as_str().unwrap_or("?");
             let how = if linked { "linked clone" } else { "clone" };
             out.created(&format!("created VM {id} ({how} of {name})"), id, &vm)
+        }
+        Cmd::Migrate { name, node } => {
+            let bar = out.progress(&format!("migrate {name} to {node}"));
+            let result = with_id(c, Kind::Vm, &name, |id| {
+                let path = format!("{}/actions/migrate", vm_path(id));
+                c.post(&path, &json!({ "node": node }))
+                    .map(|a| (id.to_owned(), a))
+            });
+            bar.finish_and_clear();
+            let (id, answer) = result?;
+            let line = format!(
+                "migrated VM {id} to {node} ({} bytes in {:.1} s)",
+                answer.get("bytes").and_then(Value::as_u64).unwrap_or(0),
+                answer.get("seconds").and_then(Value::as_f64).unwrap_or(0.0)
+            );
+            out.done(&line, &answer)
         }
         Cmd::Delete { name } => {
             let id = with_id(c, Kind::Vm, &name, |id| {

@@ -15,6 +15,7 @@
 pub mod cache;
 pub mod etcd;
 pub mod forward;
+pub mod migration;
 pub mod node;
 pub mod placement;
 

@@ -73,7 +73,7 @@ fn reserved_of(entry: Option<&Entry>) -> (u64, i64) {
 }
 
 /// Online nodes with their reservations, read fresh from etcd.
-async fn candidates(cluster: &Cluster) -> Result<Vec<Candidate>, ClusterError> {
+pub(crate) async fn candidates(cluster: &Cluster) -> Result<Vec<Candidate>, ClusterError> {
     let (nodes, _) = cluster.etcd.range("nodes/").await?;
     let (reserved, _) = cluster.etcd.range("reserved/").await?;
     let reserved: BTreeMap<String, &Entry> = reserved

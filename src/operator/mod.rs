@@ -17,6 +17,7 @@ pub mod qmp;
 pub mod snapshot_qmp;
 pub mod stats;
 pub mod tools;
+pub mod transfer;
 pub mod unixsock;
 pub mod vm;
 

@@ -165,7 +165,7 @@ pub(super) fn check_file_of(
 }
 
 impl Service {
-    fn disk_path(&self, id: &Name) -> PathBuf {
+    pub(crate) fn disk_path(&self, id: &Name) -> PathBuf {
         self.config.disks_dir().join(format!("{id}.qcow2"))
     }
 

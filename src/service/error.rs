@@ -191,6 +191,17 @@ pub enum Reason {
     SnapshotFailed(crate::operator::snapshot_qmp::SnapshotQmpError),
     /// A data disk belongs to a snapshot (delete it with `?force=true`).
     DiskInSnapshot,
+    /// A migration names a node the cluster does not know (or this node).
+    UnknownNode,
+    /// This VM cannot be migrated (not in cluster mode, a disk that is not
+    /// vman's own standalone file, a bridge address, snapshots, a migration
+    /// under way).
+    MigrationRefused,
+    /// A disk file arrived damaged (size or SHA-256 not as announced) or
+    /// the target's image checks refused it; nothing was kept.
+    TransferRefused,
+    /// The VM's placement changed while it was being migrated.
+    PlacementConflict,
 }
 
 impl Reason {
@@ -302,6 +313,10 @@ pub(crate) fn every_reason() -> Vec<Reason> {
             detail: "x".into(),
         }),
         Reason::DiskInSnapshot,
+        Reason::UnknownNode,
+        Reason::MigrationRefused,
+        Reason::TransferRefused,
+        Reason::PlacementConflict,
     ];
     for r in &all {
         match r {
@@ -339,7 +354,11 @@ pub(crate) fn every_reason() -> Vec<Reason> {
             | Reason::TooManySnapshots
             | Reason::SnapshotInUse
             | Reason::SnapshotFailed(_)
-            | Reason::DiskInSnapshot => {}
+            | Reason::DiskInSnapshot
+            | Reason::UnknownNode
+            | Reason::MigrationRefused
+            | Reason::TransferRefused
+            | Reason::PlacementConflict => {}
         }
     }
     all

@@ -95,6 +95,7 @@ impl Service {
         if self.live(id).is_some() {
             return Err(Reason::AlreadyRunning(None).refuse("VM is already running"));
         }
+        self.migration_allows_start(id).await?;
         // A QEMU of this VM that vman does not manage is adopted or refused.
         if let super::adoption::Found::Adopted = self.check_before_launch(&vm).await? {
             return Ok(());

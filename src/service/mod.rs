@@ -18,6 +18,7 @@ mod guest;
 mod health;
 mod lifecycle;
 pub mod metrics;
+pub mod migrate;
 mod network;
 mod observe;
 mod progress;
@@ -115,6 +116,9 @@ pub struct Service {
     pub(crate) metadata: crate::metadata::Metadata,
     /// The bridge network's host side (`bridge.rs`).
     bridge: bridge::BridgeHost,
+    /// The cluster core cold migration works with (`migrate.rs`); unset in
+    /// single-host mode.
+    placement: std::sync::OnceLock<Arc<dyn migrate::PlacementCommit>>,
 }
 
 impl Service {
@@ -136,6 +140,7 @@ impl Service {
             events: events::Events::default(),
             counters: metrics::Counters::default(),
             bridge: bridge::BridgeHost::probe(&config.storage_path),
+            placement: std::sync::OnceLock::new(),
             config,
         }
     }

@@ -34,7 +34,10 @@ mod events;
 mod ports;
 mod reserve;
 mod snapshots;
+mod vm_migrations;
 mod vms;
+
+pub use vm_migrations::{AdoptedDisk, Adoption, MigrationRole, MigrationRow, MigrationStep};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::path::Path;
@@ -64,6 +67,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0008_snapshots.sql"),
     include_str!("../../migrations/0009_snapshot_disks.sql"),
     include_str!("../../migrations/0010_clones.sql"),
+    include_str!("../../migrations/0011_migrations.sql"),
 ];
 
 const READERS: usize = 4;

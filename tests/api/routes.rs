@@ -55,6 +55,10 @@ const SERVED: &[(&str, &str)] = &[
     ("GET", "/vms/{vm_id}/console/ws"),
     ("GET", "/metrics"),
     ("GET", "/cluster/nodes"),
+    ("POST", "/vms/{vm_id}/actions/migrate"),
+    ("PUT", "/cluster/internal/import/{vm_id}/{kind}/{file}"),
+    ("DELETE", "/cluster/internal/import/{vm_id}"),
+    ("POST", "/cluster/internal/adopt/{vm_id}"),
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "PATCH"];

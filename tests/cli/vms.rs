@@ -319,3 +319,15 @@ fn vm_ports_list_add_remove() {
     assert!(of_80(&c).is_empty());
     c.refused(&["vm", "ports", "p1", "remove", &host_arg]);
 }
+
+/// `vm migrate` posts the node and shows the server's refusal: a
+/// single-host server refuses any migration (exit 1, the detail shown).
+#[test]
+fn vm_migrate_outside_cluster_mode_is_refused_with_the_servers_detail() {
+    let (_v, c) = setup();
+    c.ok(&["vm", "create", "mg1", "--template", "small"]);
+    let err = c.refused(&["vm", "migrate", "mg1", "--node", "n2"]);
+    assert!(err.contains("cluster mode"), "{err}");
+    let err = c.refused(&["vm", "migrate", "nope", "--node", "n2"]);
+    assert!(!err.is_empty());
+}

@@ -163,7 +163,7 @@ pub struct Cluster {
 }
 
 /// Host memory in MiB (/proc/meminfo).
-fn host_mib() -> u64 {
+pub fn host_mib() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|t| {

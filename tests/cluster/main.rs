@@ -10,6 +10,7 @@ mod e2e;
 mod etcd_loss;
 mod forward;
 mod harness;
+mod migrate;
 mod node_loss;
 mod placement;
 

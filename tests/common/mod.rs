@@ -508,6 +508,16 @@ impl Server {
         child.wait().expect("wait")
     }
 
+    /// Forgets a server that died by itself (e.g. a test hook's SIGKILL),
+    /// so that `restart` starts a new one instead of stopping it.
+    pub fn reap_dead(&mut self) {
+        if let Some(c) = &mut self.child {
+            if c.try_wait().expect("try_wait").is_some() {
+                self.child = None;
+            }
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         match &mut self.child {
             Some(c) => c.try_wait().expect("try_wait").is_none(),

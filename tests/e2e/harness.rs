@@ -143,6 +143,7 @@ impl Vman {
 
     /// SIGKILL, as a crash would.
     pub fn kill9(&mut self) {
+        self.server.reap_dead();
         if self.server.is_running() {
             self.server.kill9();
         }

@@ -90,13 +90,13 @@ pub(super) fn remove_stale_partials(dir: &Path, name: &OsStr) {
 }
 
 /// A `.<name>.partial-<random>` file, removed on drop unless `persist`ed.
-pub(super) struct Partial {
+pub(crate) struct Partial {
     pub(super) path: PathBuf,
     armed: bool,
 }
 
 impl Partial {
-    pub(super) fn create(dir: &Path, name: &OsStr) -> Result<(Partial, File), ImageError> {
+    pub(crate) fn create(dir: &Path, name: &OsStr) -> Result<(Partial, File), ImageError> {
         let mut file_name = partial_prefix(name);
         file_name.push(random_suffix());
         let path = dir.join(file_name);
@@ -115,7 +115,7 @@ impl Partial {
 
     /// fsyncs the file (reopened: qemu-img may have written it), renames it
     /// onto `dest` without replacing anything, and fsyncs the folder.
-    pub(super) fn persist(mut self, dest: &Path) -> Result<(), ImageError> {
+    pub(crate) fn persist(mut self, dest: &Path) -> Result<(), ImageError> {
         let f = File::open(&self.path)
             .map_err(io_err(format!("cannot reopen {}", self.path.display())))?;
         f.sync_all().map_err(io_err(format!(
@@ -135,6 +135,11 @@ impl Partial {
 }
 
 impl Partial {
+    /// Where the temporary file is.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// fsyncs the file and renames it onto `dest`, replacing what is there
     /// (rename(2) is atomic: `dest` is the old file or the new one); the
     /// caller fsyncs the folder.

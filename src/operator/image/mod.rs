@@ -28,6 +28,8 @@ use serde::Serialize;
 
 pub use crate::model::ImageFormat;
 
+pub(crate) use atomic::Partial;
+
 pub use policy::{Chain, ChainFile, ImagePolicy, Top, MAX_CHAIN_FILES};
 pub use probe::probe;
 pub use probe::{Header, Magic};
