@@ -14,6 +14,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{Body, PathName};
 use super::vms::VmResponse;
 use super::AppState;
+use crate::cluster::placement;
 use crate::model::{Invalid, Name};
 use crate::service::CloneVm;
 
@@ -54,8 +55,29 @@ pub async fn clone(
     Body(req): Body<CloneRequest>,
 ) -> Result<impl IntoResponse, ApiError> {
     let input = req.parse()?;
-    let vm = app.service.clone_vm(&id, input).await?;
-    Ok((StatusCode::CREATED, Json(VmResponse::from(&vm))))
+    let Some(cluster) = app.cluster.clone() else {
+        let vm = app.service.clone_vm(&id, input).await?;
+        return Ok((StatusCode::CREATED, Json(VmResponse::from(&vm))));
+    };
+    // Cluster mode (the request reached the source's own node): the clone
+    // lives here with its disks, so it is placed here first (the cluster-
+    // wide name and this node's memory in one etcd transaction), and the
+    // placement is given back if the clone fails.
+    let ram = app.service.get_vm(&id)?.template.ram_mib;
+    let new_id = input.name.clone();
+    placement::place(&cluster, new_id.as_str(), ram, Some(&cluster.node)).await?;
+    match app.service.clone_vm(&id, input).await {
+        Ok(vm) => {
+            super::cluster::publish(&app, &cluster, new_id.as_str()).await;
+            Ok((StatusCode::CREATED, Json(VmResponse::from(&vm))))
+        }
+        Err(e) => {
+            if let Err(r) = placement::release(&cluster, new_id.as_str()).await {
+                tracing::warn!("cluster: clone {new_id} failed and its placement stays: {r}");
+            }
+            Err(e.into())
+        }
+    }
 }
 
 /// This module's routes with their documentation.

@@ -355,6 +355,17 @@ fn rebuild(mut parts: axum::http::request::Parts, body: Bytes) -> Request {
 
 /// Adds `node` to a JSON object answer (a VM).
 async fn with_node(resp: Response, node: &str) -> Response {
+    with_node_remembered(resp, node, None).await
+}
+
+/// `with_node`, and with `remember`, the answer (a VM's JSON) also goes
+/// into this node's cache under that id: a VM created through this node is
+/// in its very next GET /vms, before the owner's publication arrives.
+async fn with_node_remembered(
+    resp: Response,
+    node: &str,
+    remember: Option<(&Cluster, &str, u64)>,
+) -> Response {
     if !resp.status().is_success() {
         return resp;
     }
@@ -370,7 +381,20 @@ async fn with_node(resp: Response, node: &str) -> Response {
     let out = match serde_json::from_slice::<Value>(&bytes) {
         Ok(mut v @ Value::Object(_)) => {
             v["node"] = Value::String(node.to_owned());
-            Bytes::from(v.to_string())
+            let out = Bytes::from(v.to_string());
+            if let Some((cluster, id, memory_mib)) = remember {
+                // Until the watch delivers the same (it then overwrites).
+                let mut cache = cluster.cache.lock_or_recover();
+                cache
+                    .placement
+                    .entry(id.to_owned())
+                    .or_insert(crate::cluster::Placed {
+                        node: node.to_owned(),
+                        memory_mib,
+                    });
+                cache.vms.entry(id.to_owned()).or_insert(v);
+            }
+            out
         }
         _ => bytes,
     };
@@ -458,7 +482,7 @@ async fn create(app: &AppState, cluster: &Arc<Cluster>, req: Request, next: Next
         }
         return resp;
     }
-    with_node(resp, &node).await
+    with_node_remembered(resp, &node, Some((cluster, id.as_str(), template.ram_mib))).await
 }
 
 /// Any request about one VM: here when it is placed here (or nowhere),

@@ -162,3 +162,42 @@ fn pinned_creates_go_to_their_node_and_names_are_unique_in_the_cluster() {
     let reserved: u64 = counts(&c).iter().map(|x| x.1).sum();
     assert_eq!(reserved, 16);
 }
+
+/// A clone lives on its source's node (its disks are there): it is placed
+/// there in etcd like any create, so every node lists it with that node,
+/// its memory is reserved there, and its name is taken cluster-wide.
+#[test]
+fn a_clone_is_placed_on_its_sources_node_and_its_name_is_cluster_wide() {
+    let c = Cluster::start();
+    c.template("t", 128);
+    c.create_on(1, 2, "src", "t");
+    c.create_on(1, 3, "other", "t");
+    // Read your writes: the node a create went through lists it at once.
+    assert_eq!(listing(&c, 1).len(), 2, "{:?}", listing(&c, 1));
+    for n in 1..=3 {
+        wait_until(SERVER, "both listed", || listing(&c, n).len() == 2);
+    }
+    let before = counts(&c);
+    let (s, b) = c.n(1).post("/vms/src/clone", json!({"name": "cl"}));
+    assert_eq!(s, 201, "{b}");
+    for n in 1..=3 {
+        wait_until(SERVER, "the clone listed with its node", || {
+            listing(&c, n).get("cl").map(String::as_str) == Some("n2")
+        });
+    }
+    wait_until(SERVER, "the clone's memory reserved on n2", || {
+        let after = counts(&c);
+        after[1].1 == before[1].1 + 128 && after[0] == before[0] && after[2] == before[2]
+    });
+    // A name taken on another node, and the clone's own name again.
+    for name in ["other", "cl"] {
+        let (s, b) = c.n(3).post("/vms/src/clone", json!({"name": name}));
+        assert_eq!(
+            (s, b["code"].as_str()),
+            (400, Some("already_exists")),
+            "{b}"
+        );
+    }
+    let all = listing(&c, 1);
+    assert_eq!(all.len(), 3, "{all:?}");
+}
