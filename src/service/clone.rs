@@ -28,10 +28,9 @@
 //! (`partial_clone`). A snapshot taken for a linked clone stays (a valid
 //! snapshot of the source: its root disk is built on it).
 //!
-//! A running source: its root disk is read through a snapshot taken for the clone (`clone-<name>`,
-//! kept as a snapshot of the source), so the copy is consistent; one with
-//! data disks attached is refused (not_stopped): the clone copies only the
-//! root disk from the snapshot.
+//! A running source: its root disk and data disks are read through a
+//! snapshot taken for the clone (`clone-<name>`, kept as a snapshot of the
+//! source, all disks in one instant), so the copy is consistent.
 //!
 //! Locks: the source's and the clone name's VM locks, taken in name order
 //! (after the snapshot, which takes the source's lock itself), held until
@@ -46,7 +45,7 @@ use super::snapshots::CreateSnapshot;
 use super::{Reason, Service, ServiceError};
 use crate::fault;
 use crate::model::{Name, Vm, VmState};
-use crate::operator::image::snapshot::snapshot_file;
+use crate::operator::image::snapshot::{disk_copy, snapshot_file};
 use crate::operator::image::{
     self, ImageError, ImageFormat, ImagePolicy, Progress, Provision, Top, MAX_CHAIN_FILES,
 };
@@ -122,6 +121,10 @@ impl Made {
 struct DiskPlan {
     source: crate::store::Disk,
     copy: CloneDisk,
+    /// The copy a snapshot of a running source holds of this disk (read
+    /// instead of the live file, which the guest keeps writing), with its
+    /// pinned format.
+    from_snapshot: Option<(PathBuf, ImageFormat)>,
 }
 
 /// What the blocking part copies.
@@ -222,7 +225,17 @@ fn make_files(plan: &FilePlan, made: &mut Made) -> Result<Option<&'static str>, 
     }
     fault::point("clone.after_root");
     for d in &plan.disks {
-        let chain = super::disks::check_file_of(&plan.policy, &d.source, false)?;
+        let chain = match &d.from_snapshot {
+            Some((copy, format)) => plan
+                .policy
+                .open_chain(copy, Top::Trusted, Some(*format), false)
+                .map_err(|e| {
+                    ServiceError::because(e, |e| {
+                        format!("snapshot copy of disk {}: {e}", d.source.id)
+                    })
+                })?,
+            None => super::disks::check_file_of(&plan.policy, &d.source, false)?,
+        };
         let dest = PathBuf::from(&d.copy.path);
         made.disks.push(dest.clone());
         if let Err(e) = image::provision(
@@ -275,11 +288,22 @@ impl Service {
         // A running source is read through a snapshot (consistent, and
         // never written again); so is a linked clone's root disk.
         let runs = self.source_runs(&src);
-        if runs {
-            self.refuse_running_data_disks(source)?;
-        }
         let snap = if input.linked || runs {
-            Some(self.take_base_snapshot(source, &name).await?)
+            Some(self.take_base_snapshot(source, &name, runs).await?)
+        } else {
+            None
+        };
+        // A running source's data disks are read from that snapshot's
+        // copies (taken in the same instant as its root disk).
+        let disks_from = if runs {
+            match &snap {
+                Some(snap) => Some((snap.clone(), self.store.get_snapshot(source, snap).map_err(|_| {
+                    Reason::SnapshotInUse.refuse(format!(
+                        "the snapshot {snap} of VM {source} made for this clone was deleted meanwhile; try again"
+                    ))
+                })?)),
+                None => None,
+            }
         } else {
             None
         };
@@ -300,10 +324,8 @@ impl Service {
                     "the snapshot {snap} of VM {source} made for this clone was deleted meanwhile; try again"
                 )))?;
         }
-        if self.source_runs(&src) {
-            self.refuse_running_data_disks(source)?;
-        }
         let disks = self.store.disks_of_vm(source)?;
+        let src_dir = self.paths(source).dir;
         let mut plans = Vec::new();
         for d in disks {
             let Some((_, slot)) = d.attachment else {
@@ -328,6 +350,19 @@ impl Service {
                     mount_point: d.mount_point.clone(),
                     path,
                     slot,
+                },
+                from_snapshot: match &disks_from {
+                    None => None,
+                    Some((snap, row)) => {
+                        let Some(held) = row.disks.iter().find(|h| h.id == d.id.as_str()) else {
+                            return Err(Reason::SnapshotInUse.refuse(format!(
+                                "disk {} was attached to VM {source} after the snapshot {snap} this clone reads; try again",
+                                d.id
+                            )));
+                        };
+                        let format = ImageFormat::parse(&held.format).unwrap_or(d.format);
+                        Some((disk_copy(&src_dir, snap.as_str(), &held.id), format))
+                    }
                 },
                 source: d,
             });
@@ -451,7 +486,12 @@ impl Service {
     /// Takes the snapshot a linked clone `name` of `source` is built on:
     /// `clone-<name>`, or `clone-<name>-<n>` when that name is taken (by a
     /// snapshot an interrupted clone left, which holds an older state).
-    async fn take_base_snapshot(&self, source: &Name, name: &Name) -> Result<Name, ServiceError> {
+    async fn take_base_snapshot(
+        &self,
+        source: &Name,
+        name: &Name,
+        with_data_disks: bool,
+    ) -> Result<Name, ServiceError> {
         let first = base_snapshot_name(name);
         let mut last = None;
         for n in 1..=BASE_NAME_TRIES {
@@ -468,9 +508,9 @@ impl Service {
                     CreateSnapshot {
                         name: snap.clone(),
                         description: Some(description),
-                        // The clone copies the source's data disks itself;
-                        // its base snapshot holds the root disk only.
-                        include_data_disks: false,
+                        // A stopped source's data disks are copied from
+                        // their files; a running one's from this snapshot.
+                        include_data_disks: with_data_disks,
                     },
                 )
                 .await;
@@ -489,19 +529,6 @@ impl Service {
     /// Whether the source's QEMU runs (recorded or live).
     fn source_runs(&self, src: &Vm) -> bool {
         src.state == VmState::Running || self.is_live(&src.id)
-    }
-
-    /// A running source with data disks attached: their copy would not be
-    /// consistent (snapshots cover the root disk only for now).
-    fn refuse_running_data_disks(&self, source: &Name) -> Result<(), ServiceError> {
-        let attached = self.store.disks_of_vm(source)?;
-        if attached.is_empty() {
-            return Ok(());
-        }
-        Err(Reason::NotStopped.refuse(format!(
-            "VM {source} is running with {} data disk(s) attached: stop the VM first to clone it",
-            attached.len()
-        )))
     }
 
     /// The refusals that need no file: the source runs (or starts), the

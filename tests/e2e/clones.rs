@@ -4,7 +4,8 @@
 //! cloned full and linked; source and both clones boot at once, each reads
 //! both markers, each writes its own, and no VM sees another's write (in
 //! the guests, then on the host after they stop). A running source is
-//! refused (until clones of running VMs go through K's running snapshots).
+//! cloned through a snapshot of all its disks and its clone boots beside it
+//! with both markers.
 //! Then a kill -9 of vman in the middle of a linked clone (fault point
 //! `clone.after_copy`): after a restart nothing of the clone is left, the
 //! source boots with its data, and the clone made again boots.
@@ -110,16 +111,19 @@ fn full_and_linked_clones_boot_at_once_with_the_source_data_and_their_own_writes
         .env("VMAN_ACCEL", "tcg")
         .start();
     source_with_markers(&vman, "src", "sd", "ROOT1", "DATA1");
-    // Running: refused, nothing made.
-    let reply = vman.post("/vms/src/clone", json!({"name": "full"}));
-    assert_eq!(reply.0, 400, "{}", reply.1);
-    assert_eq!(reply.1["code"], "not_stopped");
-    assert!(reply.1["detail"]
-        .as_str()
-        .unwrap()
-        .contains("stop the VM first"));
-    assert!(!vman.vm_dir("full").exists());
-    assert_eq!(vman.call("GET", "/vms/full", None).0, 404);
+    // Running: cloned through one snapshot of its root and data disk; the
+    // source keeps running, and the clone boots beside it with both markers.
+    let (s, live) = vman.post("/vms/src/clone", json!({"name": "live"}));
+    assert_eq!(s, 201, "{live}");
+    assert_eq!(vman.vm("src")["state"], "running");
+    boot(&vman, "live", 1);
+    let root = read5(&vman, "live", ROOT_AT, "liver");
+    assert!(root.contains("ROOT1"), "{root}");
+    let data = read5(&vman, "live", DATA_AT, "lived");
+    assert!(data.contains("DATA1"), "{data}");
+    stop(&vman, "live");
+    let (s, b) = vman.call("DELETE", "/vms/live", None);
+    assert_eq!(s, 204, "{b}");
     stop(&vman, "src");
 
     let (s, full) = vman.post("/vms/src/clone", json!({"name": "full"}));
