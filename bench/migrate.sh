@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Cold migration throughput: two release vman nodes on this machine (the
-# test stand-in placement, VMAN_CLUSTER_STANDIN), a stopped VM whose data
+# Cold migration throughput: two release vman cluster nodes on this machine
+# (on one etcd member the script starts on loopback), a stopped VM whose data
 # disk holds 1 GiB of random data (qcow2, all allocated), migrated n1 -> n2
 # and back over loopback. Compared in the same run with `cp` of the same
 # file, `sha256sum` of it, and `curl` downloading it from a local
@@ -13,7 +13,9 @@ set -euo pipefail
 SIZE_MIB=${SIZE_MIB:-1024}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
-command -v curl >/dev/null || { echo "curl is required" >&2; exit 1; }
+for t in curl etcd etcdctl; do
+    command -v $t >/dev/null || { echo "$t is required (scripts/setup.sh installs it)" >&2; exit 1; }
+done
 
 echo "== building the release binary"
 cargo build --release --quiet
@@ -32,11 +34,21 @@ now() { date +%s.%N; }
 rate() { python3 -c "import sys; s=float(sys.argv[1]); print(f'{s:7.2f} s {int(sys.argv[2])/s:8.1f} MiB/s')" "$1" "$2"; }
 
 TOKEN=bench-cluster-token-0123456789
+ec=$(free_port); ep=$(free_port)
+etcd --name e1 --data-dir "$work/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ec" --advertise-client-urls "http://127.0.0.1:$ec" \
+    --listen-peer-urls "http://127.0.0.1:$ep" --initial-advertise-peer-urls "http://127.0.0.1:$ep" \
+    --initial-cluster "e1=http://127.0.0.1:$ep" >"$work/etcd.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+    ETCDCTL_API=3 etcdctl --endpoints "http://127.0.0.1:$ec" --command-timeout=2s put /bench/probe 1 >/dev/null 2>&1 && break
+    sleep 0.2
+done
 start_node() { # name port
     mkdir -p "$work/$1"
     VMAN_STORAGE_PATH="$work/$1/storage" VMAN_LOG_DIR="$work/$1/logs" VMAN_PORT=$2 \
     VMAN_CLUSTER=1 VMAN_NODE_NAME=$1 VMAN_ADVERTISE_URL="http://127.0.0.1:$2" \
-    VMAN_CLUSTER_TOKEN=$TOKEN VMAN_CLUSTER_STANDIN="$work/standin" \
+    VMAN_CLUSTER_TOKEN=$TOKEN VMAN_ETCD_ENDPOINTS="http://127.0.0.1:$ec" \
         "$BIN" serve >>"$work/$1.out" 2>&1 &
     pids+=($!)
     for _ in $(seq 1000); do curl -sf "http://127.0.0.1:$2/health" >/dev/null && return 0; sleep 0.01; done
@@ -48,7 +60,11 @@ api1="http://127.0.0.1:$p1"; api2="http://127.0.0.1:$p2"
 post() { curl -sf -H 'content-type: application/json' -d "$2" "$1" >/dev/null; }
 
 post "$api1/templates" '{"name":"t","cpu_count":1,"ram_mib":256}'
-post "$api1/vms" '{"name":"bm","template_name":"t"}'
+for _ in $(seq 100); do   # both nodes online and the template mirrored to n2
+    curl -sf "$api2/templates/t" >/dev/null && [ "$(curl -sf "$api1/cluster/nodes" | grep -o '"online"' | wc -l)" = 2 ] && break
+    sleep 0.1
+done
+post "$api1/vms" '{"name":"bm","template_name":"t","node":"n1"}'
 post "$api1/disks" '{"name":"bd","size":1}'
 post "$api1/disks/bd/attach" '{"vm_id":"bm"}'
 disk="$work/n1/storage/disks/bd.qcow2"

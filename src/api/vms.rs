@@ -276,7 +276,7 @@ pub async fn get(
 
 /// Delete a VM (stopping it first when it runs) and its folder.
 #[utoipa::path(delete, path = "/vms/{vm_id}", params(("vm_id" = String, Path, description = "The VM id")), tag = "vms",
-    responses((status = 204), (status = 404, body = ErrorBody)))]
+    responses((status = 204), (status = 400, description = "linked clones are built on the VM (`in_use`)", body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete(
     State(app): State<AppState>,
     PathName(id): PathName,

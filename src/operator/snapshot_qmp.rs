@@ -227,7 +227,10 @@ pub async fn snapshot(
                     "job-id": b.job,
                     "device": b.device_node,
                     "target": b.target.node,
-                    "sync": "full",
+                    // Only what the disk holds (it has no backing file):
+                    // the fresh target reads zeros everywhere else. "full"
+                    // would write every byte of a sparse 64 TiB disk.
+                    "sync": "top",
                     "auto-dismiss": false,
                 },
             }));

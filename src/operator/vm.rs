@@ -109,8 +109,9 @@ impl Running {
     async fn press_power_button(&self, timeout: Duration) -> bool {
         let presses = async {
             loop {
-                if self.qmp.execute("system_powerdown", None).await.is_err() {
+                if let Err(e) = self.qmp.execute("system_powerdown", None).await {
                     // QMP is gone: QEMU exits or is stuck; the wait decides.
+                    tracing::warn!("QEMU pid {}: system_powerdown failed: {e}", self.pid);
                     return self.wait_exit_for(timeout).await;
                 }
                 if self.wait_exit_for(POWER_BUTTON_REPEAT).await {
