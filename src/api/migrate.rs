@@ -3,8 +3,9 @@
 //! `/cluster/internal/` the source calls on the target (import a disk file
 //! as a streamed body, adopt the VM record, drop an import). The internal
 //! routes answer 404 outside cluster mode and need `X-Vman-Cluster-Token`
-//! (401 without it, 403 when wrong; compared in constant time) instead of
-//! the API token.
+//! besides the API token: `api/cluster.rs`'s dispatch refuses a missing or
+//! wrong one (401) before these handlers run; they compare it again in
+//! constant time (403) as a second guard.
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
