@@ -7,7 +7,8 @@
 # iproute2), openssh-client (the debian guest's SSH test), bridge networking
 # (dnsmasq-base), the web console's build and browser tests (nodejs and
 # npm to build ui/, chromium and chromium-driver for tests/ui), etcd and
-# protoc for the cluster (tests start their own members), and the
+# protoc for the cluster (tests start their own members), xfsprogs (the
+# reflink figure of bench/clones.sh on a loop XFS), and the
 # vman-qemu and vman-passt users (QEMU and passt run as them). Safe to run
 # again: it only installs what is missing.
 set -euo pipefail
@@ -17,7 +18,7 @@ have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok ins
 for pkg in fdisk dosfstools mtools syslinux syslinux-common busybox-static cpio kmod \
            wrk curl ca-certificates xz-utils python3-venv \
            passt socat nftables iproute2 openssh-client dnsmasq-base \
-           chromium chromium-driver etcd-server etcd-client protobuf-compiler; do
+           chromium chromium-driver etcd-server etcd-client protobuf-compiler xfsprogs; do
     have "$pkg" || need+=("$pkg")
 done
 # Node from Debian unless a node and npm are already there (e.g. NodeSource).
