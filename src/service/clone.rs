@@ -324,6 +324,13 @@ impl Service {
                     "the snapshot {snap} of VM {source} made for this clone was deleted meanwhile; try again"
                 )))?;
         }
+        if !runs && self.source_runs(&src) {
+            // It started between the first look and the locks: its disks
+            // were not snapshotted, and its live files must not be copied.
+            return Err(Reason::NotStopped.refuse(format!(
+                "VM {source} is being started (it started while the clone was prepared); clone it again now that it runs"
+            )));
+        }
         let disks = self.store.disks_of_vm(source)?;
         let src_dir = self.paths(source).dir;
         let mut plans = Vec::new();
