@@ -105,7 +105,11 @@ pub async fn attach(qmp: &Qmp, disk: &Plug<'_>) -> Result<(), HotplugError> {
 /// exactly what was checked, and QEMU, running as an unprivileged user (see
 /// `privilege`), could not open disk files by path anyway. The fd set is
 /// removed right after; the node keeps its own copy of the descriptor.
-async fn add_file_node(qmp: &Qmp, file: &File, file_node: &str) -> Result<(), HotplugError> {
+pub(crate) async fn add_file_node(
+    qmp: &Qmp,
+    file: &File,
+    file_node: &str,
+) -> Result<(), HotplugError> {
     let added = qmp
         .execute_with_fd(
             "add-fd",
@@ -142,13 +146,13 @@ async fn add_file_node(qmp: &Qmp, file: &File, file_node: &str) -> Result<(), Ho
 }
 
 /// Best-effort removal of block nodes, top first; failures are logged.
-async fn delete_nodes(qmp: &Qmp, nodes: &[&str]) {
+pub(crate) async fn delete_nodes(qmp: &Qmp, nodes: &[&str]) {
     for node in nodes {
         if let Err(e) = qmp
             .execute("blockdev-del", Some(json!({ "node-name": node })))
             .await
         {
-            tracing::warn!("rollback: blockdev-del {node}: {e}");
+            tracing::warn!("blockdev-del {node}: {e}");
         }
     }
 }

@@ -10,11 +10,11 @@
 //! still finds its outcome with `query-jobs`.
 
 use std::fs::File;
-use std::os::fd::AsFd;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use super::hotplug::{add_file_node, delete_nodes, HotplugError};
 use super::image::ImageFormat;
 use super::qmp::{Qmp, QmpError};
 
@@ -37,6 +37,18 @@ pub enum SnapshotQmpError {
 
 fn step(step: &'static str) -> impl FnOnce(QmpError) -> SnapshotQmpError {
     move |source| SnapshotQmpError::Qmp { step, source }
+}
+
+/// The errors of the node helpers shared with hot-plug (`add_file_node`).
+fn from_hotplug(e: HotplugError) -> SnapshotQmpError {
+    match e {
+        HotplugError::Qmp { step, source } => SnapshotQmpError::Qmp { step, source },
+        HotplugError::Unexpected { step, detail } => SnapshotQmpError::Unexpected { step, detail },
+        other => SnapshotQmpError::Unexpected {
+            step: "add-fd",
+            detail: other.to_string(),
+        },
+    }
 }
 
 /// The QOM path prefix of the root disk's device (`id=root-disk`).
@@ -130,39 +142,9 @@ pub async fn backing_nodes(qmp: &Qmp, top: &str) -> Result<Vec<String>, Snapshot
 /// Adds a `file` node (by descriptor) and a format node without a backing.
 async fn add_node(qmp: &Qmp, n: &NewNode<'_>) -> Result<(), SnapshotQmpError> {
     let file_node = format!("{}-f", n.node);
-    let added = qmp
-        .execute_with_fd(
-            "add-fd",
-            Some(json!({ "opaque": format!("vman {file_node}") })),
-            n.file.as_fd(),
-        )
+    add_file_node(qmp, n.file, &file_node)
         .await
-        .map_err(step("add-fd"))?;
-    let Some(set) = added.get("fdset-id").and_then(Value::as_u64) else {
-        return Err(SnapshotQmpError::Unexpected {
-            step: "add-fd",
-            detail: added.to_string(),
-        });
-    };
-    let file = qmp
-        .execute(
-            "blockdev-add",
-            Some(json!({
-                "driver": "file",
-                "filename": format!("/dev/fdset/{set}"),
-                "node-name": file_node,
-                "cache": {"direct": false},
-            })),
-        )
-        .await
-        .map_err(step("blockdev-add (file)"));
-    if let Err(e) = qmp
-        .execute("remove-fd", Some(json!({ "fdset-id": set })))
-        .await
-    {
-        tracing::warn!("remove-fd {set}: {e}");
-    }
-    file?;
+        .map_err(from_hotplug)?;
     let mut format = json!({
         "driver": n.format.as_str(),
         "file": file_node,
@@ -179,17 +161,6 @@ async fn add_node(qmp: &Qmp, n: &NewNode<'_>) -> Result<(), SnapshotQmpError> {
 }
 
 /// Best-effort removal of block nodes, top first; failures are logged.
-async fn delete_nodes(qmp: &Qmp, nodes: &[&str]) {
-    for node in nodes {
-        if let Err(e) = qmp
-            .execute("blockdev-del", Some(json!({ "node-name": node })))
-            .await
-        {
-            tracing::warn!("blockdev-del {node}: {e}");
-        }
-    }
-}
-
 async fn remove_node(qmp: &Qmp, node: &str) {
     let file = format!("{node}-f");
     delete_nodes(qmp, &[node, &file]).await;
