@@ -130,16 +130,7 @@ pub fn take(
     }
     let file_name = dest.file_name().unwrap_or_default().to_os_string();
     remove_stale_partials(&dir, &file_name);
-    let (link, file) = Partial::create(&dir, &file_name)?;
-    drop(file);
-    // Replace the empty placeholder by a hard link of the root disk.
-    fs::remove_file(&link.path)
-        .map_err(io_err(format!("cannot replace {}", link.path.display())))?;
-    fs::hard_link(root, &link.path).map_err(io_err(format!(
-        "cannot link {} as {}",
-        root.display(),
-        link.path.display()
-    )))?;
+    let link = linked_partial(&dir, &file_name, root)?;
     File::open(root)
         .and_then(|f| f.sync_all())
         .map_err(io_err(format!("cannot flush {}", root.display())))?;
@@ -194,6 +185,26 @@ pub fn disk_copy(vm_dir: &Path, name: &str, disk: &str) -> PathBuf {
     disk_copy_dir(vm_dir, name).join(format!("{disk}.img"))
 }
 
+/// A temporary (`Partial`) name in `dir` for `name` that is a hard link of
+/// `target`: the empty placeholder `Partial::create` makes is replaced by
+/// the link, so a crash leaves only a recognisable partial name behind.
+fn linked_partial(
+    dir: &Path,
+    name: &std::ffi::OsStr,
+    target: &Path,
+) -> Result<Partial, ImageError> {
+    let (link, file) = Partial::create(dir, name)?;
+    drop(file);
+    fs::remove_file(&link.path)
+        .map_err(io_err(format!("cannot replace {}", link.path.display())))?;
+    fs::hard_link(target, &link.path).map_err(io_err(format!(
+        "cannot link {} as {}",
+        target.display(),
+        link.path.display()
+    )))?;
+    Ok(link)
+}
+
 /// Undoes `take` whose overlay QEMU never used: `root` becomes the snapshot
 /// file's inode again (a hard link renamed onto it), then the snapshot file
 /// goes. Every step leaves `root` bootable with all the data written.
@@ -204,15 +215,7 @@ pub fn untake(root: &Path, snapshot: &Path) -> Result<(), ImageError> {
     if !same_file(root, snapshot) {
         let dir = root.parent().unwrap_or(Path::new("/"));
         let name = root.file_name().unwrap_or_default();
-        let (tmp, file) = Partial::create(dir, name)?;
-        drop(file);
-        fs::remove_file(&tmp.path)
-            .map_err(io_err(format!("cannot replace {}", tmp.path.display())))?;
-        fs::hard_link(snapshot, &tmp.path).map_err(io_err(format!(
-            "cannot link {} as {}",
-            snapshot.display(),
-            tmp.path.display()
-        )))?;
+        let tmp = linked_partial(dir, name, snapshot)?;
         tmp.persist_replacing(root)?;
         sync_dir(dir)?;
     }
